@@ -1,0 +1,1 @@
+"""The engine: model runner, sampler, detokeniser, scheduler and the instance loops."""

@@ -1,0 +1,83 @@
+"""Turns a scheduled batch into tensors, runs the model and returns the logits to sample.
+
+Knows nothing of queues or HTTP: requests in, logits out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from distserve.models.attention import AttentionMetadata, PrefillSegment, build_decode_mask
+from distserve.request import Request
+
+
+@dataclass
+class StepResult:
+    logits: torch.Tensor | None        # [N, vocab] float32, one row per sampled request
+    sampled: list[Request]             # requests whose last token was computed this step
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, kv_cache: torch.Tensor, block_size: int,
+                 device: torch.device) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.device = device
+
+    @torch.inference_mode()
+    def run(self, prefills: list[tuple[Request, int]], decodes: list[Request]) -> StepResult:
+        input_ids, positions, meta, logit_rows, sampled = self._prepare(prefills, decodes)
+        hidden = self.model(input_ids, positions, self.kv_cache, meta)
+        logits = self.model.compute_logits(hidden[logit_rows]) if sampled else None
+        return StepResult(logits, sampled)
+
+    def _prepare(self, prefills, decodes):
+        bs = self.block_size
+        ids: list[int] = []
+        segments: list[PrefillSegment] = []
+        slot_parts: list[torch.Tensor] = []
+        pos_parts: list[torch.Tensor] = []
+        logit_rows: list[int] = []
+        sampled: list[Request] = []
+        for req, n in prefills:
+            start, c = len(ids), req.num_computed_tokens
+            ids.extend(req.all_token_ids[c:c + n])
+            table = torch.tensor(req.block_table, dtype=torch.long)
+            p = torch.arange(c, c + n)
+            pos_parts.append(p)
+            slot_parts.append(table[p // bs])
+            segments.append(PrefillSegment(start, n, c + n, table.to(self.device)))
+            if c + n == req.num_tokens:
+                logit_rows.append(start + n - 1)
+                sampled.append(req)
+        num_prefill = len(ids)
+        decode_tables = decode_lens = decode_mask = None
+        if decodes:
+            width = max(len(r.block_table) for r in decodes)
+            padded = torch.zeros(len(decodes), width, dtype=torch.long)
+            for row, r in enumerate(decodes):
+                padded[row, :len(r.block_table)] = torch.tensor(r.block_table, dtype=torch.long)
+                logit_rows.append(len(ids))
+                ids.append(r.all_token_ids[-1])
+            sampled.extend(decodes)
+            lens = torch.tensor([r.num_tokens for r in decodes], dtype=torch.long)
+            pos_parts.append(lens - 1)
+            slot_parts.append(padded.gather(1, ((lens - 1) // bs)[:, None])[:, 0])
+            decode_tables, decode_lens = padded.to(self.device), lens.to(self.device)
+            decode_mask = build_decode_mask(decode_lens, width * bs, torch.float32)
+        positions = torch.cat(pos_parts)
+        meta = AttentionMetadata(
+            slot_blocks=torch.cat(slot_parts).to(self.device),
+            slot_offsets=(positions % bs).to(self.device),
+            prefills=segments,
+            num_prefill_tokens=num_prefill,
+            decode_block_tables=decode_tables,
+            decode_context_lens=decode_lens,
+            decode_key_mask=decode_mask,
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
+        return input_ids, positions.to(self.device), meta, rows, sampled

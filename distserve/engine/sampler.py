@@ -1,0 +1,66 @@
+"""Picks the next token of each request from its logits: greedy, temperature, top-k, top-p.
+
+A request with a seed draws from its own generator, so its output does not depend on
+what else is in the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from distserve.request import Request
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float] | None          # of the chosen tokens, when any request asked
+    top_logprobs: list[dict[int, float]] | None
+
+
+def sample(logits: torch.Tensor, requests: list[Request]) -> SampleResult:
+    """logits [N, vocab] float32, one row per request, in the same order."""
+    params = [r.sampling_params for r in requests]
+    greedy = torch.tensor([p.greedy for p in params])
+    chosen = torch.empty(len(requests), dtype=torch.long)
+    if greedy.any():
+        chosen[greedy] = logits[greedy].argmax(dim=-1)
+    if not greedy.all():
+        idx = (~greedy).nonzero()[:, 0]
+        probs = _filtered_probs(logits[idx], [params[i] for i in idx.tolist()])
+        for row, i in enumerate(idx.tolist()):
+            chosen[i] = torch.multinomial(probs[row], 1, generator=requests[i].generator)[0]
+    want = [p.logprobs for p in params]
+    if all(w is None for w in want):
+        return SampleResult(chosen.tolist(), None, None)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen_lp = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+    top: list[dict[int, float]] = []
+    k = max(w or 0 for w in want)
+    if k:
+        vals, ids = logprobs.topk(k, dim=-1)
+    for i, w in enumerate(want):
+        top.append({} if not w else dict(zip(ids[i, :w].tolist(), vals[i, :w].tolist())))
+    return SampleResult(chosen.tolist(), chosen_lp, top)
+
+
+def _filtered_probs(logits: torch.Tensor, params) -> torch.Tensor:
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)[:, None]
+    logits = logits / temps
+    top_ks = [p.top_k for p in params]
+    if any(k > 0 for k in top_ks):
+        vocab = logits.shape[-1]
+        ks = torch.tensor([k if k > 0 else vocab for k in top_ks])[:, None]
+        sorted_logits = logits.sort(dim=-1, descending=True).values
+        kth = sorted_logits.gather(1, (ks.clamp(max=vocab) - 1))
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    top_ps = torch.tensor([p.top_p for p in params], dtype=logits.dtype)[:, None]
+    if (top_ps < 1.0).any():
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        cum_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop_sorted = cum_before >= top_ps  # keep the smallest prefix reaching top_p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits.softmax(dim=-1)

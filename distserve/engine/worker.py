@@ -1,0 +1,65 @@
+"""Loads what every instance needs: model, tokenizer and a KV cache sized from the budget."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from distserve.config import EngineConfig
+from distserve.engine.model_runner import ModelRunner
+from distserve.kv.cache import KVCacheShape, allocate_kv_cache
+from distserve.models.loader import (build_model, default_device, find_model,
+                                     load_tokenizer_for, resolve_dtype)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Worker:
+    config: EngineConfig
+    model_name: str
+    model: nn.Module
+    tokenizer: Any
+    runner: ModelRunner
+    num_kv_blocks: int
+    max_model_len: int
+    eos_token_ids: set[int]
+    dtype: torch.dtype
+    device: torch.device
+
+
+def load_worker(config: EngineConfig, shared_kv: bool = False) -> Worker:
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    torch.manual_seed(config.seed)
+    device = torch.device(config.device) if config.device else default_device()
+    dtype = resolve_dtype(config.dtype, device)
+    source = find_model(config.model)
+    model = build_model(source, dtype, device)
+    tokenizer = load_tokenizer_for(source)
+    shape = KVCacheShape(model.num_layers, model.num_kv_heads, model.head_dim, config.block_size)
+    num_blocks = config.num_kv_blocks or shape.num_blocks_for(
+        int(config.kv_cache_memory_gib * 2**30), dtype)
+    kv_cache = allocate_kv_cache(shape, num_blocks, dtype, device, shared=shared_kv)
+    max_len = config.max_model_len or model.max_positions
+    if max_len > model.max_positions:
+        raise ValueError(f"max_model_len {max_len} exceeds the model's "
+                         f"{model.max_positions} positions")
+    log.info("%s: %d KV blocks of %d tokens (%.0f MiB)", source.name, num_blocks,
+             config.block_size, kv_cache.numel() * kv_cache.element_size() / 2**20)
+    return Worker(config, source.name, model, tokenizer,
+                  ModelRunner(model, kv_cache, config.block_size, device),
+                  num_blocks, max_len, _eos_ids(source.hf_config, tokenizer), dtype, device)
+
+
+def _eos_ids(hf_config: dict, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for value in (hf_config.get("eos_token_id"), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(value)
+    return ids

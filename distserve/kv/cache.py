@@ -1,0 +1,39 @@
+"""The KV cache tensor, block-major so one block holds every layer's K and V.
+
+Layout [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]: a request's whole
+cache is a set of rows of dim 0, which lets a transfer move it with one index_select.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVCacheShape:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+
+    def bytes_per_block(self, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    def num_blocks_for(self, memory_bytes: int, dtype: torch.dtype) -> int:
+        n = int(memory_bytes // self.bytes_per_block(dtype))
+        if n < 1:
+            raise ValueError(
+                f"KV cache budget of {memory_bytes / 2**20:.1f} MiB holds no block of "
+                f"{self.bytes_per_block(dtype) / 2**20:.2f} MiB; raise --kv-cache-memory")
+        return n
+
+
+def allocate_kv_cache(shape: KVCacheShape, num_blocks: int, dtype: torch.dtype,
+                      device: torch.device | str = "cpu", shared: bool = False) -> torch.Tensor:
+    cache = torch.zeros(num_blocks, shape.num_layers, 2, shape.block_size,
+                        shape.num_kv_heads, shape.head_dim, dtype=dtype, device=device)
+    if shared:
+        cache.share_memory_()
+    return cache

