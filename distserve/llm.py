@@ -32,6 +32,10 @@ class LLM:
         self.engine = ColocatedEngine(EngineConfig(model=model, **options))
         self.tokenizer = self.engine.tokenizer
 
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLM":
+        return cls(**{f.name: getattr(config, f.name) for f in fields(EngineConfig)})
+
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[CompletionResult]:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):

@@ -14,6 +14,7 @@ from torch import nn
 
 from distserve.models.attention import AttentionMetadata, paged_attention
 from distserve.models.layers import RMSNorm, RotaryEmbedding
+from distserve.models.weights import load_weights
 
 
 @dataclass
@@ -132,48 +133,16 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up."""
         a = self.args
-        params = dict(self.named_parameters())
-        fused = {"q_proj": ("qkv_proj", 0, a.num_heads * a.head_dim),
-                 "k_proj": ("qkv_proj", a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim),
-                 "v_proj": ("qkv_proj", (a.num_heads + a.num_kv_heads) * a.head_dim,
-                            a.num_kv_heads * a.head_dim),
+        q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        fused = {"q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, kv),
+                 "v_proj": ("qkv_proj", q + kv, kv),
                  "gate_proj": ("gate_up_proj", 0, a.intermediate_size),
                  "up_proj": ("gate_up_proj", a.intermediate_size, a.intermediate_size)}
-        loaded: set[str] = set()
-        for name, tensor in weights:
+
+        def normalise(name: str) -> str | None:
             name = name.removeprefix("model.")
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if a.tie_word_embeddings and name == "lm_head.weight":
-                continue
-            target, offset, size = name, 0, None
-            for part, (fused_name, off, sz) in fused.items():
-                if f".{part}." in name:
-                    target, offset, size = name.replace(part, fused_name), off, sz
-                    break
-            if target not in params:
-                raise ValueError(f"unexpected weight {name!r} in checkpoint")
-            dest = params[target].data
-            if size is not None:
-                dest = dest.narrow(0, offset, size)
-            if dest.shape != tensor.shape:
-                raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)}, "
-                                 f"model expects {tuple(dest.shape)}")
-            dest.copy_(tensor)
-            loaded.add(f"{target}:{offset}")
-        expected = _expected_pieces(self, fused)
-        missing = expected - loaded
-        if missing:
-            raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}")
+            if "rotary_emb.inv_freq" in name or (a.tie_word_embeddings and name == "lm_head.weight"):
+                return None
+            return name
 
-
-def _expected_pieces(model: LlamaForCausalLM, fused: dict) -> set[str]:
-    pieces = set()
-    for name, _ in model.named_parameters():
-        if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
-            pieces.update(f"{name}:{fused[p][1]}" for p in ("q_proj", "k_proj", "v_proj"))
-        elif name.endswith("gate_up_proj.weight"):
-            pieces.update(f"{name}:{fused[p][1]}" for p in ("gate_proj", "up_proj"))
-        else:
-            pieces.add(f"{name}:0")
-    return pieces
+        load_weights(self, weights, normalise, fused)

@@ -1,0 +1,101 @@
+"""`distserve` command line: serve | generate | bench (more sub-commands join as they land).
+
+Each sub-command lives with its package and registers itself here; a bad value ends with a
+message naming it and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _register_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text for prompts with a local model")
+    p.add_argument("prompts", nargs="+", help="prompt strings")
+    p.add_argument("--model", default=None, help="HF folder or .gguf file (default: built-in SmolLM2)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    add_engine_args(p)
+    p.set_defaults(func=_run_generate)
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that starts an engine instance."""
+    g = p.add_argument_group("engine")
+    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    g.add_argument("--device", default=None, help="cpu | cuda (default: cuda if present)")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--kv-cache-memory", type=float, default=2.0, dest="kv_cache_memory_gib",
+                   help="KV cache budget in GiB")
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="overrides --kv-cache-memory")
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--policy", default="prefill-first", choices=["prefill-first", "chunked"])
+    g.add_argument("--num-threads", type=int, default=None)
+
+
+def engine_config_from_args(args: argparse.Namespace, model: str | None):
+    from distserve.config import EngineConfig
+    return EngineConfig(
+        model=model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+        kv_cache_memory_gib=args.kv_cache_memory_gib, num_kv_blocks=args.num_kv_blocks,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len, policy=args.policy, num_threads=args.num_threads)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from distserve.llm import LLM
+    from distserve.request import SamplingParams
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.seed)
+    llm = LLM.from_config(engine_config_from_args(args, args.model))
+    prompts = args.prompts
+    if args.chat:
+        prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                     tokenize=False, add_generation_prompt=True)
+                   for p in prompts]
+    for prompt, result in zip(args.prompts, llm.generate(prompts, params)):
+        if len(prompts) > 1:
+            print(f"--- {prompt!r} ({result.finish_reason})")
+        print(result.text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distserve", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _register_generate(sub)
+    for module in ("distserve.server.cli", "distserve.bench.cli"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ImportError as e:
+            if e.name != module:
+                raise
+            continue
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"distserve {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Incremental detokenisation and stop handling on the real SmolLM2 tokenizer."""
+import pytest
+
+from distserve.engine.detokenizer import IncrementalDetokenizer
+from distserve.engine.postprocess import StopChecker
+from distserve.request import FinishReason, Request, SamplingParams
+from helpers.tiny_models import smollm2_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return smollm2_tokenizer()
+
+
+@pytest.mark.parametrize("text", [
+    "Hello world, this is a plain sentence.",
+    "Ünïcödé: naïve café, 日本語のテキスト, emoji 🎉🚀 and ∑ symbols.",
+    "  leading spaces\nnew lines\ttabs   ",
+])
+def test_deltas_add_up_to_the_full_decode(tok, text):
+    prompt = tok.encode("Say:")
+    out = tok.encode(text, add_special_tokens=False)
+    d = IncrementalDetokenizer(tok, prompt)
+    deltas = [d.add(t) for t in out]
+    assert "".join(deltas) == tok.decode(out, skip_special_tokens=True)
+    assert not any("\ufffd" in x for x in deltas)
+
+
+def test_multibyte_character_is_held_back_until_complete(tok):
+    out = tok.encode("🎉", add_special_tokens=False)
+    assert len(out) > 1, "the emoji should span several byte-level tokens"
+    d = IncrementalDetokenizer(tok, tok.encode("x"))
+    deltas = [d.add(t) for t in out]
+    assert deltas[:-1] == [""] * (len(out) - 1) and deltas[-1] == "🎉"
+
+
+def _feed(tok, text, params):
+    req = Request("r", tok.encode("Q:"), params)
+    d = IncrementalDetokenizer(tok, req.prompt_token_ids)
+    stop = StopChecker({tok.eos_token_id}, 10_000)
+    emitted = ""
+    for t in tok.encode(text, add_special_tokens=False):
+        req.append_token(t, None, 0.0)
+        emitted += stop.check(req, d, d.add(t))
+        if req.is_finished:
+            break
+    return req, emitted
+
+
+def test_stop_string_trims_output(tok):
+    req, emitted = _feed(tok, "one two three. four five", SamplingParams(stop=["."], max_tokens=50))
+    assert emitted == "one two three"
+    assert req.finish_reason == FinishReason.STOP and req.stop_reason == "."
+
+
+def test_stop_string_can_be_kept_and_max_tokens_ends(tok):
+    _, emitted = _feed(tok, "one two three. four", SamplingParams(
+        stop=["three"], include_stop_str_in_output=True, max_tokens=50))
+    assert emitted == "one two three"
+    req, _ = _feed(tok, "a b c d e f g", SamplingParams(max_tokens=3))
+    assert req.finish_reason == FinishReason.LENGTH and len(req.output_token_ids) == 3
