@@ -47,12 +47,15 @@ class ModelSource:
     name: str
     hf_config: dict
     path: pathlib.Path
-    is_gguf: bool
+    gguf: Any = None  # the loaded GGUFModel, for a GGUF file (read once: config, tensors, tokenizer)
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.gguf is not None
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         if self.is_gguf:
-            from distserve.models.gguf_loader import load_gguf
-            yield from load_gguf(self.path).tensors.items()
+            yield from self.gguf.tensors.items()
             return
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
@@ -77,15 +80,16 @@ def find_model(model: str | None) -> ModelSource:
         cfg_file = path / "config.json"
         if not cfg_file.exists():
             raise FileNotFoundError(f"model folder {path} has no config.json")
-        return ModelSource(path.name, json.loads(cfg_file.read_text()), path, is_gguf=False)
+        return ModelSource(path.name, json.loads(cfg_file.read_text()), path)
     raise FileNotFoundError(
         f"model {model!r} is neither a local Hugging Face folder nor a .gguf file "
         "(weights cannot be downloaded here; omit the model to use the built-in SmolLM2)")
 
 
 def _gguf_source(path: pathlib.Path, name: str) -> ModelSource:
-    from distserve.models.gguf_loader import read_gguf_config
-    return ModelSource(name, read_gguf_config(path), path, is_gguf=True)
+    from distserve.models.gguf_loader import load_gguf
+    gguf = load_gguf(path)
+    return ModelSource(name, gguf.config, path, gguf)
 
 
 def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -108,7 +112,7 @@ def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -
 
 
 def load_tokenizer_for(source: ModelSource) -> Any:
-    from transformers import AutoTokenizer
     if source.is_gguf:
-        return AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+        return source.gguf.tokenizer
+    from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(source.path))

