@@ -23,7 +23,9 @@ class ColocatedEngine:
         self.config = config or EngineConfig()
         self.worker = worker or load_worker(self.config)
         self.tokenizer = self.worker.tokenizer
-        self.max_model_len = self.worker.max_model_len
+        # a request must fit the KV cache on its own, or it would be preempted forever
+        self.max_model_len = min(self.worker.max_model_len,
+                                 self.worker.num_kv_blocks * self.config.block_size)
         self.kv = KVCacheManager(self.worker.num_kv_blocks, self.config.block_size)
         self.scheduler = Scheduler(self.config, self.kv)
         self.stop = StopChecker(self.worker.eos_token_ids, self.max_model_len)
@@ -52,11 +54,9 @@ class ColocatedEngine:
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; this model's context is "
-                             f"{self.max_model_len} tokens, including at least one generated")
-        if -(-len(ids) // self.config.block_size) > self.worker.num_kv_blocks:
-            raise ValueError(f"the prompt has {len(ids)} tokens, more than the whole KV cache "
-                             f"({self.worker.num_kv_blocks * self.config.block_size} tokens)")
+            raise ValueError(f"the prompt has {len(ids)} tokens; the context (the model's, or the "
+                             f"whole KV cache's) is {self.max_model_len} tokens, including at "
+                             "least one generated")
         vocab = self.worker.model.args.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:

@@ -63,14 +63,14 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         if self.config.policy == "prefill-first":
-            self._admit_prompts(out, self.config.max_num_batched_tokens, chunk=False)
+            self.admit_prompts(out, self.config.max_num_batched_tokens, chunk=False)
             if not out.prefills:
                 self._schedule_decodes(out)
         else:
             self._schedule_decodes(out)
             budget = self.config.max_num_batched_tokens - out.num_tokens
             self._continue_chunks(out, budget)
-            self._admit_prompts(out, self.config.max_num_batched_tokens - out.num_tokens, chunk=True)
+            self.admit_prompts(out, self.config.max_num_batched_tokens - out.num_tokens, chunk=True)
         return out
 
     def _schedule_decodes(self, out: SchedulerOutput) -> None:
@@ -100,7 +100,7 @@ class Scheduler:
             out.prefills.append((req, n))
             budget -= n
 
-    def _admit_prompts(self, out: SchedulerOutput, budget: int, chunk: bool) -> None:
+    def admit_prompts(self, out: SchedulerOutput, budget: int, chunk: bool) -> None:
         """Move waiting requests to running, FCFS, while budget, batch size and blocks allow."""
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]

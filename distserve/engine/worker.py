@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -15,6 +15,8 @@ from distserve.models.loader import (build_model, default_device, find_model,
                                      load_tokenizer_for, resolve_dtype)
 
 log = logging.getLogger(__name__)
+
+CacheAllocator = Callable[[KVCacheShape, int, torch.dtype, torch.device], torch.Tensor]
 
 
 @dataclass
@@ -31,7 +33,9 @@ class Worker:
     device: torch.device
 
 
-def load_worker(config: EngineConfig, shared_kv: bool = False) -> Worker:
+def load_worker(config: EngineConfig, allocate_cache: CacheAllocator = allocate_kv_cache) -> Worker:
+    """`allocate_cache(shape, num_blocks, dtype, device)` lets a transfer backend own the
+    cache memory (shared memory for the same-host path)."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)
@@ -43,7 +47,7 @@ def load_worker(config: EngineConfig, shared_kv: bool = False) -> Worker:
     shape = KVCacheShape(model.num_layers, model.num_kv_heads, model.head_dim, config.block_size)
     num_blocks = config.num_kv_blocks or shape.num_blocks_for(
         int(config.kv_cache_memory_gib * 2**30), dtype)
-    kv_cache = allocate_kv_cache(shape, num_blocks, dtype, device, shared=shared_kv)
+    kv_cache = allocate_cache(shape, num_blocks, dtype, device)
     max_len = config.max_model_len or model.max_positions
     if max_len > model.max_positions:
         raise ValueError(f"max_model_len {max_len} exceeds the model's "

@@ -17,6 +17,9 @@ class KVCacheShape:
     head_dim: int
     block_size: int
 
+    def tensor_shape(self, num_blocks: int) -> tuple[int, ...]:
+        return (num_blocks, self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
+
     def bytes_per_block(self, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
@@ -31,9 +34,5 @@ class KVCacheShape:
 
 
 def allocate_kv_cache(shape: KVCacheShape, num_blocks: int, dtype: torch.dtype,
-                      device: torch.device | str = "cpu", shared: bool = False) -> torch.Tensor:
-    cache = torch.zeros(num_blocks, shape.num_layers, 2, shape.block_size,
-                        shape.num_kv_heads, shape.head_dim, dtype=dtype, device=device)
-    if shared:
-        cache.share_memory_()
-    return cache
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.zeros(shape.tensor_shape(num_blocks), dtype=dtype, device=device)

@@ -54,3 +54,11 @@ def test_greedy_matches_transformers(model_and_reference, policy, num_kv_blocks,
     alloc = llm.engine.kv.allocator
     alloc.check()
     assert alloc.num_free == alloc.num_blocks
+
+
+def test_request_longer_than_the_kv_cache_ends_with_length(tiny_llama):
+    """A lone request may use the whole cache, but not more: it ends, it does not hang."""
+    llm = LLM(str(tiny_llama), dtype="float32", num_kv_blocks=2, block_size=16)
+    res = llm.generate([[5] * 5], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))[0]
+    assert res.finish_reason == "length" and len(res.token_ids) == 32 - 5
+    assert llm.engine.kv.allocator.num_free == 2

@@ -1,0 +1,148 @@
+"""The FastAPI app: OpenAI routes over an EngineClient, plus /health and /metrics.
+
+`build_app(client)` is all a caller needs; the app owns no engine and starts no threads, so
+tests can serve it in-process and the disaggregated controller can sit behind it unchanged.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import secrets
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from distserve.engine.async_engine import EngineClient
+from distserve.server.errors import APIError, error_body, install_error_handlers
+from distserve.server.generation import ClientGone, cancel_on_disconnect
+from distserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from distserve.server.protocol import ChatCompletionRequest, CompletionRequest, model_card
+from distserve.server.serving_chat import ChatService
+from distserve.server.serving_completion import CompletionService
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def build_app(client: EngineClient, served_model_name: str | None = None,
+              api_key: str | None = None) -> FastAPI:
+    name = served_model_name or client.model_name
+    created = int(time.time())
+    metrics = ServerMetrics(name)
+    completion = CompletionService(client, name, metrics)
+    chat = ChatService(client, name, metrics)
+    seq = itertools.count()  # keeps engine ids unique when clients reuse an X-Request-Id
+
+    app = FastAPI(title="distserve", docs_url=None, redoc_url=None)
+    app.state.client = client
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.add_middleware(RequestContext, api_key=api_key)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone):
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+    def check_model(model: str | None) -> None:
+        if model is not None and model != name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves "
+                           f"{name!r}", "model_not_found", "model")
+
+    def ids(request: Request) -> tuple[str, str]:
+        """(engine id prefix, X-Request-Id): the client's id, made unique per request."""
+        base = request.scope["state"]["request_id"]
+        return f"{base}-{next(seq)}", base
+
+    @app.get("/health")
+    async def health():
+        if not client.is_healthy:
+            raise APIError(503, "the engine is not running", "engine_unavailable")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.render(client.stats()), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card(name, client.max_model_len, created)]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model)
+        engine_id, base = ids(request)
+        choices, prompts = await completion.start(body, engine_id)
+        response_id = f"cmpl-{base}"
+        if body.stream:
+            return completion.stream_response(body, choices, prompts, response_id)
+        try:
+            return await cancel_on_disconnect(
+                request.receive, completion.full(body, choices, prompts, response_id))
+        finally:
+            await choices.close()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        engine_id, base = ids(request)
+        choices, prompt_tokens = await chat.start(body, engine_id)
+        response_id = f"chatcmpl-{base}"
+        if body.stream:
+            return chat.stream_response(body, choices, prompt_tokens, response_id)
+        try:
+            return await cancel_on_disconnect(
+                request.receive, chat.full(body, choices, prompt_tokens, response_id))
+        finally:
+            await choices.close()
+
+    return app
+
+
+class RequestContext:
+    """Pure ASGI middleware: the request id (X-Request-Id, echoed) and the API key.
+
+    The key is checked here, before the body is parsed, so a client without one learns that
+    first; /health and /metrics stay open, as in vLLM. A pure ASGI middleware (not
+    BaseHTTPMiddleware) leaves streaming and disconnect notices untouched.
+    """
+
+    def __init__(self, app, api_key: str | None = None) -> None:
+        self.app = app
+        self.api_key = api_key
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", [])}
+        given = headers.get("x-request-id", "").strip()
+        if given and not _REQUEST_ID.fullmatch(given):
+            return await _reply(send, 400, "X-Request-Id must be 1-128 characters of "
+                                "letters, digits and . _ : -", "invalid_request_id")
+        if self.api_key is not None and scope["path"].startswith("/v1"):
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(
+                    token.strip().encode(), self.api_key.encode()):
+                return await _reply(send, 401, "missing or wrong API key (send "
+                                    "'Authorization: Bearer KEY')", "invalid_api_key",
+                                    [(b"www-authenticate", b"Bearer")])
+        request_id = given or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []),
+                                      (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+async def _reply(send, status: int, message: str, code: str, extra=()) -> None:
+    body = json.dumps(error_body(status, message, code)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), *extra]})
+    await send({"type": "http.response.body", "body": body})

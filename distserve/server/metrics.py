@@ -1,0 +1,102 @@
+"""Prometheus metrics with vLLM's shapes under our own prefix (`distserve:`).
+
+Each app has its own registry, so several servers (or tests) in one process never share
+counters. Latencies come from the engine's monotonic timestamps where it has them (TTFT,
+end to end) and from arrival times at the server otherwise (inter-token latency).
+"""
+from __future__ import annotations
+
+import time
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
+                               Histogram, generate_latest)
+
+from distserve.engine.async_engine import EngineStats
+from distserve.engine.outputs import RequestOutput
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+                  5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        reg = self.registry
+
+        def hist(name, doc, buckets):
+            return Histogram(f"distserve:{name}", doc, labels, buckets=buckets,
+                             registry=reg).labels(model_name)
+
+        def gauge(name, doc):
+            return Gauge(f"distserve:{name}", doc, labels, registry=reg).labels(model_name)
+
+        def counter(name, doc):
+            return Counter(f"distserve:{name}", doc, labels, registry=reg).labels(model_name)
+
+        self.ttft = hist("time_to_first_token_seconds", "Time to first token (TTFT).",
+                         _LATENCY_BUCKETS)
+        self.itl = hist("inter_token_latency_seconds",
+                        "Time between consecutive streamed tokens.", _TOKEN_BUCKETS)
+        self.tpot = hist("time_per_output_token_seconds",
+                         "Per request: (e2e - TTFT) / (output tokens - 1) (TPOT).",
+                         _TOKEN_BUCKETS)
+        self.e2e = hist("e2e_request_latency_seconds", "End-to-end request latency.",
+                        _E2E_BUCKETS)
+        self.running = gauge("num_requests_running", "Requests in the running batch.")
+        self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (0..1).")
+        self.kv_free = gauge("kv_cache_free_blocks", "KV blocks free.")
+        self.kv_total = gauge("kv_cache_total_blocks", "KV blocks in the cache.")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed.")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+        self._success = Counter("distserve:request_success", "Requests that finished.",
+                                labels + ["finished_reason"], registry=reg)
+        self._model_name = model_name
+
+    def track(self) -> RequestTracker:
+        return RequestTracker(self)
+
+    def finished(self, reason: str) -> None:
+        self._success.labels(self._model_name, reason).inc()
+
+    def render(self, stats: EngineStats) -> bytes:
+        """The text exposition, with the gauges read from the engine's latest snapshot."""
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_usage)
+        self.kv_free.set(stats.num_free_blocks)
+        self.kv_total.set(stats.num_blocks)
+        return generate_latest(self.registry)
+
+
+class RequestTracker:
+    """Turns one request's outputs into observations as they arrive."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.m = metrics
+        self.last_token_at: float | None = None
+
+    def observe(self, out: RequestOutput) -> None:
+        now = time.monotonic()
+        if out.new_token_ids:
+            if self.last_token_at is None:
+                if out.first_token_time is not None:
+                    self.m.ttft.observe(max(0.0, out.first_token_time - out.arrival_time))
+                self.m.prompt_tokens.inc(out.num_prompt_tokens)
+            else:
+                self.m.itl.observe(now - self.last_token_at)
+            self.last_token_at = now
+            self.m.generation_tokens.inc(len(out.new_token_ids))
+        if out.finished:
+            self.m.finished(out.finish_reason or "unknown")
+            end = out.finish_time if out.finish_time is not None else now
+            self.m.e2e.observe(max(0.0, end - out.arrival_time))
+            if out.first_token_time is not None and out.num_output_tokens > 1:
+                self.m.tpot.observe((end - out.first_token_time) / (out.num_output_tokens - 1))

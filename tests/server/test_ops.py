@@ -1,0 +1,91 @@
+"""/health, /v1/models, /metrics, and `distserve serve` as a real process."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def _samples(url: str) -> dict[tuple[str, tuple], float]:
+    r = httpx.get(f"{url}/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def _value(samples, name: str, **labels) -> float:
+    want = {"model_name": "tiny", **labels}
+    return sum(v for (n, lbl), v in samples.items()
+               if n == name and all(dict(lbl).get(k) == x for k, x in want.items()))
+
+
+def test_health_and_models(served):
+    r = httpx.get(f"{served.url}/health")
+    assert r.status_code == 200
+    models = httpx.get(f"{served.url}/v1/models").json()
+    assert models["object"] == "list"
+    (card,) = models["data"]
+    assert card["id"] == "tiny" and card["object"] == "model" and card["owned_by"] == "distserve"
+    assert card["max_model_len"] == served.client.max_model_len and card["created"] > 0
+
+
+def test_metrics_move(served):
+    before = _samples(served.url)
+    r = httpx.post(f"{served.url}/v1/completions", timeout=30,
+                   json={"prompt": "count me", "max_tokens": 4, "ignore_eos": True})
+    assert r.status_code == 200
+    after = _samples(served.url)
+
+    def moved(name: str, **labels) -> float:
+        return _value(after, name, **labels) - _value(before, name, **labels)
+
+    assert moved("distserve:generation_tokens_total") == 4
+    assert moved("distserve:prompt_tokens_total") == r.json()["usage"]["prompt_tokens"]
+    assert moved("distserve:request_success_total", finished_reason="length") == 1
+    assert moved("distserve:time_to_first_token_seconds_count") == 1
+    assert moved("distserve:e2e_request_latency_seconds_count") == 1
+    assert moved("distserve:inter_token_latency_seconds_count") == 3
+    assert moved("distserve:time_per_output_token_seconds_count") == 1
+    for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
+        assert (f"distserve:{gauge}", (("model_name", "tiny"),)) in after
+    assert _value(after, "distserve:kv_cache_total_blocks") == served.allocator.num_blocks
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_serve_command(tiny_llama):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "distserve.cli", "serve", str(tiny_llama), "--port", str(port),
+           "--served-model-name", "cli-tiny", "--dtype", "float32", "--num-kv-blocks", "16",
+           "--num-threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up in 60 s"
+            time.sleep(0.2)
+        r = httpx.post(f"{url}/v1/completions", timeout=30,
+                       json={"model": "cli-tiny", "prompt": "hi", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["model"] == "cli-tiny"
+    finally:
+        proc.terminate()
+        proc.wait(15)
