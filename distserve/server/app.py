@@ -21,16 +21,17 @@ from distserve.server.generation import ClientGone, cancel_on_disconnect
 from distserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from distserve.server.protocol import ChatCompletionRequest, CompletionRequest, model_card
 from distserve.server.serving_chat import ChatService
+from distserve.server.slo import SLOWindow
 from distserve.server.serving_completion import CompletionService
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 def build_app(client: EngineClient, served_model_name: str | None = None,
-              api_key: str | None = None) -> FastAPI:
+              api_key: str | None = None, slo: SLOWindow | None = None) -> FastAPI:
     name = served_model_name or client.model_name
     created = int(time.time())
-    metrics = ServerMetrics(name)
+    metrics = ServerMetrics(name, slo)
     completion = CompletionService(client, name, metrics)
     chat = ChatService(client, name, metrics)
     seq = itertools.count()  # keeps engine ids unique when clients reuse an X-Request-Id
@@ -63,7 +64,8 @@ def build_app(client: EngineClient, served_model_name: str | None = None,
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        return Response(metrics.render(client.stats()), media_type=CONTENT_TYPE)
+        instances = client.instance_stats() if hasattr(client, "instance_stats") else None
+        return Response(metrics.render(client.stats(), instances), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models():

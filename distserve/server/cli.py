@@ -1,10 +1,14 @@
-"""`distserve serve [MODEL]`: one colocated instance behind the OpenAI-compatible API.
+"""`distserve serve [MODEL]`: a deployment behind the OpenAI-compatible API.
 
-The model loads before the port opens, so /health answers 200 as soon as anyone can reach it.
+Default: one colocated engine in this process. `--prefill-instances N --decode-instances M`
+starts a disaggregated deployment (one process per instance, KV pulled over --transfer);
+`--mode colocated --instances K` starts K colocated instance processes (the baseline).
+Everything loads before the port opens, so /health answers 200 as soon as anyone can reach it.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 
 
@@ -24,30 +28,108 @@ def register(sub) -> None:
     p.add_argument("--log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(p)
+    add_deployment_args(p)
     p.set_defaults(func=run_serve)
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+def add_deployment_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("deployment (instance processes)")
+    g.add_argument("--mode", choices=["colocated", "disaggregated"], default=None,
+                   help="default: disaggregated when --prefill/--decode-instances are given")
+    g.add_argument("--instances", type=int, default=0,
+                   help="colocated instance processes (0: one engine inside the server)")
+    g.add_argument("--prefill-instances", type=int, default=0)
+    g.add_argument("--decode-instances", type=int, default=0)
+    g.add_argument("--prefill-threads", type=int, default=None, help="threads per prefill instance")
+    g.add_argument("--decode-threads", type=int, default=None, help="threads per decode instance")
+    g.add_argument("--prefill-max-batched-tokens", type=int, default=None,
+                   help="prompt tokens in one prefill batch (a longer prompt runs alone)")
+    g.add_argument("--decode-max-num-seqs", type=int, default=None)
+    g.add_argument("--prefill-kv-cache-memory", type=float, default=None, help="GiB")
+    g.add_argument("--decode-kv-cache-memory", type=float, default=None, help="GiB")
+    g.add_argument("--transfer", choices=["shm", "tcp"], default="shm",
+                   help="KV transfer: shm (same host) or tcp (raw bytes over a socket)")
+    g.add_argument("--no-pin-cpus", action="store_true", help="do not pin instances to cores")
+    g.add_argument("--ttft-slo", type=float, default=None, help="seconds; with --tpot-slo, "
+                   "/metrics exports SLO attainment and goodput over --slo-window")
+    g.add_argument("--tpot-slo", type=float, default=None, help="seconds")
+    g.add_argument("--slo-window", type=float, default=60.0, help="seconds")
 
+
+def deployment_from_args(args: argparse.Namespace, config):
+    """None for the in-process engine, else the Deployment the flags describe."""
+    from distserve.cluster.deployment import Deployment, PhaseSettings
+    mode = args.mode or ("disaggregated" if args.prefill_instances or args.decode_instances
+                         else "colocated")
+    if mode == "colocated":
+        if args.prefill_instances or args.decode_instances:
+            raise ValueError("--prefill-instances/--decode-instances need --mode disaggregated")
+        if args.instances == 0:
+            return None
+        if args.instances < 0:
+            raise ValueError(f"--instances must be >= 0, got {args.instances}")
+        return Deployment(config, "colocated", colocated=PhaseSettings(args.instances),
+                          pin_cpus=not args.no_pin_cpus)
+    if args.prefill_instances < 1 or args.decode_instances < 1:
+        raise ValueError("a disaggregated deployment needs --prefill-instances >= 1 and "
+                         f"--decode-instances >= 1, got {args.prefill_instances} and "
+                         f"{args.decode_instances}")
+    prefill = PhaseSettings(args.prefill_instances, args.prefill_threads,
+                            max_num_batched_tokens=args.prefill_max_batched_tokens,
+                            kv_cache_memory_gib=args.prefill_kv_cache_memory)
+    decode = PhaseSettings(args.decode_instances, args.decode_threads,
+                           max_num_seqs=args.decode_max_num_seqs,
+                           kv_cache_memory_gib=args.decode_kv_cache_memory)
+    return Deployment(config, "disaggregated", prefill=prefill, decode=decode,
+                      transfer=args.transfer, pin_cpus=not args.no_pin_cpus)
+
+
+def slo_from_args(args: argparse.Namespace):
+    from distserve.server.slo import SLOWindow
+    if (args.ttft_slo is None) != (args.tpot_slo is None):
+        raise ValueError("give both --ttft-slo and --tpot-slo, or neither")
+    return None if args.ttft_slo is None else SLOWindow(args.ttft_slo, args.tpot_slo, args.slo_window)
+
+
+def run_serve(args: argparse.Namespace) -> int:
     from distserve.cli import engine_config_from_args
-    from distserve.engine.async_engine import AsyncEngine
-    from distserve.engine.colocated import ColocatedEngine
-    from distserve.server.app import build_app
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
     config = engine_config_from_args(args, args.model)
+    deployment = deployment_from_args(args, config)
+    slo = slo_from_args(args)
+    return asyncio.run(_serve(args, config, deployment, slo))
+
+
+async def _serve(args, config, deployment, slo) -> int:
+    import uvicorn
+
+    from distserve.server.app import build_app
+
     print(f"loading {args.model or 'the built-in SmolLM2-135M-Instruct'} ...", flush=True)
-    client = AsyncEngine(ColocatedEngine(config))
-    app = build_app(client, args.served_model_name, args.api_key)
+    if deployment is None:
+        from distserve.engine.async_engine import AsyncEngine
+        from distserve.engine.colocated import ColocatedEngine
+        client = await asyncio.to_thread(lambda: AsyncEngine(ColocatedEngine(config)))
+        what = "1 colocated engine in-process"
+    else:
+        from distserve.controller import Controller
+        client = Controller(deployment.specs, args.model, transfer=deployment.transfer)
+        await client.start()
+        what = ", ".join(f"{s.instance_id} (cpus {s.cpus or 'any'})" for s in deployment.specs)
+    app = build_app(client, args.served_model_name, args.api_key, slo)
     name = args.served_model_name or client.model_name
-    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 "
-          f"(context {client.max_model_len} tokens, "
-          f"{client.stats().num_blocks} KV blocks)", flush=True)
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 with {what} "
+          f"(context {client.max_model_len} tokens, {client.stats().num_blocks} KV blocks)",
+          flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                           log_level=args.log_level, timeout_graceful_shutdown=5))
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                    timeout_graceful_shutdown=5)
+        await server.serve()
     finally:
-        client.shutdown()
+        if deployment is None:
+            client.shutdown()
+        else:
+            await client.shutdown()
     return 0

@@ -13,6 +13,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 
 from distserve.engine.async_engine import EngineStats
 from distserve.engine.outputs import RequestOutput
+from distserve.server.slo import SLOWindow
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                     2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -25,7 +26,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, slo: SLOWindow | None = None) -> None:
+        self.slo = slo
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         reg = self.registry
@@ -59,6 +61,25 @@ class ServerMetrics:
         self._success = Counter("distserve:request_success", "Requests that finished.",
                                 labels + ["finished_reason"], registry=reg)
         self._model_name = model_name
+        if slo is not None:
+            self.slo_attainment = gauge(
+                "slo_attainment", f"Share of requests finished in the last {slo.window_s:g} s "
+                f"meeting both TTFT <= {slo.ttft_slo:g} s and TPOT <= {slo.tpot_slo:g} s.")
+            self.ttft_attainment = gauge("slo_ttft_attainment", "Share meeting the TTFT SLO.")
+            self.tpot_attainment = gauge("slo_tpot_attainment", "Share meeting the TPOT SLO.")
+            self.goodput = gauge("goodput_requests_per_second",
+                                 "Requests meeting both SLOs per second, over the window.")
+        per_instance = ["model_name", "instance", "role"]
+        self._instance_gauges = {
+            key: Gauge(f"distserve:instance_{key}", doc, per_instance, registry=reg)
+            for key, doc in (("num_requests_running", "Requests running (decode/colocated) or "
+                              "holding KV for migration (prefill)."),
+                             ("num_requests_waiting", "Requests queued on the instance."),
+                             ("queued_prompt_tokens", "Prompt tokens waiting (prefill)."),
+                             ("kv_cache_usage_perc", "Fraction of the instance's KV blocks in use."),
+                             ("kv_transfer_bytes", "KV bytes pulled by this instance (decode)."),
+                             ("kv_transfer_seconds", "Seconds spent pulling KV (decode)."),
+                             ("kv_transfers", "KV pulls done by this instance (decode)."))}
 
     def track(self) -> RequestTracker:
         return RequestTracker(self)
@@ -66,8 +87,26 @@ class ServerMetrics:
     def finished(self, reason: str) -> None:
         self._success.labels(self._model_name, reason).inc()
 
-    def render(self, stats: EngineStats) -> bytes:
-        """The text exposition, with the gauges read from the engine's latest snapshot."""
+    def render(self, stats: EngineStats, instances: list | None = None) -> bytes:
+        """The text exposition, with the gauges read from the engine's latest snapshot and,
+        for a multi-instance deployment, each instance's last report."""
+        for inst in instances or []:
+            values = {"num_requests_running": inst.num_running,
+                      "num_requests_waiting": inst.num_waiting,
+                      "queued_prompt_tokens": inst.queued_tokens,
+                      "kv_cache_usage_perc": inst.kv_usage,
+                      "kv_transfer_bytes": inst.transfer_bytes,
+                      "kv_transfer_seconds": inst.transfer_seconds,
+                      "kv_transfers": inst.num_transfers}
+            for key, value in values.items():
+                self._instance_gauges[key].labels(self._model_name, inst.instance_id,
+                                                  inst.role).set(value)
+        if self.slo is not None:
+            snap = self.slo.snapshot()
+            self.slo_attainment.set(snap["attainment"])
+            self.ttft_attainment.set(snap["ttft_attainment"])
+            self.tpot_attainment.set(snap["tpot_attainment"])
+            self.goodput.set(snap["goodput"])
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_usage)
@@ -98,5 +137,11 @@ class RequestTracker:
             self.m.finished(out.finish_reason or "unknown")
             end = out.finish_time if out.finish_time is not None else now
             self.m.e2e.observe(max(0.0, end - out.arrival_time))
-            if out.first_token_time is not None and out.num_output_tokens > 1:
-                self.m.tpot.observe((end - out.first_token_time) / (out.num_output_tokens - 1))
+            if out.first_token_time is None:
+                return  # aborted before its first token: no latency to judge
+            tpot = 0.0
+            if out.num_output_tokens > 1:
+                tpot = (end - out.first_token_time) / (out.num_output_tokens - 1)
+                self.m.tpot.observe(tpot)
+            if self.m.slo is not None and out.finish_reason != "abort":
+                self.m.slo.record(out.first_token_time - out.arrival_time, tpot, end)

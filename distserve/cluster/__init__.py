@@ -1,0 +1,1 @@
+"""Starting instance processes and the typed control channel between them and the controller."""

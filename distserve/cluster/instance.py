@@ -1,0 +1,198 @@
+"""An instance process: one engine (prefill, decode or colocated) behind the control channel.
+
+Started as `python -m distserve.cluster.instance --role ROLE ...` by a launcher. It connects
+a PUSH socket to the controller, binds a PULL socket for commands, says Ready, then loops:
+apply commands -> step -> send outputs. It sleeps on the socket when idle and exits when
+told to, or when its controller is gone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+import msgspec
+import torch
+import zmq
+
+from distserve.cluster import messages as m
+from distserve.config import EngineConfig
+from distserve.engine.colocated import ColocatedEngine
+from distserve.engine.decode import DecodeEngine, Migration
+from distserve.engine.prefill import PrefillEngine
+from distserve.engine.worker import load_worker
+from distserve.transfer import KVEndpoint, make_puller, make_source
+
+log = logging.getLogger("distserve.instance")
+ROLES = ("prefill", "decode", "colocated")
+_STATS_INTERVAL_S = 0.05
+
+
+class InstanceLoop:
+    def __init__(self, role: str, instance_id: str, config: EngineConfig, controller: str,
+                 transfer: str, host: str = "127.0.0.1") -> None:
+        self.role, self.instance_id, self.config = role, instance_id, config
+        self.ctx = zmq.Context()
+        self.out = self.ctx.socket(zmq.PUSH)
+        self.out.setsockopt(zmq.LINGER, 2000)
+        self.out.connect(controller)
+        self.commands = self.ctx.socket(zmq.PULL)
+        port = self.commands.bind_to_random_port(f"tcp://{host}")
+        self.command_address = f"tcp://{host}:{port}"
+        self.source = self.puller = None
+        endpoint = None
+        if role == "prefill":
+            def allocate(shape, num_blocks, dtype, device):  # the cache lives where decode can pull it
+                cache, self.source = make_source(transfer, shape, num_blocks, dtype, host=host)
+                return cache
+            worker = load_worker(config, allocate_cache=allocate)
+            endpoint = msgspec.to_builtins(self.source.endpoint)
+            self.engine = PrefillEngine(config, worker)
+        elif role == "decode":
+            self.puller = make_puller(transfer)
+            worker = load_worker(config)
+            self.engine = DecodeEngine(config, worker, self._pull)
+        else:
+            worker = load_worker(config)
+            self.engine = ColocatedEngine(config, worker)
+        self.worker = worker
+        self.endpoints: dict[str, KVEndpoint] = {}
+        self.transfer_bytes, self.transfer_seconds, self.num_transfers = 0, 0.0, 0
+        self._last_stats = 0.0
+        self._send(m.Ready(instance_id, role, self.command_address, worker.num_kv_blocks,
+                           config.block_size, worker.max_model_len,
+                           worker.model.args.vocab_size, endpoint))
+
+    def _send(self, msg) -> None:
+        self.out.send(m.encode(msg))
+
+    def _pull(self, source: str, src_blocks: list[int], dst_blocks: list[int]) -> tuple[int, float]:
+        stats = self.puller.pull(self.endpoints[source], src_blocks,
+                                 self.worker.runner.kv_cache, dst_blocks)
+        self.transfer_bytes += stats.nbytes
+        self.transfer_seconds += stats.seconds
+        self.num_transfers += 1
+        return stats.nbytes, stats.seconds
+
+    def run(self) -> None:
+        parent = os.getppid()
+        while True:
+            busy = self.engine.has_unfinished
+            if not self.commands.poll(0 if busy else 500):
+                if not busy and os.getppid() != parent:
+                    log.warning("%s: controller gone, exiting", self.instance_id)
+                    return
+            if not self._apply_commands():
+                return
+            if self.engine.has_unfinished:
+                self._step()
+            # while busy a few times a second; the moment it goes idle, the final state
+            self._maybe_send_stats(force=busy and not self.engine.has_unfinished)
+
+    def _apply_commands(self) -> bool:
+        while True:
+            try:
+                data = self.commands.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return True
+            cmd = m.decode_for_instance(data)
+            if isinstance(cmd, m.Shutdown):
+                return False
+            self._apply(cmd)
+            self._maybe_send_stats(force=not self.engine.has_unfinished)
+
+    def _apply(self, cmd) -> None:
+        e = self.engine
+        if isinstance(cmd, m.AddRequest):
+            try:
+                if self.role == "prefill":
+                    e.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.arrival_time)
+                else:
+                    e.add_request(cmd.prompt_token_ids, cmd.params, cmd.request_id, cmd.arrival_time)
+            except ValueError as err:
+                self._send(m.Rejected(self.instance_id, cmd.request_id, str(err)))
+        elif isinstance(cmd, m.AddMigration):
+            if cmd.source not in self.endpoints:
+                self.endpoints[cmd.source] = msgspec.convert(cmd.endpoint, KVEndpoint)
+            e.add_migration(Migration(cmd.ticket, cmd.params, cmd.source))
+        elif isinstance(cmd, m.Release):
+            e.release(cmd.request_id)
+        elif isinstance(cmd, m.Abort):
+            out = e.abort(cmd.request_id)
+            if out is not None:
+                self._send(m.Outputs(self.instance_id, [out]))
+
+    def _step(self) -> None:
+        if self.role == "prefill":
+            outputs, tickets = self.engine.step()
+            if outputs:
+                self._send(m.Outputs(self.instance_id, outputs))
+            if tickets:
+                self._send(m.Tickets(self.instance_id, tickets))
+            return
+        if self.role == "decode":
+            done = self.engine.admit_migrations()
+            if done:
+                self._send(m.Migrated(self.instance_id, done))
+        outputs = self.engine.step()
+        if outputs:
+            self._send(m.Outputs(self.instance_id, outputs))
+
+    def _maybe_send_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_stats < _STATS_INTERVAL_S:
+            return
+        self._last_stats = now
+        e = self.engine
+        queued = e.num_queued_tokens if self.role == "prefill" else 0
+        running = len(e.holding) if self.role == "prefill" else e.num_running
+        waiting = len(e.queue.waiting) if self.role == "prefill" else e.num_waiting
+        self._send(m.Stats(self.instance_id, self.role, running, waiting, queued, e.kv.usage,
+                           e.kv.num_free_blocks, e.kv.allocator.num_blocks,
+                           self.transfer_bytes, self.transfer_seconds, self.num_transfers))
+
+    def close(self) -> None:
+        self._maybe_send_stats(force=True)
+        for closable in (self.source, self.puller):
+            if closable is not None:
+                closable.close()
+        self.out.close()
+        self.commands.close()
+        self.ctx.term()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="one distserve instance process")
+    ap.add_argument("--role", choices=ROLES, required=True)
+    ap.add_argument("--instance-id", required=True)
+    ap.add_argument("--controller", required=True, help="tcp://host:port of the controller")
+    ap.add_argument("--config-json", required=True, help="EngineConfig fields as JSON")
+    ap.add_argument("--transfer", default="shm", choices=["shm", "tcp"])
+    ap.add_argument("--host", default="127.0.0.1")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {args.instance_id} %(levelname)s: %(message)s")
+    config = EngineConfig(**json.loads(args.config_json))
+    try:
+        loop = InstanceLoop(args.role, args.instance_id, config, args.controller, args.transfer, args.host)
+    except Exception as err:  # tell the controller why, then fail
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.PUSH)
+        s.setsockopt(zmq.LINGER, 2000)
+        s.connect(args.controller)
+        s.send(m.encode(m.Failed(args.instance_id, f"{type(err).__name__}: {err}")))
+        s.close()
+        ctx.term()
+        raise
+    try:
+        with torch.inference_mode():
+            loop.run()
+    finally:
+        loop.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Starts instance processes on this machine (the default launcher).
+
+Each instance is a fresh interpreter (`python -m distserve.cluster.instance`), optionally
+pinned to given CPU cores, so phases never share a thread pool. A launcher for other
+machines (Ray actors) only has to start the same command there.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+from distserve.config import EngineConfig
+
+
+@dataclass
+class InstanceSpec:
+    role: str                      # prefill | decode | colocated
+    instance_id: str
+    config: EngineConfig
+    cpus: list[int] = field(default_factory=list)  # pin to these cores (empty: no pinning)
+
+
+class LocalProcess:
+    def __init__(self, spec: InstanceSpec, controller: str, transfer: str) -> None:
+        self.spec = spec
+        self.log = tempfile.TemporaryFile(mode="w+")
+        env = dict(os.environ)
+        if spec.config.num_threads:
+            env["OMP_NUM_THREADS"] = str(spec.config.num_threads)
+        cmd = [sys.executable, "-m", "distserve.cluster.instance", "--role", spec.role,
+               "--instance-id", spec.instance_id, "--controller", controller,
+               "--config-json", json.dumps(asdict(spec.config)), "--transfer", transfer]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     stdin=subprocess.DEVNULL)
+        if spec.cpus:
+            try:
+                os.sched_setaffinity(self.proc.pid, spec.cpus)
+            except OSError:
+                pass  # fewer cores than asked for: run unpinned
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def output_tail(self, chars: int = 2000) -> str:
+        self.log.seek(0)
+        return self.log.read()[-chars:]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.alive:
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()

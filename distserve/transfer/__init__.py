@@ -1,0 +1,48 @@
+"""Moving a request's KV blocks from its prefill instance to a decode instance, pulled by the
+decode side: one interface, backends chosen by name.
+
+  shm  same host: the prefill cache lives in POSIX shared memory; the decode side maps it.
+  tcp  any host: the prefill instance serves block rows over one persistent connection.
+
+Prefill side:  cache, source = make_source(backend, shape, num_blocks, dtype)
+               publish source.endpoint (a msgspec struct) in a control message; source.close()
+Decode side:   puller = make_puller(backend)
+               stats = puller.pull(endpoint, src_blocks, my_cache, my_blocks); puller.close()
+"""
+from __future__ import annotations
+
+import torch
+
+from distserve.kv.cache import KVCacheShape
+from distserve.transfer.base import (BACKENDS, KVEndpoint, KVPuller, KVSource, TransferError,
+                                     TransferStats)
+from distserve.transfer.shm import ShmPuller, ShmSource, allocate_shm_cache
+from distserve.transfer.tcp import TcpPuller, TcpSource, allocate_tcp_cache
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown KV transfer backend {backend!r}; choose one of {BACKENDS}")
+
+
+def make_source(backend: str, shape: KVCacheShape, num_blocks: int, dtype: torch.dtype, *,
+                host: str = "127.0.0.1", port: int = 0) -> tuple[torch.Tensor, KVSource]:
+    """Allocate a prefill instance's KV cache so that `backend` can export it.
+
+    host and port (tcp only) are where the transfer server listens; port 0 picks a free one.
+    """
+    _check_backend(backend)
+    if backend == "shm":
+        return allocate_shm_cache(shape, num_blocks, dtype)
+    return allocate_tcp_cache(shape, num_blocks, dtype, host=host, port=port)
+
+
+def make_puller(backend: str, *, timeout: float = 30.0) -> KVPuller:
+    """The decode side of `backend`; timeout (tcp only) bounds each pull, in seconds."""
+    _check_backend(backend)
+    return ShmPuller() if backend == "shm" else TcpPuller(timeout=timeout)
+
+
+__all__ = ["BACKENDS", "KVEndpoint", "KVPuller", "KVSource", "ShmPuller", "ShmSource",
+           "TcpPuller", "TcpSource", "TransferError", "TransferStats", "allocate_shm_cache",
+           "allocate_tcp_cache", "make_puller", "make_source"]

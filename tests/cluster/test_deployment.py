@@ -1,0 +1,42 @@
+import pytest
+
+from distserve.cluster import messages as m
+from distserve.cluster.deployment import Deployment, PhaseSettings
+from distserve.config import EngineConfig
+from distserve.engine.prefill import MigrationTicket
+from distserve.request import SamplingParams
+
+
+def test_phase_settings_override_the_base_config():
+    base = EngineConfig(max_num_seqs=64, kv_cache_memory_gib=1.0)
+    d = Deployment(base, "disaggregated",
+                   prefill=PhaseSettings(2, num_threads=1, max_num_batched_tokens=512),
+                   decode=PhaseSettings(1, max_num_seqs=8, kv_cache_memory_gib=0.5), pin_cpus=False)
+    roles = [(s.role, s.instance_id) for s in d.specs]
+    assert roles == [("prefill", "prefill-0"), ("prefill", "prefill-1"), ("decode", "decode-0")]
+    assert d.specs[0].config.max_num_batched_tokens == 512 and d.specs[0].config.max_num_seqs == 64
+    assert d.specs[2].config.max_num_seqs == 8 and d.specs[2].config.kv_cache_memory_gib == 0.5
+    assert all(s.config.num_threads == 1 and s.cpus == [] for s in d.specs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(mode="disaggregated", prefill=PhaseSettings(1)), "decode"),
+    (dict(mode="colocated", colocated=PhaseSettings(0)), "colocated"),
+    (dict(mode="mixed"), "mode"),
+    (dict(mode="colocated", colocated=PhaseSettings(1), transfer="rdma"), "rdma"),
+])
+def test_bad_deployments_name_the_problem(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Deployment(EngineConfig(), **kwargs)
+
+
+def test_messages_round_trip_and_reject_other_bytes():
+    ticket = MigrationTicket("r1", [1, 2, 3], 7, "hi", -0.5, [4, 9], 1.0, 1.5)
+    msg = m.AddMigration(ticket, SamplingParams(temperature=0, stop=["\n"]), "prefill-0",
+                         {"backend": "shm", "shm_name": "x"})
+    assert m.decode_for_instance(m.encode(msg)) == msg
+    with pytest.raises(Exception):
+        m.decode_for_instance(m.encode(m.Stats("i", "decode", 0, 0, 0, 0.0, 1, 1)))
+    import pickle
+    with pytest.raises(Exception):
+        m.decode_for_controller(pickle.dumps({"not": "allowed"}))
