@@ -1,0 +1,195 @@
+"""Disaggregated vs colocated serving on this machine, measured with `distserve bench`.
+
+    python benchmarks/disagg_vs_colocated.py [--workloads longbench,sharegpt] [--quick]
+
+Three deployments of the same model over the same 2 cores:
+  disagg-1p1d     1 prefill + 1 decode instance, 1 thread each, pinned to a core each
+  colocated-1x2   1 colocated instance with 2 threads
+  colocated-2x1   2 colocated instances with 1 thread each
+The TPOT SLO is derived from the single-request decode step measured here (1 thread) and the
+TTFT SLO from the measured prefill time of a mean-length prompt. Each deployment is served
+for real (`distserve serve`), swept over request rates with `distserve bench`, and its goodput
+at 90% attainment is reported per instance core (2 cores for every deployment).
+Results: benchmarks/results/disagg_vs_colocated.json and one attainment plot per workload.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks/results"
+DEPLOYMENTS = {
+    "disagg-1p1d": ["--prefill-instances", "1", "--decode-instances", "1",
+                    "--prefill-threads", "1", "--decode-threads", "1"],
+    "colocated-1x2": ["--num-threads", "2"],
+    "colocated-2x1": ["--mode", "colocated", "--instances", "2", "--num-threads", "1"],
+}
+# mean prompt tokens of each workload with SmolLM2's tokenizer (from `distserve bench --dry-run`)
+WORKLOADS = {"longbench": {"prompt_len": 1700}, "sharegpt": {"prompt_len": 300}}
+
+
+def calibrate(prompt_len: int) -> dict:
+    """Single-request decode step and prefill time on one thread, in a child process so the
+    thread setting and memory do not leak into the servers."""
+    code = f"""
+import json, time, torch
+torch.set_num_threads(1)
+from distserve import LLM, SamplingParams
+llm = LLM(None, num_threads=1, num_kv_blocks=512)
+ids = (llm.tokenizer.encode("The city grew around its old market by the river. " * 200))[:{prompt_len}]
+p = SamplingParams(temperature=0, max_tokens=33, ignore_eos=True)
+llm.generate([ids[:64]], p)  # warm-up
+best_step, best_prefill = 1e9, 1e9
+for _ in range(3):
+    r = llm.generate([ids[:64]], p)[0].metrics
+    best_step = min(best_step, (r["last_token_time"] - r["first_token_time"]) / 32)
+    t = time.perf_counter(); llm.generate([ids], SamplingParams(temperature=0, max_tokens=1))
+    best_prefill = min(best_prefill, time.perf_counter() - t)
+print(json.dumps({{"decode_step_s": best_step, "prefill_s": best_prefill, "prompt_len": len(ids)}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(flags: list[str], port: int, log) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "distserve.cli", "serve", "--port", str(port),
+           "--kv-cache-memory", "1", *flags]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {' '.join(cmd)}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError("server did not become healthy in 300 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def run_bench(port: int, workload: str, rates: list[float], slo: dict, num_prompts: int,
+              out: pathlib.Path) -> dict:
+    cmd = [sys.executable, "-m", "distserve.cli", "bench", "--base-url", f"http://127.0.0.1:{port}",
+           "--dataset", workload, "--num-prompts", str(num_prompts), "--ignore-eos",
+           "--request-rate", ",".join(f"{r:.4g}" for r in rates), "--num-gpus", "2",
+           "--ttft-slo", f"{slo['ttft']:.4g}", "--tpot-slo", f"{slo['tpot']:.4g}",
+           "--save-result", str(out), "--disable-tqdm", "--seed", "1"]
+    subprocess.run(cmd, check=False)
+    return json.loads(out.read_text())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workloads", default="longbench,sharegpt")
+    ap.add_argument("--deployments", default=",".join(DEPLOYMENTS))
+    ap.add_argument("--num-prompts", type=int, default=40, help="requests per rate")
+    ap.add_argument("--rate-fractions", default="0.3,0.6,0.9,1.2,1.6",
+                    help="rates as fractions of one core's prefill capacity (1 / prefill time)")
+    ap.add_argument("--tpot-factor", type=float, default=2.0, help="TPOT SLO / decode step")
+    ap.add_argument("--ttft-factor", type=float, default=4.0, help="TTFT SLO / prefill time")
+    ap.add_argument("--quick", action="store_true", help="10 prompts, 3 rates (a smoke run)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.num_prompts, args.rate_fractions = 10, "0.4,0.8,1.6"
+    fractions = [float(f) for f in args.rate_fractions.split(",")]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report = {"machine_cores": os.cpu_count(), "workloads": {}}
+    tmp = pathlib.Path(tempfile.mkdtemp())
+    for workload in args.workloads.split(","):
+        cal = calibrate(WORKLOADS[workload]["prompt_len"])
+        slo = {"tpot": args.tpot_factor * cal["decode_step_s"], "ttft": args.ttft_factor * cal["prefill_s"]}
+        capacity = 1.0 / cal["prefill_s"]
+        rates = [f * capacity for f in fractions]
+        print(f"[{workload}] decode step {cal['decode_step_s'] * 1e3:.1f} ms, prefill of "
+              f"{cal['prompt_len']} tokens {cal['prefill_s']:.2f} s -> TTFT SLO {slo['ttft']:.2f} s, "
+              f"TPOT SLO {slo['tpot'] * 1e3:.1f} ms; rates {[round(r, 3) for r in rates]}", flush=True)
+        entry = {"calibration": cal, "slo": slo, "rates": rates, "deployments": {}}
+        for name in args.deployments.split(","):
+            port = free_port()
+            with open(tmp / f"{workload}-{name}.log", "w") as log:
+                proc = start_server(DEPLOYMENTS[name], port, log)
+                try:
+                    result = run_bench(port, workload, rates, slo, args.num_prompts,
+                                       tmp / f"{workload}-{name}.json")
+                finally:
+                    stop_server(proc)
+            entry["deployments"][name] = summarize(result)
+            print(f"[{workload}] {name}: goodput {entry['deployments'][name]['goodput_per_core']} req/s per core",
+                  flush=True)
+        best_colocated = max((d["goodput_per_core"] or 0.0) for n, d in entry["deployments"].items()
+                             if n.startswith("colocated"))
+        disagg = entry["deployments"].get("disagg-1p1d", {}).get("goodput_per_core") or 0.0
+        entry["disagg_over_best_colocated"] = disagg / best_colocated if best_colocated else None
+        report["workloads"][workload] = entry
+        plot(workload, entry, RESULTS / f"disagg_vs_colocated_{workload}.png")
+    out = RESULTS / "disagg_vs_colocated.json"
+    out.write_text(json.dumps(report, indent=2))
+    print_table(report)
+    print(f"saved {out}")
+    return 0
+
+
+def summarize(result: dict) -> dict:
+    sweep = result.get("points") or []
+    return {"goodput_per_core": result.get("per_gpu_goodput"),
+            "goodput_bound": (result.get("crossing") or {}).get("bound"),
+            "points": [{k: p.get(k) for k in ("request_rate", "slo_attainment", "ttft_attainment",
+                                              "tpot_attainment", "request_throughput")} for p in sweep]}
+
+
+def print_table(report: dict) -> None:
+    print("\nworkload    deployment      goodput/core (req/s)   vs best colocated")
+    for workload, entry in report["workloads"].items():
+        for name, d in entry["deployments"].items():
+            print(f"{workload:<11} {name:<15} {d['goodput_per_core'] or 0:>10.3f}")
+        ratio = entry["disagg_over_best_colocated"]
+        print(f"{workload:<11} disagg / best colocated: {ratio:.2f}x" if ratio else f"{workload:<11} (no colocated goodput)")
+
+
+def plot(workload: str, entry: dict, path: pathlib.Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, d in entry["deployments"].items():
+        pts = [p for p in d["points"] if p["request_rate"] is not None]
+        ax.plot([p["request_rate"] / 2 for p in pts], [100 * p["slo_attainment"] for p in pts],
+                marker="o", label=name)
+    ax.axhline(90, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("rate per core (req/s)")
+    ax.set_ylabel("SLO attainment (%)")
+    ax.set_title(f"{workload}: TTFT {entry['slo']['ttft']:.2f} s, TPOT {entry['slo']['tpot'] * 1e3:.0f} ms")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
