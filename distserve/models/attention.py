@@ -71,7 +71,8 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        num_cached: int, scale: float) -> torch.Tensor:
     """Causal attention of q [n, Hq, D] over k/v [num_cached + n, Hkv, D]."""
     hq, hkv = q.shape[1], k.shape[1]
-    qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    # [1, H, n, D]: with a batch dimension the CPU takes its flash kernel (20x the math path)
+    qt, kt, vt = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     if num_cached == 0:
         o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale,
                                            enable_gqa=hq != hkv)
@@ -81,7 +82,7 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         allowed = torch.arange(total, device=q.device)[None, :] <= qpos
         o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed, scale=scale,
                                            enable_gqa=hq != hkv)
-    return o.transpose(0, 1)
+    return o[0].transpose(0, 1)
 
 
 def _decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata,
