@@ -1,4 +1,4 @@
-"""`distserve` command line: serve | generate | bench (more sub-commands join as they land).
+"""`distserve` command line: serve | generate | bench | plan | simulate | profile.
 
 Each sub-command lives with its package and registers itself here; a bad value ends with a
 message naming it and exit code 2, never a traceback.
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _register_generate(sub)
-    for module in ("distserve.server.cli", "distserve.bench.cli"):
+    for module in ("distserve.server.cli", "distserve.bench.cli", "distserve.planner.cli"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ImportError as e:
