@@ -73,6 +73,7 @@ class Controller:
         self._ctx = zmq.asyncio.Context()
         self._inbox: zmq.asyncio.Socket | None = None
         self._receiver: asyncio.Task | None = None
+        self._watchdog: asyncio.Task | None = None
         self._error: str | None = None
         self.transfer_bytes = 0
         self.transfer_seconds = 0.0
@@ -91,6 +92,7 @@ class Controller:
         # a request must fit each instance's KV cache on its own, and the model's context
         self.max_model_len = min(min(r.max_model_len, r.num_kv_blocks * r.block_size) for r in readies)
         self._receiver = asyncio.create_task(self._receive_loop())
+        self._watchdog = asyncio.create_task(self._watch())
 
     async def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
@@ -122,9 +124,10 @@ class Controller:
                 pending.discard(msg.instance_id)
 
     async def shutdown(self) -> None:
-        if self._receiver is not None:
-            self._receiver.cancel()
-            self._receiver = None
+        for task in (self._receiver, self._watchdog):
+            if task is not None:
+                task.cancel()
+        self._receiver = self._watchdog = None
         for inst in self.instances.values():
             if inst.socket is not None:
                 await inst.socket.send(m.encode(m.Shutdown()))
@@ -208,6 +211,23 @@ class Controller:
         if tracked.decode:
             self.instances[tracked.decode].load -= 1
         return tracked
+
+    async def _watch(self, interval_s: float = 0.5) -> None:
+        """An instance that dies fails the requests it holds at once, instead of leaving
+        their clients waiting; the deployment then reports itself unhealthy."""
+        while True:
+            await asyncio.sleep(interval_s)
+            dead = [iid for iid, inst in self.instances.items() if not inst.process.alive]
+            if not dead:
+                continue
+            self._error = f"instance(s) {', '.join(dead)} died"
+            log.error("%s", self._error)
+            for request_id, tracked in list(self.requests.items()):
+                if {tracked.prefill, tracked.decode} & set(dead):
+                    self._forget(request_id)
+                    tracked.outputs.put_nowait(EngineDeadError(
+                        f"request {request_id} was lost: {self._error}"))
+            return
 
     # ------------------------------------------------------------------ messages from instances
     async def _receive_loop(self) -> None:

@@ -120,3 +120,27 @@ def test_colocated_instance_processes_match(tiny_llama, expected):
     results, stats = asyncio.run(run())
     assert [r[0] for r in results] == tokens
     assert len(stats) == 2 and all(s.num_free_blocks == s.num_blocks for s in stats)
+
+
+def test_a_dead_decode_instance_fails_its_requests_instead_of_hanging(tiny_llama):
+    from distserve.engine.async_engine import EngineDeadError
+
+    async def run():
+        c = Controller(_deployment(tiny_llama, 1, 1, "shm").specs, str(tiny_llama))
+        await c.start()
+        try:
+            stream = await c.generate("Hello there", SamplingParams(temperature=0, max_tokens=480,
+                                                                    ignore_eos=True), "victim")
+            first = await stream.__anext__()
+            assert first.new_token_ids
+            c.instances["decode-0"].process.proc.kill()
+            with pytest.raises(EngineDeadError, match="decode-0"):
+                async for _ in stream:
+                    pass
+            assert not c.is_healthy
+            with pytest.raises(EngineDeadError):
+                await c.generate("again", GREEDY, "after")
+        finally:
+            await c.shutdown()
+
+    asyncio.run(asyncio.wait_for(run(), 120))
