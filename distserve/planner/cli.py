@@ -1,0 +1,145 @@
+"""`distserve plan` and `distserve simulate` (and `profile`, whose engine side loads lazily).
+
+`register(subparsers)` adds them to the `distserve` command; `main(argv)` runs them alone.
+Bad values end in one line naming them (exit 2), never a traceback. The planner never
+imports torch; only `profile` does, inside its handler.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from distserve.planner.hardware import Cluster, get_hardware
+from distserve.planner.latency import BUILTIN_PROFILES
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model, hardware and latency")
+    g.add_argument("--model", required=True, help="catalogue name (e.g. facebook/opt-13b) or a config.json")
+    g.add_argument("--hardware", default="a100-80g", help="a100-80g | h100-80g | h200 | l40s")
+    g.add_argument("--latency-profile", default="distserve", help="profile JSON in the DistServe "
+                   f"artifact's schema, or a built-in one: {', '.join(BUILTIN_PROFILES)} (A100 fits)")
+    g = p.add_argument_group("workload and SLOs")
+    g.add_argument("--workload", default="sharegpt", help="sharegpt | humaneval | longbench | "
+                   "fixed:IN:OUT | a JSON/JSONL file of input_len/output_len")
+    g.add_argument("--ttft-slo", type=float, required=True, help="seconds")
+    g.add_argument("--tpot-slo", type=float, required=True, help="seconds")
+    g.add_argument("--attainment", type=float, default=0.9, help="target share meeting both SLOs")
+    g.add_argument("--num-requests", type=int, default=2000, help="requests per simulation")
+    g.add_argument("--seeds", type=int, default=3, help="seeds for the goodput and its spread")
+    g.add_argument("--cv", type=float, default=1.0, help="arrival burstiness (1: Poisson)")
+    g.add_argument("--max-prefill-tokens", type=int, default=None,
+                   help="prompt tokens per prefill batch (default: the instance's KV room)")
+    g.add_argument("--chunked-prefill", action="store_true", help="colocated: chunked prefill")
+    g.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
+    g.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    g.add_argument("-o", "--output", help="write the result here (.yaml or .json)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="search the deployment with the best per-GPU goodput")
+    _common(p)
+    g = p.add_argument_group("cluster and search")
+    g.add_argument("--nodes", type=int, default=1)
+    g.add_argument("--gpus-per-node", type=int, default=8)
+    g.add_argument("--cross-node-bandwidth", type=float, default=25.0, help="Gbit/s between nodes")
+    g.add_argument("--algorithm", choices=["low", "high"], default="low",
+                   help="node affinity: low (Algorithm 2, pairs share nodes) or high (Algorithm 1)")
+    g.add_argument("--rate", type=float, default=None, help="target req/s (default: fill the cluster)")
+    g.add_argument("--colocated-profile", default=None, help="profile of the colocated baseline "
+                   "(default: --latency-profile; the paper's vLLM fit is 'vllm')")
+    g.add_argument("--no-compare", action="store_true", help="skip the colocated alternative")
+    p.set_defaults(func=run_plan)
+
+    s = sub.add_parser("simulate", help="simulate a deployment: SLO attainment and goodput")
+    _common(s)
+    g = s.add_argument_group("deployment (or --plan)")
+    g.add_argument("--plan", help="a plan file from `distserve plan`")
+    g.add_argument("--mode", choices=["disaggregated", "colocated"], default="disaggregated")
+    for phase in ("prefill", "decode"):
+        g.add_argument(f"--{phase}-tp", type=int, default=1)
+        g.add_argument(f"--{phase}-pp", type=int, default=1)
+        g.add_argument(f"--{phase}-instances", type=int, default=1)
+    g.add_argument("--tp", type=int, default=1, help="colocated TP")
+    g.add_argument("--pp", type=int, default=1, help="colocated PP")
+    g.add_argument("--instances", type=int, default=1, help="colocated instances")
+    g.add_argument("--chunk-tokens", type=int, default=512)
+    g.add_argument("--link-bandwidth", type=float, default=None,
+                   help="GB/s between prefill and decode instances (default: the in-node link)")
+    g.add_argument("--rate", type=float, nargs="*", default=None, help="req/s to simulate")
+    g.add_argument("--goodput", action="store_true", help="also bisect the goodput")
+    g.add_argument("--per-request", help="CSV of every request (arrival, lengths, TTFT, TPOT) at "
+                   "the first rate and seed")
+    s.set_defaults(func=run_simulate)
+
+    from distserve.planner.profile_cli import register as register_profile
+    register_profile(sub)
+
+
+def _problem(args, cluster: Cluster):
+    from distserve.planner.goodput import SLO
+    from distserve.planner.models import get_model
+    from distserve.planner.search import Problem
+    from distserve.planner.workload import Lengths
+    if args.num_requests < 10 or args.seeds < 1:
+        raise ValueError("--num-requests must be >= 10 and --seeds >= 1")
+    kwargs = {"workers": args.workers} if getattr(args, "workers", None) else {}
+    return Problem(get_model(args.model), cluster, Lengths(args.workload),
+                   SLO(args.ttft_slo, args.tpot_slo, args.attainment), args.latency_profile,
+                   getattr(args, "colocated_profile", None), args.num_requests,
+                   tuple(range(args.seeds)), getattr(args, "rate", None) if args.func is run_plan else None,
+                   args.max_prefill_tokens, args.chunked_prefill, **kwargs)
+
+
+def _emit(args, doc: dict, text: str) -> None:
+    if args.output:
+        import yaml
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(json.dumps(doc, indent=2) if args.output.endswith(".json")
+                    else yaml.safe_dump(doc, sort_keys=False))
+    print(json.dumps(doc, indent=2) if args.json else text)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from distserve.planner.planning import make_plan
+    from distserve.planner.report import format_plan
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise ValueError("--nodes and --gpus-per-node must be >= 1")
+    if args.rate is not None and args.rate <= 0:
+        raise ValueError(f"--rate must be > 0, got {args.rate}")
+    cluster = Cluster(get_hardware(args.hardware), args.nodes, args.gpus_per_node,
+                      args.cross_node_bandwidth * 1e9 / 8)
+    problem = _problem(args, cluster)
+    quiet = args.json
+    plan = make_plan(problem, args.algorithm, args.workload, not args.no_compare,
+                     progress=lambda m: print(m, file=sys.stderr if quiet else sys.stdout, flush=True))
+    if args.output:
+        plan.save(args.output)
+        args = argparse.Namespace(**{**vars(args), "output": None})
+    _emit(args, plan.to_dict(), format_plan(plan))
+    return 0
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from distserve.planner.report import simulate_report
+    cluster = Cluster(get_hardware(args.hardware), 1, 8)
+    problem = _problem(args, cluster)
+    doc, text = simulate_report(problem, args)
+    _emit(args, doc, text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distserve")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"distserve {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

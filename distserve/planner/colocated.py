@@ -1,0 +1,193 @@
+"""The colocated baseline in the simulator: prefill and decode share each instance.
+
+Prefill-first (vLLM's default, as the artifact simulates it): at every iteration boundary an
+instance runs queued prompts (FCFS, up to a token budget and its KV room) before any decode
+step, pausing the running batch. Chunked prefill: each iteration carries every running
+request's decode token plus prompt chunks filling a token budget (time: the larger fixed cost
+of the two fits, plus each fit's token terms; a chunk of x tokens after y done costs
+c * (x^2 + 2xy) in attention). A request is admitted when the KV pool holds all of it
+(no preemption). PP stages run as PP lanes sharing the queue and the KV pool.
+"""
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass
+
+from distserve.planner.lane import Lane
+from distserve.planner.latency import PP_STAGE_MS
+from distserve.planner.simulator import INF, InstanceConfig, decode_coeffs, result
+from distserve.planner.workload import Trace
+
+
+@dataclass(frozen=True)
+class Colocated:
+    instance: InstanceConfig
+    num_instances: int = 1
+    chunked: bool = False
+    chunk_tokens: int = 512
+
+    @property
+    def num_gpus(self) -> int:
+        lat = self.instance.latency
+        return self.num_instances * lat.tp * lat.pp
+
+
+def simulate_colocated(trace: Trace, c: Colocated):
+    return _Colocated(trace, c).run()
+
+
+class _Colocated:
+    def __init__(self, trace: Trace, c: Colocated) -> None:
+        self.arr, self.inp, self.out = trace.arrival.tolist(), trace.input_len.tolist(), trace.output_len.tolist()
+        n = len(self.arr)
+        self.first, self.last, self.off = [INF] * n, [INF] * n, [0] * n
+        self.heap, self.seq = [], 0
+        inst = c.instance
+        self.cap, self.maxb = inst.kv_capacity, inst.max_batch
+        self.chunked, self.chunk = c.chunked, c.chunk_tokens
+        self.budget = self.chunk if c.chunked else (inst.max_prefill_tokens or inst.kv_capacity)
+        pp = inst.latency.pp
+        a, b, cc = inst.latency.entry.prefill
+        self.pf = ((a + (PP_STAGE_MS * pp * pp if pp > 1 else 0.0)) * 1e-3, b * 1e-3, cc * 1e-3)
+        self.coeffs = decode_coeffs(inst.latency)
+        m = c.num_instances
+        self.queue = [deque() for _ in range(m)]
+        self.kv, self.load = [0] * m, [0] * m
+        self.lanes = [[Lane() for _ in range(pp)] for _ in range(m)]
+
+    def run(self):
+        arr, inp, out, heap = self.arr, self.inp, self.out, self.heap
+        n, ai, m = len(arr), 0, len(self.queue)
+        while True:
+            if heap and (ai >= n or heap[0][0] <= arr[ai]):
+                t, _, i, li, version = heapq.heappop(heap)
+                lane = self.lanes[i][li]
+                if lane.version == version:
+                    self.boundary(i, li, t)
+            elif ai < n:
+                r, t = ai, arr[ai]
+                ai += 1
+                if inp[r] + out[r] > self.cap:
+                    continue
+                i = 0 if m == 1 else min(range(m), key=lambda k: self.load[k])
+                self.queue[i].append(r)
+                self.load[i] += 1
+                self.poke(i, t)
+            else:
+                break
+        return result(arr, self.first, self.last, out)
+
+    def push(self, t: float, i: int, li: int, version: int) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, i, li, version))
+
+    def poke(self, i: int, now: float) -> None:
+        """New prompts are queued: idle lanes start now, decoding lanes stop at their next step."""
+        for li, lane in enumerate(self.lanes[i]):
+            if not self.queue[i]:
+                return
+            if lane.state == 0:
+                self.boundary(i, li, now)
+            elif lane.state == 1:
+                end = lane.cut(now)
+                if end is not None:
+                    self.push(end, i, li, lane.version)
+
+    def boundary(self, i: int, li: int, now: float) -> None:
+        lane, inp, out = self.lanes[i][li], self.inp, self.out
+        if lane.state in (1, 3):
+            for r in lane.advance():
+                self.last[r] = now
+                lane.leave(self.off[r])
+                self.kv[i] -= inp[r] + out[r]
+                self.load[i] -= 1
+        for r in lane.batch:   # prompts finished in the iteration that just ended
+            self.first[r] = now
+            if out[r] == 1:
+                self.last[r] = now
+                self.kv[i] -= inp[r] + out[r]
+                self.load[i] -= 1
+            else:
+                self.off[r] = lane.join(r, inp[r] + 1, out[r] - 1)
+        lane.batch = []
+        if self.chunked:
+            end = self.mixed(i, lane, now)
+        else:
+            end = self.prefill(i, lane, now)
+        if end is None:
+            if not lane.B:
+                lane.state = 0
+                return
+            end = lane.plan(now, self.coeffs)
+        self.push(end, i, li, lane.version)
+
+    def take(self, i: int, lane: Lane, room: int) -> tuple[list, int]:
+        """Pop queued prompts FCFS while the budget `room` and the KV pool allow."""
+        q, inp, out, taken, tot = self.queue[i], self.inp, self.out, [], 0
+        while q and lane.B + len(taken) < self.maxb:
+            r = q[0]
+            if taken and tot + inp[r] > room and not self.chunked:
+                break
+            if self.kv[i] + inp[r] + out[r] > self.cap or (self.chunked and tot >= room):
+                break
+            q.popleft()
+            self.kv[i] += inp[r] + out[r]
+            taken.append(r)
+            tot += inp[r]
+        return taken, tot
+
+    def prefill(self, i: int, lane: Lane, now: float) -> float | None:
+        batch, tot = self.take(i, lane, self.budget)
+        if not batch:
+            return None
+        a, b, c = self.pf
+        lane.batch, lane.state = batch, 2
+        lane.version += 1
+        lane.t0, lane.p = now, a + b * tot + c * sum(self.inp[r] ** 2 for r in batch)
+        if len(self.lanes[i]) > 1:
+            self.contend(i, lane, lane.p / len(self.lanes[i]))
+        return now + lane.p
+
+    def contend(self, i: int, owner: Lane, delay: float) -> None:
+        """A prompt holds each pipeline stage for its share of the time: the other lanes'
+        running iterations wait that long at the stage it occupies."""
+        for li, lane in enumerate(self.lanes[i]):
+            if lane is owner or lane.state == 0:
+                continue
+            lane.t0 += delay
+            lane.version += 1
+            self.push(lane.t0 + (lane.seg_time(lane.k) if lane.state == 1 else lane.p), i, li, lane.version)
+
+    def mixed(self, i: int, lane: Lane, now: float) -> float | None:
+        """One chunked-prefill iteration: the batch's decode tokens plus prompt chunks."""
+        room = self.budget - lane.B
+        chunks = [lane.partial] if lane.partial is not None else []
+        lane.partial = None
+        used = sum(self.inp[r] - y for r, y in chunks)
+        if room > used:
+            new, _ = self.take(i, lane, room - used)
+            chunks += [[r, 0] for r in new]
+        if not chunks or room <= 0:
+            if chunks:
+                lane.partial = chunks[0]
+            return None
+        pa, pb, pc = self.pf
+        t, left = pa, room
+        for r, y in chunks:
+            x = min(self.inp[r] - y, left)
+            if x <= 0:
+                lane.partial = [r, y]
+                break
+            left -= x
+            t += pb * x + pc * (x * x + 2 * x * y)
+            if y + x < self.inp[r]:
+                lane.partial = [r, y + x]
+            else:
+                lane.batch.append(r)
+        if lane.B:
+            da, db, dc = self.coeffs(lane.B)
+            t += max(0.0, da - pa) + db * (lane.base + lane.B * lane.step) + dc * lane.B
+        lane.s0, lane.k, lane.state = lane.step, 1 if lane.B else 0, 3
+        lane.version += 1
+        return now + t

@@ -1,0 +1,170 @@
+"""Latency model of an instance: the time of a prefill batch and of a decode step.
+
+Fitted forms of the DistServe artifact, in milliseconds, per (model, TP):
+  prefill_ms = a + b * sum(len) + c * sum(len^2)
+  decode_ms  = a + b * sum(context_len + 1) + c * batch   ("smallbs" below the threshold,
+                                                             "largebs" from it on)
+With PP stages p, a prefill batch spends prefill_ms / p + PP_STAGE_MS * p in each stage, and a
+decode micro-batch decode_ms / p per stage (so decode_ms through the whole pipeline).
+Profiles load from the artifact's JSON schema as is: {model: {tp: entry}}; top-level keys that
+start with "_" hold metadata. A (model, TP) without a profile gets a calibrated roofline
+(distserve.planner.roofline). Pure Python: never imports torch.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+BUILTIN_PROFILES = {  # name -> file; "vllm" is the artifact's fit of the colocated baseline
+    "distserve": os.path.join(DATA, "profiler-a100-80g.distserve.json"),
+    "vllm": os.path.join(DATA, "profiler-a100-80g.vllm.json"),
+}
+THRESHOLD = 95      # the artifact's decode batch size where "largebs" coefficients take over
+PP_STAGE_MS = 1.0   # per-stage pipeline constant of the artifact's prefill model (provisional)
+
+
+@dataclass(frozen=True)
+class ProfileEntry:
+    """One (model, TP) of a profile: three [a, b, c] triples in milliseconds."""
+    prefill: tuple[float, float, float]
+    decode_small: tuple[float, float, float]
+    decode_large: tuple[float, float, float]
+    threshold: int = THRESHOLD
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ProfileEntry":
+        try:
+            return cls(tuple(map(float, d["prefill"])), tuple(map(float, d["decoding_smallbs"])),
+                       tuple(map(float, d["decoding_largebs"])),
+                       int(d.get("decoding_large_small_bs_threshold", THRESHOLD)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"bad profile entry {d!r}: need prefill, decoding_smallbs and "
+                             f"decoding_largebs as [a, b, c] ({e})") from None
+
+    def to_dict(self) -> dict:
+        return {"decoding_large_small_bs_threshold": self.threshold, "prefill": list(self.prefill),
+                "decoding_smallbs": list(self.decode_small), "decoding_largebs": list(self.decode_large)}
+
+    def prefill_ms(self, lens) -> float:
+        a, b, c = self.prefill
+        lens = np.asarray(lens, dtype=float)
+        return a + b * lens.sum() + c * (lens * lens).sum()
+
+    def decode_ms(self, context_lens) -> float:
+        """One decode step of a batch whose requests hold `context_lens` tokens before it."""
+        ctx = np.asarray(context_lens, dtype=float)
+        a, b, c = self.decode_small if ctx.size < self.threshold else self.decode_large
+        return a + b * (ctx + 1).sum() + c * ctx.size
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A latency profile file: {model name: {tp: ProfileEntry}} plus free-form metadata."""
+    entries: dict
+    meta: dict
+
+    @classmethod
+    def load(cls, path: str) -> "Profile":
+        path = BUILTIN_PROFILES.get(path, path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"latency profile {path!r} not found; give a JSON file in the "
+                                    f"DistServe artifact's schema or one of: {', '.join(BUILTIN_PROFILES)}")
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+        profile = cls.from_dict(raw)
+        profile.meta["_path"] = path   # the roofline calibrates on the same profile
+        return profile
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Profile":
+        if not isinstance(raw, dict):
+            raise ValueError("a latency profile is a JSON object {model: {tp: entry}}")
+        entries = {m.lower(): {int(tp): ProfileEntry.from_dict(e) for tp, e in tps.items()}
+                   for m, tps in raw.items() if not m.startswith("_")}
+        return cls(entries, {k: v for k, v in raw.items() if k.startswith("_")})
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in self.meta.items() if k != "_path"}
+        for m, tps in self.entries.items():
+            out[m] = {str(tp): e.to_dict() for tp, e in sorted(tps.items())}
+        return out
+
+    def save(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    def get(self, model: str, tp: int) -> ProfileEntry | None:
+        return self.entries.get(model.lower(), {}).get(tp)
+
+    @property
+    def hardware(self) -> str:
+        return self.meta.get("_hardware", "a100-80g")
+
+
+@functools.lru_cache(maxsize=16)
+def load_profile(path: str) -> Profile:
+    return Profile.load(path)
+
+
+@dataclass(frozen=True)
+class InstanceLatency:
+    """The latency model of one instance: an entry for its TP degree, and its PP degree.
+    Times in seconds; `source` says where the coefficients came from (profile or roofline)."""
+    entry: ProfileEntry
+    tp: int = 1
+    pp: int = 1
+    source: str = "profile"
+
+    def prefill_stage(self, sum_len: float, sum_sq: float) -> float:
+        """Seconds a prefill batch spends in each pipeline stage."""
+        a, b, c = self.entry.prefill
+        return ((a + b * sum_len + c * sum_sq) / self.pp + (PP_STAGE_MS * self.pp if self.pp > 1 else 0.0)) * 1e-3
+
+    def prefill(self, lens) -> float:
+        """Seconds from the start of a prefill batch to its first tokens (all stages)."""
+        lens = np.asarray(lens, dtype=float)
+        return self.pp * self.prefill_stage(lens.sum(), (lens * lens).sum())
+
+    def decode_coeffs(self, batch: int) -> tuple[float, float, float]:
+        """(a, b, c) in seconds of one decode step through every stage:
+        a + b * sum(context + 1) + c * batch."""
+        e = self.entry
+        a, b, c = e.decode_small if batch < e.threshold else e.decode_large
+        return a * 1e-3, b * 1e-3, c * 1e-3
+
+    def decode(self, context_lens) -> float:
+        ctx = np.asarray(context_lens, dtype=float)
+        a, b, c = self.decode_coeffs(ctx.size)
+        return a + b * (ctx + 1).sum() + c * ctx.size
+
+
+def instance_latency(model, tp: int, pp: int = 1, profile: str | Profile | None = "distserve",
+                     hardware=None) -> InstanceLatency:
+    """The latency of an instance of `model` (a ModelSpec) with TP `tp` and PP `pp`: the
+    profile's entry when it has one, else the roofline calibrated on that profile."""
+    if isinstance(profile, str):
+        profile = load_profile(profile)
+    entry = profile.get(model.name, tp) if profile is not None else None
+    if entry is not None and (hardware is None or hardware.name == profile.hardware):
+        return InstanceLatency(entry, tp, pp, "profile")
+    from distserve.planner.hardware import get_hardware
+    from distserve.planner.roofline import roofline_entry
+    hw = hardware or get_hardware(profile.hardware if profile is not None else "a100-80g")
+    return InstanceLatency(roofline_entry(model, hw, tp, profile), tp, pp, "roofline")
+
+
+def fit_prefill(lens_batches, times_ms) -> tuple[float, float, float]:
+    """Least-squares [a, b, c] of prefill_ms = a + b*sum(len) + c*sum(len^2)."""
+    x = np.array([[1.0, float(np.sum(b)), float(np.sum(np.square(b, dtype=float)))] for b in lens_batches])
+    return tuple(float(v) for v in np.linalg.lstsq(x, np.asarray(times_ms, float), rcond=None)[0])
+
+
+def fit_decode(batches, times_ms) -> tuple[float, float, float]:
+    """Least-squares [a, b, c] of decode_ms = a + b*sum(ctx+1) + c*batch over context lists."""
+    x = np.array([[1.0, float(np.sum(np.asarray(c) + 1)), float(len(c))] for c in batches])
+    return tuple(float(v) for v in np.linalg.lstsq(x, np.asarray(times_ms, float), rcond=None)[0])

@@ -1,0 +1,113 @@
+"""From a problem (model, cluster, workload, SLOs) to a plan: search, replicate to the target
+rate or the cluster, place on nodes, confirm by simulating the whole deployment over several
+seeds, and compare with the best colocated deployment. Bad problems end in a ValueError whose
+message says what to change, never in a traceback from deep inside the search.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+from distserve.planner.memory import check_parallelism
+from distserve.planner.plan import PhasePlan, Plan, place, same_node
+from distserve.planner.search import (Candidate, Problem, confirm, confirm_colocated,
+                                      search_colocated, search_high, search_low)
+
+ALGORITHMS = ("low", "high")
+
+
+def _no_fit_message(p: Problem) -> str:
+    why = check_parallelism(p.model, p.hw, 1, 1, p.min_kv_tokens)
+    total = p.cluster.num_gpus
+    return (f"{p.model.name} fits no (TP, PP) on {total} x {p.hw.name} "
+            f"({p.cluster.nodes} node(s) of {p.cluster.gpus_per_node}): weights "
+            f"{p.model.weight_bytes / 1e9:.0f} GB plus a KV pool of {p.min_kv_tokens} tokens "
+            f"({why}); use more GPUs per node, more nodes, or a bigger accelerator")
+
+
+def _no_goodput_message(p: Problem) -> str:
+    fastest = p.instance(*max(p.parallelisms(p.cluster.num_gpus, p.cluster.gpus_per_node)))
+    ins, _ = p.lengths.sample(2000, __import__("numpy").random.default_rng(0))
+    t = fastest.latency.prefill([float(sorted(ins)[int(0.9 * len(ins))])])
+    return (f"no deployment meets TTFT {p.slo.ttft * 1e3:.0f} ms and TPOT {p.slo.tpot * 1e3:.0f} ms "
+            f"for {p.slo.target:.0%} of requests, even at a trickle of requests (alone, a P90 prompt "
+            f"takes {t * 1e3:.0f} ms to prefill with TP {fastest.latency.tp}); loosen the SLOs")
+
+
+def verdict(plan_per_gpu: float, colocated_per_gpu: float, colocated: dict) -> str:
+    where = f"TP {colocated['tp']}, PP {colocated['pp']}"
+    if colocated_per_gpu <= 0:
+        return f"disaggregate: colocated ({where}) meets the SLOs at no rate"
+    ratio = plan_per_gpu / colocated_per_gpu
+    if ratio >= 1.05:
+        return (f"disaggregate: {ratio:.2f}x the per-GPU goodput of the best colocated deployment "
+                f"({where}, {colocated_per_gpu:.3g} req/s per GPU)")
+    if ratio <= 0.95:
+        return (f"stay colocated: {where} gives {1 / ratio:.2f}x the per-GPU goodput of "
+                f"disaggregation ({colocated_per_gpu:.3g} vs {plan_per_gpu:.3g} req/s per GPU)")
+    return f"either: disaggregation is within 5% of colocated ({where}), ratio {ratio:.2f}"
+
+
+def _replicas(p: Problem, best: Candidate, algorithm: str) -> int:
+    c = p.cluster
+    if algorithm == "low":
+        seg_gpus = best.num_gpus // best.segments
+        slots = c.nodes * (c.gpus_per_node // seg_gpus) // best.segments
+    else:
+        slots = c.num_gpus // best.num_gpus
+    if p.rate is None:
+        return max(1, slots)
+    k = math.ceil(p.rate / best.goodput) if algorithm == "low" else 1
+    if k > max(slots, 1) or best.num_gpus * k > c.num_gpus:
+        raise ValueError(f"reaching {p.rate} req/s needs {k * best.num_gpus} GPUs "
+                         f"({best.goodput:.3g} req/s per {best.num_gpus}-GPU unit); the cluster has "
+                         f"{c.num_gpus}")
+    return k
+
+
+def make_plan(p: Problem, algorithm: str = "low", workload: str = "", compare: bool = True,
+              progress=lambda msg: None) -> Plan:
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose low or high (node affinity)")
+    if not p.parallelisms(p.cluster.num_gpus, p.cluster.gpus_per_node):
+        raise ValueError(_no_fit_message(p))
+    start = time.perf_counter()
+    progress(f"searching ({algorithm} node affinity, {p.workers} worker(s)) ...")
+    best, table = (search_low if algorithm == "low" else search_high)(p)
+    if best is None:
+        raise ValueError(f"no prefill and decode segment pair of {p.model.name} fits one node of "
+                         f"{p.cluster.gpus_per_node} x {p.hw.name}; try --algorithm high or bigger nodes")
+    if not best.goodput:
+        raise ValueError(_no_goodput_message(p))
+    k = _replicas(p, best, algorithm)
+    prefill = PhasePlan(best.prefill[0], best.prefill[1], best.num_prefill * k, p.max_prefill_tokens)
+    decode = PhasePlan(best.decode[0], best.decode[1], best.num_decode * k)
+    c = p.cluster
+    placement = place(c.nodes, c.gpus_per_node, prefill, decode, best.segments, algorithm == "low")
+    link = c.hardware.link_bandwidth if algorithm == "low" or same_node(placement) else c.cross_node_bandwidth
+    search_seconds = time.perf_counter() - start
+    progress(f"search done in {search_seconds:.1f} s; simulating the plan over {len(p.seeds)} seed(s) ...")
+    whole = Candidate(best.prefill, best.decode, best.segments, prefill.instances, decode.instances,
+                      goodput=best.goodput * k)
+    g = confirm(p, whole, link)
+    gpus = prefill.num_gpus + decode.num_gpus
+    colocated, text = None, ""
+    if compare:
+        progress("searching the colocated alternative ...")
+        where, _, ctable = search_colocated(p)
+        if where is not None:
+            cg = confirm_colocated(p, *where)
+            per_gpu = cg.rate / (where[0] * where[1])
+            colocated = {"tp": where[0], "pp": where[1], "goodput_per_gpu": per_gpu,
+                         "spread": cg.spread / (where[0] * where[1]), "chunked_prefill": p.chunked,
+                         "profile": p.colocated_profile or p.profile, "candidates": ctable}
+            text = verdict(g.rate / gpus, per_gpu, colocated)
+    lat_p, lat_d = p.instance(*best.prefill).latency, p.instance(*best.decode).latency
+    return Plan(
+        model=p.model.name, hardware=c.hardware.name, nodes=c.nodes, gpus_per_node=c.gpus_per_node,
+        workload=workload, ttft_slo=p.slo.ttft, tpot_slo=p.slo.tpot, attainment_target=p.slo.target,
+        algorithm=algorithm, prefill=prefill, decode=decode, goodput=g.rate,
+        goodput_per_gpu=g.rate / gpus, goodput_spread=g.spread / gpus, placement=placement,
+        colocated=colocated, verdict=text, candidates=table,
+        latency_source={"prefill": lat_p.source, "decode": lat_d.source, "profile": p.profile},
+        search_seconds=round(search_seconds, 3))

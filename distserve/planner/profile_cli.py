@@ -1,0 +1,108 @@
+"""`distserve profile [MODEL]`: measure our engine on this device, fit the artifact's forms,
+write a profile JSON in the artifact's schema and show the fit error.
+
+The measuring half (distserve.planner.profile_engine) imports torch, so it is imported only
+inside the handler; registering the command costs nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from distserve.planner.latency import ProfileEntry, fit_decode, fit_prefill
+
+DEFAULT_PREFILL_LENS = "16,32,64,128,256,512,1024"
+DEFAULT_BATCHES = "1,2,4,8,16,32,64,96,128"
+DEFAULT_CONTEXTS = "64,256,1024"
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} needs integers >= 1, got {text!r}")
+    return values
+
+
+def register(sub) -> None:
+    p = sub.add_parser("profile", help="measure this device's prefill and decode times, fit a "
+                       "latency profile (the DistServe artifact's schema)")
+    p.add_argument("model", nargs="?", default=None, help="HF folder or .gguf (default: built-in SmolLM2)")
+    p.add_argument("-o", "--output", default="profile.json", help="profile JSON to write (merged "
+                   "into the file when it exists)")
+    p.add_argument("--name", default=None, help="model key in the profile (default: the model's name)")
+    p.add_argument("--hardware-name", default=None, help="the _hardware tag (default: from the device)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if present)")
+    p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument("--prefill-lens", default=DEFAULT_PREFILL_LENS, help="prompt lengths to time")
+    p.add_argument("--prefill-batches", default="1,2,4", help="prompts per prefill batch")
+    p.add_argument("--max-prefill-tokens", type=int, default=4096, help="skip bigger prefill batches")
+    p.add_argument("--batch-sizes", default=DEFAULT_BATCHES, help="decode batch sizes to time")
+    p.add_argument("--context-lens", default=DEFAULT_CONTEXTS, help="decode context lengths to time")
+    p.add_argument("--max-decode-tokens", type=int, default=65536, help="skip bigger decode batches "
+                   "(batch x context)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per shape (median kept)")
+    p.add_argument("--json", action="store_true", help="print the written profile as JSON")
+    p.set_defaults(func=run_profile)
+
+
+def fit_entry(prefill: list[tuple[list[int], float]], decode: list[tuple[list[int], float]],
+              threshold: int = 95) -> tuple[ProfileEntry, dict]:
+    """Fit the three forms on measurements [(lengths, ms)] and report their relative errors."""
+    if len(prefill) < 3 or len(decode) < 3:
+        raise ValueError("need at least 3 prefill and 3 decode measurements to fit")
+    pf = fit_prefill([x for x, _ in prefill], [t for _, t in prefill])
+    small = [(c, t) for c, t in decode if len(c) < threshold]
+    large = [(c, t) for c, t in decode if len(c) >= threshold]
+    ds = fit_decode([c for c, _ in small], [t for _, t in small]) if len(small) >= 3 else None
+    dl = fit_decode([c for c, _ in large], [t for _, t in large]) if len(large) >= 3 else None
+    ds, dl = ds or dl, dl or ds
+    if ds is None:
+        raise ValueError("need at least 3 decode measurements on one side of the batch threshold")
+    entry = ProfileEntry(pf, ds, dl, threshold)
+    errors = {"prefill": [abs(entry.prefill_ms(x) / t - 1) for x, t in prefill],
+              "decode": [abs(entry.decode_ms(c) / t - 1) for c, t in decode]}
+    return entry, {k: {"mean": sum(v) / len(v), "max": max(v)} for k, v in errors.items()}
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    lens = _ints(args.prefill_lens, "--prefill-lens")
+    pbatches = _ints(args.prefill_batches, "--prefill-batches")
+    batches = _ints(args.batch_sizes, "--batch-sizes")
+    contexts = _ints(args.context_lens, "--context-lens")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    from distserve.planner.profile_engine import measure   # torch from here on
+    m = measure(args.model, args.dtype, args.device, args.num_threads,
+                [[n] * k for n in lens for k in pbatches if n * k <= args.max_prefill_tokens],
+                [(b, c) for b in batches for c in contexts if b * c <= args.max_decode_tokens],
+                args.repeats, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    entry, errors = fit_entry(m["prefill"], m["decode"])
+    name = args.name or m["model"]
+    try:
+        with open(args.output, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        doc = {}
+    doc["_hardware"] = args.hardware_name or m["hardware"]
+    doc["_device"] = m["device"]
+    doc.setdefault("_fit_error", {})[name] = errors
+    doc.setdefault("_measurements", {})[name] = {"prefill": m["prefill"], "decode": m["decode"]}
+    doc.setdefault(name, {})["1"] = entry.to_dict()
+    with open(args.output, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"profile of {name} on {m['device']} written to {args.output} (tag {doc['_hardware']})")
+    print(f"  prefill_ms = {entry.prefill[0]:.4g} + {entry.prefill[1]:.4g} * sum(len) + "
+          f"{entry.prefill[2]:.4g} * sum(len^2)")
+    for label, c in (("decode (batch < 95)", entry.decode_small), ("decode (batch >= 95)", entry.decode_large)):
+        print(f"  {label}: {c[0]:.4g} + {c[1]:.4g} * sum(ctx + 1) + {c[2]:.4g} * batch")
+    for phase, e in errors.items():
+        print(f"  fit error {phase}: mean {e['mean']:.1%}, max {e['max']:.1%}")
+    return 0

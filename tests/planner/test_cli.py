@@ -1,0 +1,108 @@
+"""`plan`, `simulate` and `profile` from the command line: documents, files and clear errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from distserve.planner.cli import main
+from distserve.planner.plan import Plan
+from distserve.planner.profile_cli import fit_entry
+
+SHARED = "/work/shared/reference/a100-profiles/profiler-a100-80g.distserve.json"
+FAST = ["--num-requests", "300", "--seeds", "2", "--workers", "1"]
+
+
+def test_the_issue_example(capsys, tmp_path):
+    profile = SHARED if os.path.exists(SHARED) else "distserve"
+    out = tmp_path / "plan.yaml"
+    rc = main(["plan", "--model", "facebook/opt-13b", "--hardware", "a100-80g", "--latency-profile", profile,
+               "--workload", "sharegpt", "--ttft-slo", "0.2", "--tpot-slo", "0.1", "--nodes", "1",
+               "--gpus-per-node", "4", "--algorithm", "low", "--json", "-o", str(out), *FAST])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    for key in ("prefill", "decode", "goodput_per_gpu", "num_gpus", "placement", "candidates", "verdict"):
+        assert key in doc
+    assert doc["prefill"]["tp"] == 2 and doc["num_gpus"] <= 4 and doc["goodput_per_gpu"] > 0
+    assert Plan.load(str(out)).to_dict() == doc
+
+
+def test_plan_text_report(capsys):
+    assert main(["plan", "--model", "opt-13b", "--ttft-slo", "0.25", "--tpot-slo", "0.1",
+                 "--gpus-per-node", "4", "--colocated-profile", "vllm", *FAST]) == 0
+    text = capsys.readouterr().out
+    assert "predicted goodput" in text and "verdict:" in text and "Candidates considered" in text
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "gpt-9"], "known models: facebook/opt-13b"),
+    (["--model", "opt-13b", "--hardware", "tpu"], "known hardware: a100-80g"),
+    (["--model", "opt-175b", "--gpus-per-node", "2"], "fits no (TP, PP)"),
+    (["--model", "opt-13b", "--ttft-slo", "0.005"], "loosen the SLOs"),
+    (["--model", "opt-13b", "--workload", "nope"], "unknown workload"),
+    (["--model", "opt-13b", "--latency-profile", "/nonexistent.json"], "not found"),
+])
+def test_bad_input_is_one_clear_line(capsys, argv, message):
+    args = ["plan", "--ttft-slo", "0.2", "--tpot-slo", "0.1", *FAST, *argv]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_simulate_rates_goodput_and_a_plan(capsys, tmp_path):
+    assert main(["simulate", "--model", "opt-13b", "--ttft-slo", "0.2", "--tpot-slo", "0.1",
+                 "--prefill-tp", "2", "--rate", "2", "6", "--goodput", "--json",
+                 "--per-request", str(tmp_path / "r.csv"), *FAST]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    rows = (tmp_path / "r.csv").read_text().splitlines()
+    assert rows[0] == "arrival,input_len,output_len,ttft,tpot" and len(rows) == 301
+    assert doc["rates"][0]["attainment"] > doc["rates"][1]["attainment"]
+    assert doc["num_gpus"] == 3 and doc["goodput"]["per_gpu"] > 0
+    assert main(["simulate", "--model", "opt-13b", "--ttft-slo", "0.25", "--tpot-slo", "0.1", "--mode",
+                 "colocated", "--latency-profile", "vllm", "--chunked-prefill", "--rate", "1", *FAST]) == 0
+    assert "attainment" in capsys.readouterr().out
+    plan = tmp_path / "p.json"
+    assert main(["plan", "--model", "opt-13b", "--ttft-slo", "0.2", "--tpot-slo", "0.1", "--gpus-per-node", "4",
+                 "--no-compare", "-o", str(plan), *FAST]) == 0
+    capsys.readouterr()
+    assert main(["simulate", "--model", "opt-13b", "--ttft-slo", "0.2", "--tpot-slo", "0.1", "--plan",
+                 str(plan), "--rate", "1", "--json", *FAST]) == 0
+    assert json.loads(capsys.readouterr().out)["num_gpus"] == Plan.load(str(plan)).num_gpus
+    assert main(["simulate", "--model", "opt-13b", "--ttft-slo", "0.2", "--tpot-slo", "0.1", *FAST]) == 2
+    assert "--rate" in capsys.readouterr().err
+
+
+def test_planner_imports_no_torch():
+    code = ("import distserve.planner.cli, distserve.planner.planning, distserve.planner.report, "
+            "distserve.planner.roofline, distserve.planner.profile_cli; "
+            "from distserve.planner.cli import main; import sys; "
+            "assert main(['plan', '--model', 'opt-13b', '--ttft-slo', '0.2', '--tpot-slo', '0.1', "
+            "'--gpus-per-node', '2', '--num-requests', '100', '--seeds', '1', '--workers', '1', "
+            "'--no-compare', '--json']) == 0; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
+
+
+def test_profile_fit_and_its_error():
+    prefill = [([n] * k, 5 + 0.02 * n * k + 1e-5 * k * n * n) for n in (16, 64, 256) for k in (1, 2)]
+    decode = [([c] * b, 4 + 1e-4 * b * (c + 1) + 0.03 * b) for b in (1, 8, 32, 96, 128, 160) for c in (64, 512)]
+    entry, errors = fit_entry(prefill, decode)
+    assert entry.prefill == pytest.approx((5, 0.02, 1e-5), rel=1e-6)
+    assert entry.decode_small == pytest.approx((4, 1e-4, 0.03), rel=1e-6)
+    assert errors["prefill"]["max"] < 1e-9 and errors["decode"]["max"] < 1e-9
+    with pytest.raises(ValueError, match="at least 3"):
+        fit_entry(prefill[:2], decode)
+
+
+@pytest.mark.slow
+def test_profile_measures_the_engine(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "prof.json"
+    assert main(["profile", str(tiny_llama), "-o", str(out), "--device", "cpu", "--dtype", "float32",
+                 "--prefill-lens", "8,16,32", "--prefill-batches", "1,2", "--batch-sizes", "1,2,4",
+                 "--context-lens", "8,32", "--repeats", "1", "--name", "tiny"]) == 0
+    assert "fit error" in capsys.readouterr().out
+    doc = json.load(open(out))
+    assert doc["_hardware"] == "cpu" and set(doc["tiny"]["1"]) >= {"prefill", "decoding_smallbs"}
+    from distserve.planner.latency import Profile
+    assert Profile.load(str(out)).get("tiny", 1) is not None

@@ -1,0 +1,116 @@
+"""The search never breaks a constraint; plans place, round-trip and become serve's deployment."""
+import pytest
+
+from distserve.planner.goodput import SLO
+from distserve.planner.hardware import Cluster, get_hardware
+from distserve.planner.memory import kv_capacity_tokens
+from distserve.planner.models import get_model
+from distserve.planner.plan import PhasePlan, Plan, place
+from distserve.planner.planning import make_plan
+from distserve.planner.search import Problem
+
+CASES = [  # model, nodes, GPUs per node, algorithm, workload, TTFT, TPOT
+    ("facebook/opt-13b", 1, 4, "low", "sharegpt", 0.25, 0.1),
+    ("facebook/opt-13b", 1, 4, "high", "sharegpt", 0.25, 0.1),
+    ("facebook/opt-66b", 2, 8, "low", "humaneval", 0.125, 0.2),
+    ("facebook/opt-66b", 1, 8, "high", "longbench", 15.0, 0.15),
+    ("meta-llama/Llama-2-70b-hf", 1, 8, "low", "sharegpt", 1.0, 0.1),
+    ("Qwen/Qwen2.5-7B", 2, 4, "high", "fixed:512:64", 0.5, 0.05),
+]
+
+
+def problem(model, nodes, gpn, workload="sharegpt", ttft=0.25, tpot=0.1, **kw):
+    from distserve.planner.workload import Lengths
+    kw.setdefault("requests", 300)
+    kw.setdefault("seeds", (0,))
+    kw.setdefault("workers", 1)
+    return Problem(get_model(model), Cluster(get_hardware("a100-80g"), nodes, gpn), Lengths(workload),
+                   SLO(ttft, tpot), **kw)
+
+
+@pytest.mark.parametrize("model,nodes,gpn,algorithm,workload,ttft,tpot", CASES)
+def test_plans_respect_every_constraint(model, nodes, gpn, algorithm, workload, ttft, tpot):
+    p = problem(model, nodes, gpn, workload, ttft, tpot, colocated_profile="vllm")
+    plan = make_plan(p, algorithm, workload)
+    m, hw = p.model, p.hw
+    for ph in (plan.prefill, plan.decode):
+        assert m.heads % ph.tp == 0 and m.layers % ph.pp == 0 and ph.tp <= gpn
+        assert kv_capacity_tokens(m, hw, ph.tp, ph.pp) >= p.min_kv_tokens
+    assert plan.num_gpus <= nodes * gpn and plan.goodput_per_gpu > 0
+    used = [(x["node"], g) for x in plan.placement for g in x["gpus"]]
+    assert len(used) == len(set(used)) == plan.num_gpus              # no GPU twice
+    for x in plan.placement:
+        phase = plan.prefill if x["instance"].startswith("prefill") else plan.decode
+        assert len(x["gpus"]) == phase.tp                              # a TP group in one node
+    if algorithm == "low":                                             # pairs share their nodes
+        for u in range(plan.prefill.instances):
+            assert _nodes_of(plan, f"prefill-{u}") == _nodes_of(plan, f"decode-{u}")
+    assert plan.verdict and plan.colocated is not None and plan.candidates
+
+
+def _nodes_of(plan, name):
+    return {x["node"] for x in plan.placement if x["instance"] == name}
+
+
+def test_target_rate_sets_the_instance_counts():
+    p = problem("facebook/opt-13b", 1, 8, rate=8.0, requests=200)
+    plan = make_plan(p, "high", compare=False)
+    assert plan.goodput >= 8.0 * 0.8   # the joint simulation may land a little under the phase bound
+    small = make_plan(problem("facebook/opt-13b", 1, 8, rate=2.0, requests=200), "high", compare=False)
+    assert small.num_gpus < plan.num_gpus
+
+
+def test_impossible_problems_say_why():
+    with pytest.raises(ValueError, match="fits no .TP, PP. on 1 x a100-80g"):
+        make_plan(problem("facebook/opt-175b", 1, 1))
+    with pytest.raises(ValueError, match="loosen the SLOs"):
+        make_plan(problem("facebook/opt-13b", 1, 4, ttft=0.01, tpot=0.1), compare=False)
+    with pytest.raises(ValueError, match="needs .* GPUs"):
+        make_plan(problem("facebook/opt-13b", 1, 4, rate=500.0), "low", compare=False)
+
+
+def test_placement_low_affinity_keeps_stage_pairs_together():
+    out = place(3, 8, PhasePlan(3, 3, 1), PhasePlan(4, 3, 1), segments=3, paired=True)
+    for stage in range(3):
+        nodes = {x["node"] for x in out if x["stage"] == stage}
+        assert len(nodes) == 1
+    assert len({x["node"] for x in out}) == 3
+    with pytest.raises(ValueError, match="cannot hold"):
+        place(1, 4, PhasePlan(4, 1, 1), PhasePlan(1, 1, 1))
+
+
+def _plan() -> Plan:
+    return Plan("facebook/opt-13b", "a100-80g", 1, 4, "sharegpt", 0.2, 0.1, 0.9, "low",
+                PhasePlan(2, 1, 1, max_batched_tokens=4096), PhasePlan(1, 1, 2, max_num_seqs=128),
+                5.0, 1.25, 0.05, place(1, 4, PhasePlan(2, 1, 1), PhasePlan(1, 1, 2)),
+                {"tp": 1, "pp": 1, "goodput_per_gpu": 0.5}, "disaggregate", [{"x": 1}])
+
+
+@pytest.mark.parametrize("suffix", ["yaml", "json"])
+def test_plan_file_round_trips(tmp_path, suffix):
+    plan = _plan()
+    path = tmp_path / f"plan.{suffix}"
+    plan.save(str(path))
+    again = Plan.load(str(path))
+    assert again == plan and again.num_gpus == 4 and again.to_dict()["num_gpus"] == 4
+    for key in ("prefill", "decode", "goodput_per_gpu", "num_gpus", "placement"):
+        assert key in again.to_dict()
+
+
+def test_bad_plan_files(tmp_path):
+    d = _plan().to_dict()
+    with pytest.raises(ValueError, match="unknown plan fields: bogus"):
+        Plan.from_dict({**d, "bogus": 1})
+    d.pop("decode")
+    with pytest.raises(ValueError, match="plan lacks: decode"):
+        Plan.from_dict(d)
+
+
+def test_plan_becomes_serves_deployment():
+    from distserve.config import EngineConfig
+    dep = _plan().to_deployment(EngineConfig(), pin_cpus=False)
+    roles = [s.role for s in dep.specs]
+    assert roles.count("prefill") == 1 and roles.count("decode") == 2
+    assert dep.prefill.max_num_batched_tokens == 4096 and dep.decode.max_num_seqs == 128
+    prefill_spec = next(s for s in dep.specs if s.role == "prefill")
+    assert prefill_spec.config.max_num_batched_tokens == 4096

@@ -1,0 +1,153 @@
+"""The simulator against closed forms (M/D/1), hand-computed cases, a step-by-step reference
+for the closed-form decode segments, and its speed."""
+import time
+
+import numpy as np
+import pytest
+
+from distserve.planner.colocated import Colocated
+from distserve.planner.latency import PP_STAGE_MS, InstanceLatency, ProfileEntry, instance_latency
+from distserve.planner.memory import kv_capacity_tokens
+from distserve.planner.hardware import get_hardware
+from distserve.planner.models import get_model
+from distserve.planner.search import _ZERO
+from distserve.planner.simulator import Disaggregated, InstanceConfig, simulate
+from distserve.planner.workload import Lengths, Trace, make_trace
+
+ENTRY = ProfileEntry((10.0, 0.1, 1e-4), (20.0, 0.01, 0.5), (30.0, 0.01, 0.2))
+
+
+def inst(pp=1, capacity=10 ** 9, entry=ENTRY, **kw):
+    return InstanceConfig(InstanceLatency(entry, 1, pp), capacity, **kw)
+
+
+def poisson_trace(n, rate, length, seed=0, out=1):
+    arr = np.cumsum(np.random.default_rng(seed).exponential(1 / rate, n))
+    return Trace(arr - arr[0], np.full(n, length), np.full(n, out))
+
+
+@pytest.mark.parametrize("rho", [0.3, 0.6, 0.8])
+def test_md1_ttft_one_instance(rho):
+    """One prefill instance, one fixed-length prompt at a time: avg TTFT = D + RD^2/(2(1-RD))."""
+    d_ms = 100.0
+    entry = ProfileEntry((d_ms, 0, 0), (1, 0, 0), (1, 0, 0))
+    dep = Disaggregated(inst(entry=entry, max_prefill_tokens=64), _ZERO)
+    D = d_ms * 1e-3
+    R = rho / D
+    means = [simulate(poisson_trace(40000, R, 64, seed), dep).ttft.mean() for seed in range(3)]
+    assert np.mean(means) == pytest.approx(D + R * D * D / (2 * (1 - R * D)), rel=0.03 if rho < 0.7 else 0.05)
+
+
+@pytest.mark.parametrize("rho", [0.3, 0.6])
+def test_md1_two_way_pipeline(rho):
+    """PP 2, each stage D/2: avg TTFT = D + RD^2 / (4(2 - RD)) (D includes the stage constants)."""
+    d_ms = 100.0
+    entry = ProfileEntry((d_ms, 0, 0), (1, 0, 0), (1, 0, 0))
+    dep = Disaggregated(inst(pp=2, entry=entry, max_prefill_tokens=64), _ZERO)
+    D = 2 * (d_ms / 2 + PP_STAGE_MS * 2) * 1e-3
+    R = rho / (D / 2)
+    ttft = simulate(poisson_trace(40000, R, 64), dep).ttft.mean()
+    assert ttft == pytest.approx(D + R * D * D / (4 * (2 - R * D)), rel=0.03)
+
+
+def test_md1_tensor_parallel_speedup():
+    """TP with speedup K: avg TTFT = D/K + RD^2 / (2K(K - RD)), i.e. M/D/1 with D/K."""
+    D, K, R = 0.1, 1.6, 10.0
+    entry = ProfileEntry((D / K * 1e3, 0, 0), (1, 0, 0), (1, 0, 0))
+    dep = Disaggregated(inst(entry=entry, max_prefill_tokens=64), _ZERO)
+    ttft = simulate(poisson_trace(40000, R, 64), dep).ttft.mean()
+    assert ttft == pytest.approx(D / K + R * D * D / (2 * K * (K - R * D)), rel=0.03)
+
+
+def test_one_request_by_hand():
+    """TTFT = prefill; TPOT = (KV transfer + the decode steps) / (output - 1)."""
+    tr = Trace(np.array([1.0]), np.array([100]), np.array([5]))
+    dep = Disaggregated(inst(), inst(), kv_bytes_per_token=1000, link_bandwidth=1e6)
+    r = simulate(tr, dep)
+    prefill = (10 + 0.1 * 100 + 1e-4 * 100 ** 2) * 1e-3
+    steps = sum((20 + 0.01 * (100 + g) + 0.5) * 1e-3 for g in range(1, 5))
+    assert r.ttft[0] == pytest.approx(prefill)
+    assert r.tpot[0] == pytest.approx((100 * 1000 / 1e6 + steps) / 4)
+    col = simulate(tr, Colocated(inst()))
+    assert col.ttft[0] == pytest.approx(prefill) and col.tpot[0] == pytest.approx(steps / 4)
+
+
+def naive_decode(arrivals, ctx, steps, coeffs):
+    """Reference: one decode step at a time; joiners enter at the next step boundary."""
+    t, i, running, finish = 0.0, 0, {}, {}
+    n = len(arrivals)
+    while i < n or running:
+        if not running and i < n:
+            t = max(t, arrivals[i])
+        while i < n and arrivals[i] <= t:
+            running[i] = [ctx[i] + 1, steps[i]]
+            i += 1
+        a, b, c = coeffs(len(running))
+        t += a + b * sum(v[0] for v in running.values()) + c * len(running)
+        for r in list(running):
+            running[r][0] += 1
+            running[r][1] -= 1
+            if running[r][1] == 0:
+                finish[r] = t
+                del running[r]
+    return np.array([finish[r] for r in range(n)])
+
+
+def test_closed_form_segments_match_step_by_step():
+    rng = np.random.default_rng(3)
+    n = 300
+    arr = np.sort(rng.uniform(0, 20, n))
+    ins, outs = rng.integers(10, 500, n), rng.integers(2, 120, n)
+    entry = ProfileEntry((0, 0, 0), (20.0, 0.01, 0.5), (30.0, 0.02, 0.2), threshold=8)
+    dep = Disaggregated(_ZERO, inst(entry=entry))
+    r = simulate(Trace(arr, ins, outs), dep)
+    def coeffs(b):
+        return tuple(x * 1e-3 for x in (entry.decode_small if b < 8 else entry.decode_large))
+    finish = naive_decode(list(arr), list(ins), list(outs - 1), coeffs)
+    np.testing.assert_allclose(r.ttft + arr + r.tpot * (outs - 1), finish, rtol=1e-9, atol=1e-9)
+
+
+def test_kv_capacity_limits_and_unservable_requests():
+    tr = Trace(np.array([0.0, 0.0, 0.0]), np.array([100, 100, 5000]), np.array([50, 50, 10]))
+    one_at_a_time = simulate(tr, Disaggregated(inst(), inst(capacity=160)))
+    assert not np.isfinite(one_at_a_time.ttft[2])            # 5010 tokens fit no decode instance
+    assert one_at_a_time.attainment(10, 10) == pytest.approx(2 / 3)
+    # the second request waits for the first to leave the decode instance: twice the TPOT
+    assert one_at_a_time.tpot[1] == pytest.approx(2 * one_at_a_time.tpot[0], rel=0.05)
+
+
+def test_prefill_first_pauses_decoding_and_chunked_prefill_spreads_prompts():
+    tr = Trace(np.array([0.0, 0.05]), np.array([100, 2000]), np.array([40, 2]))
+    first = simulate(tr, Colocated(inst()))
+    alone = simulate(Trace(tr.arrival[:1], tr.input_len[:1], tr.output_len[:1]), Colocated(inst()))
+    assert first.tpot[0] > alone.tpot[0]                    # the long prompt stalls the decode
+    chunked = simulate(tr, Colocated(inst(), chunked=True, chunk_tokens=256))
+    assert chunked.tpot[0] < first.tpot[0] and chunked.ttft[1] > first.ttft[1]
+
+
+def test_more_instances_serve_more():
+    lengths = Lengths("sharegpt")
+    m, hw = get_model("opt-13b"), get_hardware("a100-80g")
+    p = InstanceConfig(instance_latency(m, 2, 1), kv_capacity_tokens(m, hw, 2, 1))
+    d = InstanceConfig(instance_latency(m, 1, 1), kv_capacity_tokens(m, hw, 1, 1))
+    tr = make_trace(lengths, 2000, 12.0)
+    small = simulate(tr, Disaggregated(p, d, 1, 1, m.kv_bytes_per_token, 300e9)).attainment(0.2, 0.1)
+    big = simulate(tr, Disaggregated(p, d, 2, 3, m.kv_bytes_per_token, 300e9)).attainment(0.2, 0.1)
+    assert big > 0.9 > small
+
+
+def test_ten_thousand_requests_in_under_a_second():
+    m, hw = get_model("opt-13b"), get_hardware("a100-80g")
+    p = InstanceConfig(instance_latency(m, 2, 1), kv_capacity_tokens(m, hw, 2, 1))
+    d = InstanceConfig(instance_latency(m, 1, 1), kv_capacity_tokens(m, hw, 1, 1))
+    tr = make_trace(Lengths("sharegpt"), 10000, 5.0)
+    best = min(_timed(simulate, tr, Disaggregated(p, d, 1, 1, m.kv_bytes_per_token, 300e9)) for _ in range(3))
+    assert best < 1.0
+    vllm = InstanceConfig(instance_latency(m, 1, 1, "vllm"), kv_capacity_tokens(m, hw, 1, 1))
+    assert min(_timed(simulate, tr, Colocated(vllm)) for _ in range(3)) < 1.0
+
+
+def _timed(fn, *args):
+    t = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t
