@@ -34,6 +34,8 @@ def register(sub) -> None:
 
 def add_deployment_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("deployment (instance processes)")
+    g.add_argument("--plan", default=None, help="a plan file from `distserve plan` (YAML or "
+                   "JSON): deploys its prefill and decode instance counts and batching limits")
     g.add_argument("--mode", choices=["colocated", "disaggregated"], default=None,
                    help="default: disaggregated when --prefill/--decode-instances are given")
     g.add_argument("--instances", type=int, default=0,
@@ -59,6 +61,8 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
 def deployment_from_args(args: argparse.Namespace, config):
     """None for the in-process engine, else the Deployment the flags describe."""
     from distserve.cluster.deployment import Deployment, PhaseSettings
+    if args.plan:
+        return _deployment_from_plan(args, config)
     mode = args.mode or ("disaggregated" if args.prefill_instances or args.decode_instances
                          else "colocated")
     if mode == "colocated":
@@ -82,6 +86,21 @@ def deployment_from_args(args: argparse.Namespace, config):
                            kv_cache_memory_gib=args.decode_kv_cache_memory)
     return Deployment(config, "disaggregated", prefill=prefill, decode=decode,
                       transfer=args.transfer, pin_cpus=not args.no_pin_cpus)
+
+
+def _deployment_from_plan(args: argparse.Namespace, config):
+    from distserve.planner.plan import Plan
+    if args.prefill_instances or args.decode_instances or args.instances or args.mode:
+        raise ValueError("--plan sets the deployment; drop --mode/--instances/"
+                         "--prefill-instances/--decode-instances")
+    plan = Plan.load(args.plan)
+    for phase in ("prefill", "decode"):
+        p = getattr(plan, phase)
+        if p.tp * p.pp > 1:
+            print(f"note: the plan's {phase} instances use TP {p.tp} x PP {p.pp}; this engine "
+                  "runs each instance on one device, so they are deployed with one each",
+                  flush=True)
+    return plan.to_deployment(config, transfer=args.transfer, pin_cpus=not args.no_pin_cpus)
 
 
 def slo_from_args(args: argparse.Namespace):

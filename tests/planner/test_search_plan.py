@@ -114,3 +114,18 @@ def test_plan_becomes_serves_deployment():
     assert dep.prefill.max_num_batched_tokens == 4096 and dep.decode.max_num_seqs == 128
     prefill_spec = next(s for s in dep.specs if s.role == "prefill")
     assert prefill_spec.config.max_num_batched_tokens == 4096
+
+
+def test_serve_plan_flag_deploys_the_plan_file(tmp_path):
+    """`distserve serve --plan plan.yaml` reads the file into the deployment it starts."""
+    from distserve.cli import build_parser, engine_config_from_args
+    from distserve.server.cli import deployment_from_args
+    path = tmp_path / "plan.yaml"
+    _plan().save(str(path))
+    args = build_parser().parse_args(["serve", "--plan", str(path), "--no-pin-cpus", "--transfer", "tcp"])
+    dep = deployment_from_args(args, engine_config_from_args(args, None))
+    assert [s.role for s in dep.specs] == ["prefill", "decode", "decode"]
+    assert dep.transfer == "tcp" and dep.specs[0].config.max_num_batched_tokens == 4096
+    bad = build_parser().parse_args(["serve", "--plan", str(path), "--instances", "2"])
+    with pytest.raises(ValueError, match="--plan sets the deployment"):
+        deployment_from_args(bad, engine_config_from_args(bad, None))
