@@ -10,7 +10,6 @@ It implements the same EngineClient interface as AsyncEngine; it holds no tensor
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from distserve.cluster.local import InstanceSpec, LocalProcess
 from distserve.engine.async_engine import EngineDeadError, EngineStats, RequestStream
 from distserve.engine.outputs import RequestOutput
 from distserve.models.loader import load_tokenizer, locate_model
-from distserve.request import SamplingParams
+from distserve.request import SamplingParams, fit_to_context
 
 log = logging.getLogger(__name__)
 
@@ -147,22 +146,7 @@ class Controller:
 
     # ------------------------------------------------------------------ requests
     def check_request(self, ids: list[int], params: SamplingParams) -> SamplingParams:
-        n = len(ids)
-        if n == 0:
-            raise ValueError("the prompt is empty")
-        if n >= self.max_model_len:
-            raise ValueError(f"the prompt has {n} tokens; this server's context is "
-                             f"{self.max_model_len} tokens, including at least one generated")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
-        if params.max_tokens is None:
-            return dataclasses.replace(params, max_tokens=self.max_model_len - n)
-        if n + params.max_tokens > self.max_model_len:
-            raise ValueError(f"this server's context is {self.max_model_len} tokens, but "
-                             f"{n + params.max_tokens} were asked for ({n} in the prompt, "
-                             f"{params.max_tokens} to generate); lower max_tokens")
-        return params
+        return fit_to_context(ids, params, self.max_model_len, self.vocab_size)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str) -> RequestStream:

@@ -130,3 +130,28 @@ class Request:
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, prompt={self.num_prompt_tokens}, "
                 f"out={len(self.output_token_ids)}, {self.status.value})")
+
+
+def fit_to_context(prompt_token_ids: list[int], params: SamplingParams, max_model_len: int,
+                   vocab_size: int | None = None) -> SamplingParams:
+    """Refuses (ValueError) a request that can never run in a context of `max_model_len`
+    tokens; fills in max_tokens, when unset, with the room that is left."""
+    import dataclasses
+
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise ValueError("the prompt is empty")
+    if n >= max_model_len:
+        raise ValueError(f"the prompt has {n} tokens; this server's context is "
+                         f"{max_model_len} tokens, including at least one generated")
+    if vocab_size is not None:
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {vocab_size})")
+    if params.max_tokens is None:
+        return dataclasses.replace(params, max_tokens=max_model_len - n)
+    if n + params.max_tokens > max_model_len:
+        raise ValueError(f"this server's context is {max_model_len} tokens, but "
+                         f"{n + params.max_tokens} were asked for ({n} in the prompt, "
+                         f"{params.max_tokens} to generate); lower max_tokens")
+    return params

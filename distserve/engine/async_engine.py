@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import dataclasses
 import logging
 import queue
 import threading
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from distserve.engine.outputs import RequestOutput
-from distserve.request import SamplingParams
+from distserve.request import SamplingParams, fit_to_context
 
 log = logging.getLogger(__name__)
 
@@ -156,17 +155,7 @@ class AsyncEngine:
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
         """Raises ValueError for a request that can never run; fills in max_tokens if unset."""
         self.engine.check_prompt(prompt_ids)  # reads only fixed settings, safe off-thread
-        n = len(prompt_ids)
-        if n >= self.max_model_len:
-            raise ValueError(f"the prompt has {n} tokens; this server's context is "
-                             f"{self.max_model_len} tokens, including at least one generated")
-        if params.max_tokens is None:
-            return dataclasses.replace(params, max_tokens=self.max_model_len - n)
-        if n + params.max_tokens > self.max_model_len:
-            raise ValueError(f"this server's context is {self.max_model_len} tokens, but "
-                             f"{n + params.max_tokens} were asked for ({n} in the prompt, "
-                             f"{params.max_tokens} to generate); lower max_tokens")
-        return params
+        return fit_to_context(prompt_ids, params, self.max_model_len)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str) -> RequestStream:
