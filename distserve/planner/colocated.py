@@ -54,7 +54,8 @@ class _Colocated:
         m = c.num_instances
         self.queue = [deque() for _ in range(m)]
         self.kv, self.load = [0] * m, [0] * m
-        self.lanes = [[Lane() for _ in range(pp)] for _ in range(m)]
+        padded = inst.latency.entry.decode_context == "max"
+        self.lanes = [[Lane(padded) for _ in range(pp)] for _ in range(m)]
 
     def run(self):
         arr, inp, out, heap = self.arr, self.inp, self.out, self.heap
@@ -187,7 +188,7 @@ class _Colocated:
                 lane.batch.append(r)
         if lane.B:
             da, db, dc = self.coeffs(lane.B)
-            t += max(0.0, da - pa) + db * (lane.base + lane.B * lane.step) + dc * lane.B
+            t += max(0.0, da - pa) + db * lane.ctx_sum() + dc * lane.B
         lane.s0, lane.k, lane.state = lane.step, 1 if lane.B else 0, 3
         lane.version += 1
         return now + t

@@ -5,6 +5,8 @@ batch size and S = sum(context + 1) grows by B per step, so k steps take
   T(k) = k * (a + c * B + b * S0) + b * B * k * (k - 1) / 2
 and the simulator jumps a whole segment in one event instead of one event per token. A
 pipeline-parallel instance runs PP lanes (its micro-batches) that share the KV pool.
+A padded lane (an engine whose decode attention pads to the longest context) has
+S = B * (longest context + 1) instead, which also grows by B per step: same closed form.
 """
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ import math
 
 class Lane:
     __slots__ = ("members", "B", "base", "t0", "s0", "k", "p", "q", "version", "pending",
-                 "state", "step", "batch", "partial")
+                 "state", "step", "batch", "partial", "padded", "offs", "gone")
 
-    def __init__(self) -> None:
+    def __init__(self, padded: bool = False) -> None:
         self.members: list = []     # heap of (finish step, request)
         self.B = 0                  # requests in the batch
         self.base = 0               # S at step s is base + B * s
@@ -31,6 +33,9 @@ class Lane:
         self.step = 0               # lane step count (at the last boundary)
         self.batch: list = []       # colocated: prompts (or chunks) in the running iteration
         self.partial = None         # colocated, chunked: [request, tokens done] being prefilled
+        self.padded = padded        # S is B * (the longest member's ctx) instead of the sum
+        self.offs: list = []        # padded: max-heap (negated) of member offsets, lazily pruned
+        self.gone: dict = {}        # padded: offsets of members that left, not yet pruned
 
     @property
     def load(self) -> int:
@@ -60,14 +65,26 @@ class Lane:
         off = ctx - self.step
         self.base += off
         self.B += 1
+        if self.padded:
+            heapq.heappush(self.offs, -off)
         return off
+
+    def ctx_sum(self) -> int:
+        """The S term of the next step: sum of the members' ctx, or B * the longest if padded."""
+        if not self.padded:
+            return self.base + self.B * self.step
+        offs, gone = self.offs, self.gone
+        while offs and gone.get(-offs[0]):
+            gone[-offs[0]] -= 1
+            heapq.heappop(offs)
+        return self.B * (self.step - offs[0]) if offs else 0
 
     def plan(self, now: float, coeffs) -> float:
         """Start a decode segment at `now` up to the next finish; returns its end time."""
         a, b, c = coeffs(self.B)
         self.t0, self.s0, self.state = now, self.step, 1
         self.k = self.members[0][0] - self.step
-        self.p = a + c * self.B + b * (self.base + self.B * self.step)
+        self.p = a + c * self.B + b * self.ctx_sum()
         self.q = 0.5 * b * self.B
         self.version += 1
         return now + self.seg_time(self.k)
@@ -94,3 +111,5 @@ class Lane:
     def leave(self, off: int) -> None:
         self.base -= off
         self.B -= 1
+        if self.padded:
+            self.gone[off] = self.gone.get(off, 0) + 1

@@ -6,6 +6,10 @@ Fitted forms of the DistServe artifact, in milliseconds, per (model, TP):
                                                              "largebs" from it on)
 With PP stages p, a prefill batch spends prefill_ms / p + PP_STAGE_MS * p in each stage, and a
 decode micro-batch decode_ms / p per stage (so decode_ms through the whole pipeline).
+An engine whose decode attention pads every request to the batch's longest context (ours on
+CPU: one SDPA call over [batch, longest context]) pays for batch * (longest context + 1)
+instead of sum(context + 1): such an entry says "decoding_context": "max" (default "sum",
+the artifact's paged attention); `distserve profile` finds out which by timing mixed batches.
 Profiles load from the artifact's JSON schema as is: {model: {tp: entry}}; top-level keys that
 start with "_" hold metadata. A (model, TP) without a profile gets a calibrated roofline
 (distserve.planner.roofline). Pure Python: never imports torch.
@@ -35,20 +39,29 @@ class ProfileEntry:
     decode_small: tuple[float, float, float]
     decode_large: tuple[float, float, float]
     threshold: int = THRESHOLD
+    decode_context: str = "sum"    # "sum": sum(ctx + 1); "max": batch * (max ctx + 1), padded
+
+    def __post_init__(self) -> None:
+        if self.decode_context not in ("sum", "max"):
+            raise ValueError(f"decoding_context must be 'sum' or 'max', got {self.decode_context!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ProfileEntry":
         try:
             return cls(tuple(map(float, d["prefill"])), tuple(map(float, d["decoding_smallbs"])),
                        tuple(map(float, d["decoding_largebs"])),
-                       int(d.get("decoding_large_small_bs_threshold", THRESHOLD)))
+                       int(d.get("decoding_large_small_bs_threshold", THRESHOLD)),
+                       str(d.get("decoding_context", "sum")))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"bad profile entry {d!r}: need prefill, decoding_smallbs and "
                              f"decoding_largebs as [a, b, c] ({e})") from None
 
     def to_dict(self) -> dict:
-        return {"decoding_large_small_bs_threshold": self.threshold, "prefill": list(self.prefill),
-                "decoding_smallbs": list(self.decode_small), "decoding_largebs": list(self.decode_large)}
+        d = {"decoding_large_small_bs_threshold": self.threshold, "prefill": list(self.prefill),
+             "decoding_smallbs": list(self.decode_small), "decoding_largebs": list(self.decode_large)}
+        if self.decode_context != "sum":
+            d["decoding_context"] = self.decode_context
+        return d
 
     def prefill_ms(self, lens) -> float:
         a, b, c = self.prefill
@@ -59,7 +72,7 @@ class ProfileEntry:
         """One decode step of a batch whose requests hold `context_lens` tokens before it."""
         ctx = np.asarray(context_lens, dtype=float)
         a, b, c = self.decode_small if ctx.size < self.threshold else self.decode_large
-        return a + b * (ctx + 1).sum() + c * ctx.size
+        return a + b * context_term(ctx, self.decode_context) + c * ctx.size
 
 
 @dataclass(frozen=True)
@@ -140,7 +153,7 @@ class InstanceLatency:
     def decode(self, context_lens) -> float:
         ctx = np.asarray(context_lens, dtype=float)
         a, b, c = self.decode_coeffs(ctx.size)
-        return a + b * (ctx + 1).sum() + c * ctx.size
+        return a + b * context_term(ctx, self.entry.decode_context) + c * ctx.size
 
 
 def instance_latency(model, tp: int, pp: int = 1, profile: str | Profile | None = "distserve",
@@ -164,7 +177,16 @@ def fit_prefill(lens_batches, times_ms) -> tuple[float, float, float]:
     return tuple(float(v) for v in np.linalg.lstsq(x, np.asarray(times_ms, float), rcond=None)[0])
 
 
-def fit_decode(batches, times_ms) -> tuple[float, float, float]:
-    """Least-squares [a, b, c] of decode_ms = a + b*sum(ctx+1) + c*batch over context lists."""
-    x = np.array([[1.0, float(np.sum(np.asarray(c) + 1)), float(len(c))] for c in batches])
+def context_term(ctx, form: str = "sum") -> float:
+    """The decode form's context term: sum(ctx + 1), or batch * (max ctx + 1) when padded."""
+    ctx = np.asarray(ctx, dtype=float)
+    if not ctx.size:
+        return 0.0
+    return float((ctx + 1).sum()) if form == "sum" else float(ctx.size * (ctx.max() + 1))
+
+
+def fit_decode(batches, times_ms, context: str = "sum") -> tuple[float, float, float]:
+    """Least-squares [a, b, c] of decode_ms = a + b*sum(ctx+1) + c*batch over context lists
+    (context="max": a + b*batch*(max ctx+1) + c*batch)."""
+    x = np.array([[1.0, context_term(c, context), float(len(c))] for c in batches])
     return tuple(float(v) for v in np.linalg.lstsq(x, np.asarray(times_ms, float), rcond=None)[0])

@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+import numpy as np
+
 from distserve.planner.latency import ProfileEntry, fit_decode, fit_prefill
 
 DEFAULT_PREFILL_LENS = "16,32,64,128,256,512,1024"
@@ -46,27 +48,58 @@ def register(sub) -> None:
     p.add_argument("--max-decode-tokens", type=int, default=65536, help="skip bigger decode batches "
                    "(batch x context)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per shape (median kept)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall time, or this process's CPU time (a one-thread CPU engine on a "
+                   "machine shared with other jobs: their time on its core is not counted)")
+    p.add_argument("--mixed-decode", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time decode batches of mixed contexts (shows whether decode "
+                   "attention pays for the sum of the contexts or pads to the longest)")
+    p.add_argument("--engine-overhead", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time what a whole engine step (scheduling, sampling, "
+                   "detokenisation) adds to the model runner, and add it to the fits")
     p.add_argument("--json", action="store_true", help="print the written profile as JSON")
     p.set_defaults(func=run_profile)
 
 
 def fit_entry(prefill: list[tuple[list[int], float]], decode: list[tuple[list[int], float]],
-              threshold: int = 95) -> tuple[ProfileEntry, dict]:
-    """Fit the three forms on measurements [(lengths, ms)] and report their relative errors."""
+              threshold: int = 95, overhead: list[tuple[int, float]] | None = None
+              ) -> tuple[ProfileEntry, dict]:
+    """Fit the three forms on measurements [(lengths, ms)] and report their relative errors.
+    The decode context term is sum(ctx + 1), or batch * (max ctx + 1) when that fits the
+    measurements clearly better (an engine that pads decode attention; only mixed-context
+    batches can tell them apart). `overhead` [(batch, ms)], what an engine step adds to the
+    model runner, is fitted as oa + oc * batch and added to the decode fits' a and c and to
+    the prefill fit's a (as oa + oc: one prompt)."""
     if len(prefill) < 3 or len(decode) < 3:
         raise ValueError("need at least 3 prefill and 3 decode measurements to fit")
     pf = fit_prefill([x for x, _ in prefill], [t for _, t in prefill])
-    small = [(c, t) for c, t in decode if len(c) < threshold]
-    large = [(c, t) for c, t in decode if len(c) >= threshold]
-    ds = fit_decode([c for c, _ in small], [t for _, t in small]) if len(small) >= 3 else None
-    dl = fit_decode([c for c, _ in large], [t for _, t in large]) if len(large) >= 3 else None
-    ds, dl = ds or dl, dl or ds
-    if ds is None:
-        raise ValueError("need at least 3 decode measurements on one side of the batch threshold")
-    entry = ProfileEntry(pf, ds, dl, threshold)
+    fits = {}
+    for form in ("sum", "max"):
+        small = [(c, t) for c, t in decode if len(c) < threshold]
+        large = [(c, t) for c, t in decode if len(c) >= threshold]
+        ds = fit_decode([c for c, _ in small], [t for _, t in small], form) if len(small) >= 3 else None
+        dl = fit_decode([c for c, _ in large], [t for _, t in large], form) if len(large) >= 3 else None
+        ds, dl = ds or dl, dl or ds
+        if ds is None:
+            raise ValueError("need at least 3 decode measurements on one side of the batch threshold")
+        entry = ProfileEntry(pf, ds, dl, threshold, form)
+        err = [abs(entry.decode_ms(c) / t - 1) for c, t in decode]
+        fits[form] = (sum(err) / len(err), entry)
+    entry = fits["max"][1] if fits["max"][0] < 0.8 * fits["sum"][0] else fits["sum"][1]
     errors = {"prefill": [abs(entry.prefill_ms(x) / t - 1) for x, t in prefill],
               "decode": [abs(entry.decode_ms(c) / t - 1) for c, t in decode]}
-    return entry, {k: {"mean": sum(v) / len(v), "max": max(v)} for k, v in errors.items()}
+    report = {k: {"mean": sum(v) / len(v), "max": max(v)} for k, v in errors.items()}
+    report["decode_mean_by_context_form"] = {form: f[0] for form, f in fits.items()}
+    if overhead:
+        x = np.array([[1.0, float(b)] for b, _ in overhead])
+        oa, oc = (float(v) for v in np.linalg.lstsq(x, np.array([ms for _, ms in overhead]), rcond=None)[0])
+        if len(overhead) == 1:
+            oa, oc = overhead[0][1], 0.0
+        pf, ds, dl = entry.prefill, entry.decode_small, entry.decode_large
+        entry = ProfileEntry((pf[0] + oa + oc, pf[1], pf[2]), (ds[0] + oa, ds[1], ds[2] + oc),
+                             (dl[0] + oa, dl[1], dl[2] + oc), threshold, entry.decode_context)
+        report["engine_overhead_ms"] = {"per_step": oa, "per_request": oc}
+    return entry, report
 
 
 def run_profile(args: argparse.Namespace) -> int:
@@ -76,12 +109,21 @@ def run_profile(args: argparse.Namespace) -> int:
     contexts = _ints(args.context_lens, "--context-lens")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.clock == "cpu" and args.num_threads != 1:
+        raise ValueError("--clock cpu counts the CPU time of every thread: use it with --num-threads 1")
     from distserve.planner.profile_engine import measure   # torch from here on
+    decode_shapes = [(b, c) for b in batches for c in contexts if b * c <= args.max_decode_tokens]
+    lo, hi = min(contexts), max(contexts)
+    if args.mixed_decode and lo < hi:   # one long request among short ones, per batch size
+        decode_shapes += [[lo] * (b - 1) + [hi] for b in batches
+                          if b >= 4 and (b - 1) * lo + hi <= args.max_decode_tokens]
+    overhead_batches = sorted({b for b in (1, 8, 32) if b <= max(batches)}) if args.engine_overhead else []
     m = measure(args.model, args.dtype, args.device, args.num_threads,
                 [[n] * k for n in lens for k in pbatches if n * k <= args.max_prefill_tokens],
-                [(b, c) for b in batches for c in contexts if b * c <= args.max_decode_tokens],
-                args.repeats, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
-    entry, errors = fit_entry(m["prefill"], m["decode"])
+                decode_shapes, args.repeats,
+                progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+                overhead_batches=overhead_batches, clock=args.clock)
+    entry, errors = fit_entry(m["prefill"], m["decode"], overhead=m["overhead"] or None)
     name = args.name or m["model"]
     try:
         with open(args.output, encoding="utf-8") as f:
@@ -90,8 +132,10 @@ def run_profile(args: argparse.Namespace) -> int:
         doc = {}
     doc["_hardware"] = args.hardware_name or m["hardware"]
     doc["_device"] = m["device"]
+    doc.setdefault("_clock", {})[name] = args.clock
     doc.setdefault("_fit_error", {})[name] = errors
-    doc.setdefault("_measurements", {})[name] = {"prefill": m["prefill"], "decode": m["decode"]}
+    doc.setdefault("_measurements", {})[name] = {"prefill": m["prefill"], "decode": m["decode"],
+                                                 "engine_overhead": m["overhead"]}
     doc.setdefault(name, {})["1"] = entry.to_dict()
     with open(args.output, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=2)
@@ -101,8 +145,17 @@ def run_profile(args: argparse.Namespace) -> int:
     print(f"profile of {name} on {m['device']} written to {args.output} (tag {doc['_hardware']})")
     print(f"  prefill_ms = {entry.prefill[0]:.4g} + {entry.prefill[1]:.4g} * sum(len) + "
           f"{entry.prefill[2]:.4g} * sum(len^2)")
+    term = "sum(ctx + 1)" if entry.decode_context == "sum" else "batch * (max ctx + 1)"
     for label, c in (("decode (batch < 95)", entry.decode_small), ("decode (batch >= 95)", entry.decode_large)):
-        print(f"  {label}: {c[0]:.4g} + {c[1]:.4g} * sum(ctx + 1) + {c[2]:.4g} * batch")
-    for phase, e in errors.items():
+        print(f"  {label}: {c[0]:.4g} + {c[1]:.4g} * {term} + {c[2]:.4g} * batch")
+    for phase in ("prefill", "decode"):
+        e = errors[phase]
         print(f"  fit error {phase}: mean {e['mean']:.1%}, max {e['max']:.1%}")
+    forms = errors["decode_mean_by_context_form"]
+    print(f"  decode context term: {entry.decode_context} (mean error with sum(ctx + 1) "
+          f"{forms['sum']:.1%}, with batch * max ctx {forms['max']:.1%})")
+    if "engine_overhead_ms" in errors:
+        o = errors["engine_overhead_ms"]
+        print(f"  engine step overhead (included above): {o['per_step']:.3g} ms + "
+              f"{o['per_request']:.3g} ms per request")
     return 0

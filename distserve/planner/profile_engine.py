@@ -28,14 +28,24 @@ def _hardware_tag(device: torch.device) -> str:
 
 
 def measure(model: str | None, dtype: str, device: str | None, num_threads: int | None,
-            prefill_shapes: list[list[int]], decode_shapes: list[tuple[int, int]], repeats: int,
-            progress=lambda msg: None) -> dict:
-    """{"prefill": [(lens, ms)], "decode": [(context lens, ms)], "model", "device", "hardware"}."""
-    need = max([sum(s) for s in prefill_shapes] + [b * (c + 2) for b, c in decode_shapes])
+            prefill_shapes: list[list[int]], decode_shapes: list, repeats: int,
+            progress=lambda msg: None, overhead_batches: list[int] = (), clock: str = "wall") -> dict:
+    """{"prefill": [(lens, ms)], "decode": [(context lens, ms)], "model", "device", "hardware",
+    "overhead": [(batch, ms)]}. A decode shape is (batch, context) or a list of contexts (a
+    mixed batch). `overhead_batches`: batch sizes at which to time what a real engine step
+    adds to the model runner (scheduling, sampling, detokenisation, stop checks).
+    clock "cpu": this process's CPU time instead of wall time, for a one-thread CPU engine on a
+    machine that other jobs share (their time slices on its core are not counted)."""
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
+    now = time.perf_counter if clock == "wall" else time.process_time
+    decode_shapes = [list(s) if isinstance(s, list) else [s[1]] * s[0] for s in decode_shapes]
+    need = max([sum(s) for s in prefill_shapes] + [sum(c + 2 for c in s) for s in decode_shapes]
+               + [b * (_OVERHEAD_CONTEXT + 2 * _OVERHEAD_STEPS) for b in overhead_batches])
     block = 16
     config = EngineConfig(model=model, dtype=dtype, device=device, num_threads=num_threads,
                           block_size=block, num_kv_blocks=blocks_for(need, block) + 2 * max(
-                              [len(s) for s in prefill_shapes] + [b for b, _ in decode_shapes]) + 8)
+                              [len(s) for s in prefill_shapes] + [len(s) for s in decode_shapes]) + 8)
     worker = load_worker(config)
     dev, runner = worker.device, worker.runner
     vocab = worker.model.args.vocab_size
@@ -51,17 +61,19 @@ def measure(model: str | None, dtype: str, device: str | None, num_threads: int 
         kv.allocate(req, req.num_tokens)
         return req
 
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     def timed(fn) -> float:
         fn()   # warm-up
         times = []
         for _ in range(repeats):
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t = time.perf_counter()
+            sync()
+            t = now()
             fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            times.append((time.perf_counter() - t) * 1e3)
+            sync()
+            times.append((now() - t) * 1e3)
         return statistics.median(times)
 
     out = {"prefill": [], "decode": [], "model": worker.model_name, "device": str(dev),
@@ -73,11 +85,63 @@ def measure(model: str | None, dtype: str, device: str | None, num_threads: int 
         for r in reqs:
             kv.free(r)
         progress(f"prefill {i + 1}/{len(prefill_shapes)}: {len(lens)} x {lens[0]} tokens: {ms:.2f} ms")
-    for i, (batch, ctx) in enumerate(decode_shapes):
-        reqs = [make(ctx, True) for _ in range(batch)]
+    for i, ctxs in enumerate(decode_shapes):
+        reqs = [make(ctx, True) for ctx in ctxs]
         ms = timed(lambda: runner.run([], reqs))
-        out["decode"].append(([ctx] * batch, ms))
+        out["decode"].append((list(ctxs), ms))
         for r in reqs:
             kv.free(r)
-        progress(f"decode {i + 1}/{len(decode_shapes)}: batch {batch} x context {ctx}: {ms:.2f} ms")
+        what = (f"{len(ctxs)} x context {ctxs[0]}" if min(ctxs) == max(ctxs)
+                else f"{len(ctxs)}, contexts {min(ctxs)}..{max(ctxs)} (sum {sum(ctxs)})")
+        progress(f"decode {i + 1}/{len(decode_shapes)}: batch {what}: {ms:.2f} ms")
+    out["overhead"] = []
+    if overhead_batches:
+        out["overhead"] = step_overhead(config, worker, overhead_batches, vocab, gen, sync, progress,
+                                        now=now)
+    return out
+
+
+_OVERHEAD_CONTEXT, _OVERHEAD_STEPS = 64, 12
+
+
+def step_overhead(config: EngineConfig, worker, batches: list[int], vocab: int, gen, sync,
+                  progress=lambda msg: None, context: int = _OVERHEAD_CONTEXT,
+                  steps: int = _OVERHEAD_STEPS, now=time.perf_counter) -> list:
+    """[(batch, ms)]: median time of a colocated engine's decode step beyond its model-runner
+    call, with `batch` greedy requests that ignore EOS (the bench's load)."""
+    from distserve.engine.colocated import ColocatedEngine
+    engine = ColocatedEngine(config, worker)
+    runner = worker.runner
+    inner: list = []
+
+    def run(prefills, decodes):
+        sync()
+        t = now()
+        res = type(runner).run(runner, prefills, decodes)
+        sync()
+        inner.append(now() - t)
+        return res
+
+    runner.run = run   # an instance attribute: the class's method is untouched
+    out = []
+    try:
+        for b in batches:
+            params = SamplingParams(temperature=0.0, max_tokens=steps + 3, ignore_eos=True)
+            for _ in range(b):
+                engine.add_request(torch.randint(0, vocab, (context,), generator=gen).tolist(), params)
+            while engine.scheduler.waiting:
+                engine.step()   # the prefills
+            extra = []
+            for _ in range(steps):
+                inner.clear()
+                t = now()
+                engine.step()
+                extra.append((now() - t - sum(inner)) * 1e3)
+            for rid in list(engine.requests):
+                engine.abort(rid)
+            ms = statistics.median(extra)
+            out.append((b, ms))
+            progress(f"engine step overhead, batch {b}: {ms:.3f} ms")
+    finally:
+        del runner.run
     return out

@@ -110,7 +110,8 @@ class _Disaggregated:
         self.stage_free = [[0.0] * self.pp for _ in range(d.num_prefill)]
         self.dwait = [deque() for _ in range(d.num_decode)]
         self.dkv, self.dactive, self.dload = [0] * d.num_decode, [0] * d.num_decode, [0] * d.num_decode
-        self.lanes = [[Lane() for _ in range(D.pp)] for _ in range(d.num_decode)]
+        padded = D.latency.entry.decode_context == "max"
+        self.lanes = [[Lane(padded) for _ in range(D.pp)] for _ in range(d.num_decode)]
 
     def push(self, t: float, kind: int, x, y) -> None:
         self.seq += 1
