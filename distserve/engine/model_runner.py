@@ -67,7 +67,7 @@ class ModelRunner:
             pos_parts.append(lens - 1)
             slot_parts.append(padded.gather(1, ((lens - 1) // bs)[:, None])[:, 0])
             decode_tables, decode_lens = padded.to(self.device), lens.to(self.device)
-            decode_mask = build_decode_mask(decode_lens, width * bs, torch.float32)
+            decode_mask = build_decode_mask(decode_lens, width * bs, self.kv_cache.dtype)
         positions = torch.cat(pos_parts)
         meta = AttentionMetadata(
             slot_blocks=torch.cat(slot_parts).to(self.device),

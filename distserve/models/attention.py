@@ -36,6 +36,7 @@ class AttentionMetadata:
 
 
 def build_decode_mask(context_lens: torch.Tensor, num_slots: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [B, 1, 1, S] that hides the padding slots past each context."""
     pos = torch.arange(num_slots, device=context_lens.device)
     mask = torch.zeros(context_lens.shape[0], num_slots, dtype=dtype, device=context_lens.device)
     mask.masked_fill_(pos[None, :] >= context_lens[:, None], float("-inf"))
@@ -51,20 +52,32 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     layer_cache[meta.slot_blocks, 0, meta.slot_offsets] = k
     layer_cache[meta.slot_blocks, 1, meta.slot_offsets] = v
+    if not meta.prefills:
+        return _decode_attention(q, layer_cache, meta, scale)
     out = torch.empty_like(q)
     for seg in meta.prefills:
         s, e = seg.start, seg.start + seg.num_tokens
         if seg.context_len == seg.num_tokens:  # whole prompt in this step: K/V are at hand
             ks, vs = k[s:e], v[s:e]
         else:
-            blocks = layer_cache[seg.block_table]  # [nb, 2, bs, H, D]
-            ks = blocks[:, 0].flatten(0, 1)[: seg.context_len]
-            vs = blocks[:, 1].flatten(0, 1)[: seg.context_len]
+            ks = gather_blocks(layer_cache, seg.block_table, 0)[: seg.context_len]
+            vs = gather_blocks(layer_cache, seg.block_table, 1)[: seg.context_len]
         out[s:e] = _prefill_attention(q[s:e], ks, vs, seg.context_len - seg.num_tokens, scale)
     if meta.num_decode_tokens:
         n = meta.num_prefill_tokens
         out[n:] = _decode_attention(q[n:], layer_cache, meta, scale)
     return out
+
+
+def gather_blocks(layer_cache: torch.Tensor, block_table: torch.Tensor, kv: int) -> torch.Tensor:
+    """K (kv=0) or V (kv=1) of the blocks in `block_table` [..., nb] as [..., nb * bs, Hkv, D].
+
+    index_select copies whole blocks, the cheapest gather torch offers (advanced indexing
+    of both K and V at once was three times slower), and its result is contiguous, so the
+    block and slot dims merge without another copy.
+    """
+    rows = layer_cache[:, kv].index_select(0, block_table.flatten())
+    return rows.view(*block_table.shape[:-1], -1, *rows.shape[-2:])
 
 
 def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -77,7 +90,7 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale,
                                            enable_gqa=hq != hkv)
     else:
-        n, total = q.shape[0], k.shape[0]
+        total = k.shape[0]
         qpos = torch.arange(num_cached, total, device=q.device)[:, None]
         allowed = torch.arange(total, device=q.device)[None, :] <= qpos
         o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed, scale=scale,
@@ -87,17 +100,18 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata,
                       scale: float) -> torch.Tensor:
-    """One query per request against its cached context; GQA by grouping query heads."""
+    """One query per request against its cached context, padded to the longest.
+
+    SDPA takes the gathered [B, S, Hkv, D] K/V through transposed views (its CPU kernel
+    works in that layout) and groups query heads itself, so nothing else is copied.
+    """
     b, hq, d = q.shape
-    blocks = layer_cache[meta.decode_block_tables]  # [B, nb, 2, bs, Hkv, D]
-    hkv = blocks.shape[-2]
-    k = blocks[:, :, 0].flatten(1, 2).transpose(1, 2)  # [B, Hkv, S, D]
-    v = blocks[:, :, 1].flatten(1, 2).transpose(1, 2)
-    qg = q.view(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, S]
+    k = gather_blocks(layer_cache, meta.decode_block_tables, 0)  # [B, S, Hkv, D]
+    v = gather_blocks(layer_cache, meta.decode_block_tables, 1)
     mask = meta.decode_key_mask
-    if mask is None or mask.shape[-1] != scores.shape[-1]:
-        mask = build_decode_mask(meta.decode_context_lens, scores.shape[-1], torch.float32)
+    if mask is None or mask.shape[-1] != k.shape[1] or mask.dtype != q.dtype:
+        mask = build_decode_mask(meta.decode_context_lens, k.shape[1], q.dtype)
         meta.decode_key_mask = mask
-    probs = torch.softmax(scores + mask, dim=-1).to(q.dtype)
-    return torch.matmul(probs, v).reshape(b, hq, d)
+    o = F.scaled_dot_product_attention(q[:, :, None], k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask, scale=scale, enable_gqa=hq != k.shape[2])
+    return o.reshape(b, hq, d)

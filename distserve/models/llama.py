@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distserve.models.attention import AttentionMetadata, paged_attention
-from distserve.models.layers import RMSNorm, RotaryEmbedding
+from distserve.models.layers import RMSNorm, RotaryEmbedding, apply_rotary
 from distserve.models.weights import load_weights
 
 
@@ -56,22 +56,20 @@ class LlamaArgs:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, a: LlamaArgs, rotary: RotaryEmbedding) -> None:
+    def __init__(self, a: LlamaArgs) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
         self.q_size, self.kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
         self.qkv_proj = nn.Linear(a.hidden_size, self.q_size + 2 * self.kv_size, bias=a.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, a.hidden_size, bias=False)
-        self.rotary = rotary
         self.scale = a.head_dim ** -0.5
 
-    def forward(self, x, positions, layer_cache, meta: AttentionMetadata):
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        o = paged_attention(q, k, v, layer_cache, meta, self.scale)
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], layer_cache,
+                meta: AttentionMetadata):
+        heads = self.qkv_proj(x).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qk_heads = self.num_heads + self.num_kv_heads  # q and k are adjacent: rotate both at once
+        q, k = apply_rotary(heads[:, :qk_heads], *rope).split([self.num_heads, self.num_kv_heads], dim=1)
+        o = paged_attention(q, k, heads[:, qk_heads:], layer_cache, meta, self.scale)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
@@ -87,15 +85,15 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, a: LlamaArgs, rotary: RotaryEmbedding) -> None:
+    def __init__(self, a: LlamaArgs) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.self_attn = LlamaAttention(a, rotary)
+        self.self_attn = LlamaAttention(a)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.mlp = LlamaMLP(a)
 
-    def forward(self, x, positions, layer_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, layer_cache, meta)
+    def forward(self, x, rope, layer_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), rope, layer_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -103,9 +101,9 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, hf_config: dict) -> None:
         super().__init__()
         a = self.args = LlamaArgs.from_hf(hf_config)
-        rotary = RotaryEmbedding(a.head_dim, a.max_positions, a.rope_theta, a.rope_scaling)
+        self.rotary = RotaryEmbedding(a.head_dim, a.max_positions, a.rope_theta, a.rope_scaling)
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(a, rotary) for _ in range(a.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(a) for _ in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
         self.tie_weights()
@@ -123,8 +121,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        rope = self.rotary.cos_sin(positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, kv_cache[:, i], meta)
+            x = layer(x, rope, kv_cache[:, i], meta)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from distserve.models.packed_linear import can_pack, pack_linears
 from distserve.models.registry import model_class
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,8 @@ def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -
     with torch.no_grad():
         model.load_weights(source.weights())
     model.eval()
+    if can_pack(dtype, device):
+        pack_linears(model)
     log.info("loaded %s (%s) in %.1f s", source.name, dtype, time.perf_counter() - start)
     return model
 

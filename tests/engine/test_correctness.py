@@ -62,3 +62,25 @@ def test_request_longer_than_the_kv_cache_ends_with_length(tiny_llama):
     res = llm.generate([[5] * 5], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))[0]
     assert res.finish_reason == "length" and len(res.token_ids) == 32 - 5
     assert llm.engine.kv.allocator.num_free == 2
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_bfloat16_agrees_with_transformers(request, kind):
+    """bf16 runs other kernels than float32 (on CPU, oneDNN-packed linears; rotary and
+    attention in bf16): its first two tokens' distributions must still match transformers'
+    bf16 within bf16 rounding, through both the prefill and the decode path. (bf16 logits
+    can tie, so the chosen token must be a best one, not necessarily transformers' pick.)"""
+    path = request.getfixturevalue(f"tiny_{kind}")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16)
+    prompts = _prompts(transformers.AutoTokenizer.from_pretrained(str(path)))
+    llm = LLM(str(path), dtype="bfloat16", num_kv_blocks=128)
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, logprobs=5)
+    for ids, res in zip(prompts, llm.generate(prompts, params)):
+        for step in range(2):
+            with torch.no_grad():
+                logits = hf(torch.tensor([ids + res.token_ids[:step]])).logits[0, -1]
+            expected = torch.log_softmax(logits.float(), dim=-1)
+            chosen = res.token_ids[step]
+            assert expected[chosen] >= expected.max() - 0.05, f"step {step}, {len(ids)}-token prompt"
+            for token, logprob in res.top_logprobs[step].items():
+                assert logprob == pytest.approx(expected[token].item(), abs=0.05)
