@@ -18,14 +18,11 @@ import argparse
 import json
 import os
 import pathlib
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 
-import httpx
+from serving import free_port, start_server, stop_server  # benchmarks/serving.py
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks/results"
@@ -60,38 +57,6 @@ print(json.dumps({{"decode_step_s": best_step, "prefill_s": best_prefill, "promp
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(flags: list[str], port: int, log) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "distserve.cli", "serve", "--port", str(port),
-           "--kv-cache-memory", "1", *flags]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {' '.join(cmd)}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError("server did not become healthy in 300 s")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def run_bench(port: int, workload: str, rates: list[float], slo: dict, num_prompts: int,
@@ -133,13 +98,13 @@ def main(argv=None) -> int:
         entry = {"calibration": cal, "slo": slo, "rates": rates, "deployments": {}}
         for name in args.deployments.split(","):
             port = free_port()
-            with open(tmp / f"{workload}-{name}.log", "w") as log:
-                proc = start_server(DEPLOYMENTS[name], port, log)
-                try:
-                    result = run_bench(port, workload, rates, slo, args.num_prompts,
-                                       tmp / f"{workload}-{name}.json")
-                finally:
-                    stop_server(proc)
+            proc = start_server(["--kv-cache-memory", "1", *DEPLOYMENTS[name]], port,
+                                tmp / f"{workload}-{name}.log")
+            try:
+                result = run_bench(port, workload, rates, slo, args.num_prompts,
+                                   tmp / f"{workload}-{name}.json")
+            finally:
+                stop_server(proc)
             entry["deployments"][name] = summarize(result)
             print(f"[{workload}] {name}: goodput {entry['deployments'][name]['goodput_per_core']} req/s per core",
                   flush=True)

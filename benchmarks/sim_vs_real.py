@@ -45,14 +45,13 @@ import math
 import os
 import pathlib
 import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+import serving  # benchmarks/serving.py
 
 from distserve.planner.colocated import Colocated
 from distserve.planner.latency import InstanceLatency, Profile, ProfileEntry
@@ -182,43 +181,17 @@ def pick_rates(deps: dict, lengths: Lengths, slo: dict, count: int, n: int) -> l
 
 
 # ----------------------------------------------------------------------------- real runs
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(flags: list[str], port: int, log_path: pathlib.Path) -> tuple[subprocess.Popen, int]:
-    import httpx
-    cmd = [sys.executable, "-m", "distserve.cli", "serve", "--port", str(port), "--dtype", "auto",
-           "--kv-cache-memory", str(KV_GIB), "--max-num-seqs", str(MAX_NUM_SEQS),
-           "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS), *flags]
-    with open(log_path, "w") as log:   # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {' '.join(cmd)}\n{log_path.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                m = re.search(r"(\d+) KV blocks", log_path.read_text())
-                return proc, int(m.group(1)) if m else 0
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    stop_server(proc)
-    raise TimeoutError("server did not become healthy in 300 s")
+    """The server with this script's limits, and the KV blocks it reports."""
+    proc = serving.start_server(["--dtype", "auto", "--kv-cache-memory", str(KV_GIB),
+                                 "--max-num-seqs", str(MAX_NUM_SEQS),
+                                 "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS), *flags],
+                                port, log_path)
+    m = re.search(r"(\d+) KV blocks", log_path.read_text())
+    return proc, int(m.group(1)) if m else 0
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
+free_port, stop_server = serving.free_port, serving.stop_server
 
 
 def cpu_seconds(pid: int) -> float:
