@@ -53,7 +53,7 @@ def read_bandwidth(gib: float = 2.0, passes: int = 5) -> float:
     return buf.numel() * 4 / best
 
 
-def wait_for_quiet(limit_s: float = 120.0, threshold: float = 5.0) -> float:
+def wait_for_quiet(limit_s: float = 30.0, threshold: float = 5.0) -> float:
     """Wait (at most `limit_s`) until other processes stop competing for the CPU.
 
     Reads Linux's CPU pressure (the share of the last 10 s in which a runnable task waited
@@ -121,17 +121,17 @@ def clock_hf(model, prompts: list[list[int]], new_tokens: int) -> list[float]:
 
 def measure(clocks: dict, prompts: list[list[int]], new_tokens: int, repeats: int) -> list[dict]:
     """Alternate the engines' runs; keep each engine's fastest prefill and decode."""
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in clocks}
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in clocks}
     for name, clock in clocks.items():  # warm-up at these shapes: kernels are picked and built
         clock(prompts, new_tokens)
     for _ in range(repeats):
         for name, clock in clocks.items():
-            wait_for_quiet()
+            pressure = wait_for_quiet()
             marks = clock(prompts, new_tokens)
             if len(marks) != new_tokens + 1:
                 raise RuntimeError(f"{name}: {len(marks) - 1} steps for {new_tokens} tokens")
             steps = [b - a for a, b in itertools.pairwise(marks[1:])]
-            runs[name].append((marks[1] - marks[0], statistics.median(steps)))
+            runs[name].append((marks[1] - marks[0], statistics.median(steps), pressure))
     b, plen = len(prompts), len(prompts[0])
     rows = []
     for name, rs in runs.items():
@@ -139,12 +139,13 @@ def measure(clocks: dict, prompts: list[list[int]], new_tokens: int, repeats: in
         rows.append({"engine": name, "batch": b, "prompt_len": plen, "new_tokens": new_tokens,
                      "prefill_tokens_per_s": b * plen / prefill, "decode_step_ms": step * 1e3,
                      "decode_tokens_per_s": b / step,
-                     "decode_step_ms_per_run": [round(r[1] * 1e3, 2) for r in rs]})
+                     "decode_step_ms_per_run": [round(r[1] * 1e3, 2) for r in rs],
+                     "cpu_pressure_at_start_per_run": [r[2] for r in rs]})
     return rows
 
 
 def bench_model(label: str, ours: LLM, hf, batches: list[int], prompt_len: int,
-                new_tokens: int, repeats: int, bandwidth: float) -> dict:
+                new_tokens: int, repeats: int) -> dict:
     # transformers lists a tied embedding once: these are the bytes a decode step reads
     weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
     base = ours.tokenizer.encode("The history of the city begins with a small market by the river. " * 40)
@@ -161,8 +162,7 @@ def bench_model(label: str, ours: LLM, hf, batches: list[int], prompt_len: int,
     step1 = next(r["decode_step_ms"] for r in rows if r["engine"] == "distserve" and r["batch"] == 1)
     return {"model": label, "weight_bytes": weight_bytes, "rows": rows,
             "decode_step_b1_ms": step1,
-            "decode_speedup_vs_transformers": {b: _ratio(rows, b) for b in batches},
-            "bandwidth": bandwidth}
+            "decode_speedup_vs_transformers": {b: _ratio(rows, b) for b in batches}}
 
 
 def _ratio(rows: list[dict], batch: int) -> float:
@@ -183,15 +183,14 @@ def main(argv=None) -> int:
     results = []
     bandwidths = []
 
-    def bandwidth() -> float:  # measured before each model; the best of the run is the floor
+    def measure_bandwidth() -> None:  # before each model; the best of the run is the floor
         wait_for_quiet()
         bandwidths.append(read_bandwidth())
         print(f"read bandwidth {bandwidths[-1] / 1e9:.1f} GB/s, {torch.get_num_threads()} threads",
               flush=True)
-        return bandwidths[-1]
 
     with tempfile.TemporaryDirectory() as tmp:
-        bw = bandwidth()
+        measure_bandwidth()
         small = LLM(None, dtype="bfloat16", num_kv_blocks=1024)
         from distserve.models.gguf_loader import find_default_gguf
         gguf = find_default_gguf()
@@ -200,20 +199,19 @@ def main(argv=None) -> int:
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16,
             quantization_config=transformers.GgufConfig(gguf_file=gguf.name, dequantize=True)).eval()
         results.append(bench_model("SmolLM2-135M (bf16)", small, hf_small, batches, 64,
-                                   new_tokens, repeats, bw))
+                                   new_tokens, repeats))
         del small, hf_small
         folder = build_random_llama(pathlib.Path(tmp) / "llama-1g", transformers_tokenizer())
         big = LLM(str(folder), dtype="bfloat16", num_kv_blocks=512)
         hf_big = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).eval()
-        bw = bandwidth()
+        measure_bandwidth()
         results.append(bench_model("random Llama 1.1 GB", big, hf_big, batches, 64,
-                                   new_tokens, repeats, bw))
+                                   new_tokens, repeats))
     best_bw = max(bandwidths)
     for m in results:
-        m.pop("bandwidth")
         m["bandwidth_floor_ms"] = m["weight_bytes"] / best_bw * 1e3
         m["step_over_floor"] = m["decode_step_b1_ms"] / m["bandwidth_floor_ms"]
-    report = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    report = {"machine": _cpu_name(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "transformers": transformers.__version__,
               "read_bandwidth_GBps": best_bw / 1e9,
               "read_bandwidth_GBps_per_measurement": [round(b / 1e9, 2) for b in bandwidths],
@@ -230,6 +228,15 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(report, indent=2))
     print(f"saved {out}")
     return 0
+
+
+def _cpu_name() -> str:
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def transformers_tokenizer():

@@ -1,7 +1,9 @@
 """Loads what every instance needs: model, tokenizer and a KV cache sized from the budget."""
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -40,6 +42,8 @@ def load_worker(config: EngineConfig, allocate_cache: CacheAllocator = allocate_
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)
     device = torch.device(config.device) if config.device else default_device()
+    if device.type == "cpu":
+        reuse_freed_memory()
     dtype = resolve_dtype(config.dtype, device)
     source = find_model(config.model)
     model = build_model(source, dtype, device)
@@ -57,6 +61,28 @@ def load_worker(config: EngineConfig, allocate_cache: CacheAllocator = allocate_
     return Worker(config, source.name, model, tokenizer,
                   ModelRunner(model, kv_cache, config.block_size, device),
                   num_blocks, max_len, _eos_ids(source.hf_config, tokenizer), dtype, device)
+
+
+def reuse_freed_memory() -> None:
+    """Have glibc serve large tensors from its heap and keep freed memory for reuse.
+
+    By default each allocation over 32 MB (a prefill's activations) is a fresh mmap whose
+    pages the kernel faults in and zeroes, unmapped again on free. On the benchmark machine
+    that made a 2048-token prefill of the 1.1 GB model take 2.1 to 3.4 s instead of 1.4 to
+    1.5 s. (PyTorch's CPU tuning guide suggests jemalloc or tcmalloc for the same reason;
+    this needs neither.) Freed memory stays with the process, as a GPU caching allocator's
+    does; at most 1 GiB of it above the heap's last live block.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    mallopt(m_mmap_max, 0)
+    mallopt(m_trim_threshold, 1 << 30)
 
 
 def _eos_ids(hf_config: dict, tokenizer) -> set[int]:
