@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from distserve.models.attention import AttentionMetadata, PrefillSegment, build_decode_mask
+from distserve.models.attention import AttentionMetadata, PrefillSegment
 from distserve.request import Request
 
 
@@ -54,7 +54,7 @@ class ModelRunner:
                 logit_rows.append(start + n - 1)
                 sampled.append(req)
         num_prefill = len(ids)
-        decode_tables = decode_lens = decode_mask = None
+        decode_tables = decode_lens = None
         if decodes:
             width = max(len(r.block_table) for r in decodes)
             padded = torch.zeros(len(decodes), width, dtype=torch.long)
@@ -67,7 +67,6 @@ class ModelRunner:
             pos_parts.append(lens - 1)
             slot_parts.append(padded.gather(1, ((lens - 1) // bs)[:, None])[:, 0])
             decode_tables, decode_lens = padded.to(self.device), lens.to(self.device)
-            decode_mask = build_decode_mask(decode_lens, width * bs, self.kv_cache.dtype)
         positions = torch.cat(pos_parts)
         meta = AttentionMetadata(
             slot_blocks=torch.cat(slot_parts).to(self.device),
@@ -76,7 +75,6 @@ class ModelRunner:
             num_prefill_tokens=num_prefill,
             decode_block_tables=decode_tables,
             decode_context_lens=decode_lens,
-            decode_key_mask=decode_mask,
         )
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)

@@ -13,6 +13,7 @@ from torch import nn
 from distserve.config import EngineConfig
 from distserve.engine.model_runner import ModelRunner
 from distserve.kv.cache import KVCacheShape, allocate_kv_cache
+from distserve.models import paged_kernel
 from distserve.models.loader import (build_model, default_device, find_model,
                                      load_tokenizer_for, resolve_dtype)
 
@@ -44,6 +45,7 @@ def load_worker(config: EngineConfig, allocate_cache: CacheAllocator = allocate_
     device = torch.device(config.device) if config.device else default_device()
     if device.type == "cpu":
         reuse_freed_memory()
+        paged_kernel.kernel_available()  # built (once per machine) before the first request
     dtype = resolve_dtype(config.dtype, device)
     source = find_model(config.model)
     model = build_model(source, dtype, device)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from distserve.models import paged_kernel
+
 
 @dataclass
 class PrefillSegment:
@@ -100,11 +102,15 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata,
                       scale: float) -> torch.Tensor:
-    """One query per request against its cached context, padded to the longest.
+    """One query per request against its cached context.
 
-    SDPA takes the gathered [B, S, Hkv, D] K/V through transposed views (its CPU kernel
+    On CPU the compiled kernel reads the blocks in place. Otherwise the blocks are gathered
+    into a tensor padded to the longest context and SDPA takes the gathered [B, S, Hkv, D] K/V through transposed views (its CPU kernel
     works in that layout) and groups query heads itself, so nothing else is copied.
     """
+    if layer_cache.device.type == "cpu" and paged_kernel.kernel_available():
+        return paged_kernel.paged_decode_attention(q, layer_cache, meta.decode_block_tables,
+                                                   meta.decode_context_lens, scale)
     b, hq, d = q.shape
     k = gather_blocks(layer_cache, meta.decode_block_tables, 0)  # [B, S, Hkv, D]
     v = gather_blocks(layer_cache, meta.decode_block_tables, 1)

@@ -1,0 +1,55 @@
+"""Builds and loads the C++ paged decode-attention kernel for CPUs, once per machine.
+
+The kernel (csrc/paged_attention.cpp) reads each request's K/V from the cache blocks in
+place; the torch path copies them into a padded tensor first. It is compiled on first use
+with the machine's C++ compiler (cached by torch under ~/.cache/torch_extensions) and the
+engine falls back to the torch path, with one warning, where that is not possible.
+DISTSERVE_PAGED_KERNEL=0 turns it off.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import threading
+
+import torch
+
+log = logging.getLogger(__name__)
+_SOURCE = pathlib.Path(__file__).parent / "csrc" / "paged_attention.cpp"
+_lock = threading.Lock()
+_state: dict[str, bool] = {}
+
+
+def kernel_available() -> bool:
+    """True when the compiled kernel is loaded (building it on the first call)."""
+    if "ok" not in _state:
+        with _lock:
+            if "ok" not in _state:
+                _state["ok"] = _load()
+    return _state["ok"]
+
+
+def _load() -> bool:
+    if os.environ.get("DISTSERVE_PAGED_KERNEL", "1") == "0":
+        return False
+    try:
+        from torch.utils import cpp_extension
+        cpp_extension.load(
+            name="distserve_paged_attention", sources=[str(_SOURCE)], is_python_module=False,
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fopenmp-simd"],
+            extra_ldflags=["-fopenmp"], verbose=False)
+        return hasattr(torch.ops.distserve_cpu, "paged_decode_attention")
+    except Exception as exc:  # no compiler, no ninja, or a build error: the torch path works
+        log.warning("paged attention kernel unavailable, using the torch path: %s", exc)
+        return False
+
+
+def paged_decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, Hq, D] over the cached contexts -> [B, Hq, D]; call only if kernel_available()."""
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    torch.ops.distserve_cpu.paged_decode_attention(out, q, layer_cache, block_tables,
+                                                   context_lens, scale)
+    return out
