@@ -60,8 +60,9 @@ def load_worker(config: EngineConfig, allocate_cache: CacheAllocator = allocate_
                          f"{model.max_positions} positions")
     log.info("%s: %d KV blocks of %d tokens (%.0f MiB)", source.name, num_blocks,
              config.block_size, kv_cache.numel() * kv_cache.element_size() / 2**20)
-    return Worker(config, source.name, model, tokenizer,
-                  ModelRunner(model, kv_cache, config.block_size, device),
+    runner = ModelRunner(model, kv_cache, config.block_size, device)
+    runner.warm_up(min(config.max_num_batched_tokens, max_len - 1, num_blocks * config.block_size - 1))
+    return Worker(config, source.name, model, tokenizer, runner,
                   num_blocks, max_len, _eos_ids(source.hf_config, tokenizer), dtype, device)
 
 
