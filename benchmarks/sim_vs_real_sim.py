@@ -1,0 +1,182 @@
+"""Steps 2 and 4 of the simulator-vs-reality check (benchmarks/sim_vs_real.py): the planner's
+simulator for each deployment, the SLOs and rates it picks, and the comparison of each real run
+with the simulation of exactly its arrivals and lengths (stretched by the host processes' CPU).
+It must never start a server: it reads the runs benchmarks/sim_vs_real_real.py saved.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+from sim_vs_real_config import BLOCK, KV_GIB, MAX_BATCHED_TOKENS, MAX_NUM_SEQS
+
+from distserve.planner.colocated import Colocated
+from distserve.planner.latency import InstanceLatency, ProfileEntry
+from distserve.planner.simulator import Disaggregated, InstanceConfig, simulate
+from distserve.planner.workload import Lengths, Trace, make_trace
+
+
+def sim_deployment(name: str, entry, kv_tokens: int):
+    inst = InstanceConfig(InstanceLatency(entry), kv_tokens, max_batch=MAX_NUM_SEQS,
+                          max_prefill_tokens=MAX_BATCHED_TOKENS)
+    if name == "colocated":
+        return Colocated(inst, num_instances=2)
+    return Disaggregated(inst, inst, 1, 1)   # KV over shared memory: the copy is ~free
+
+
+def default_kv_tokens() -> int:
+    """Tokens of a KV_GIB cache of SmolLM2 (30 layers, 3 KV heads of 64) in bf16, as the
+    server sizes it; replaced by what the server reports once it is up."""
+    per_block = 2 * 30 * 3 * 64 * 2 * BLOCK
+    return int(KV_GIB * 2 ** 30 // per_block) * BLOCK
+
+
+def slos(entry, lengths: Lengths, ttft_factor: float, tpot_factor: float) -> dict:
+    ins, outs = lengths.sample(4000, np.random.default_rng(0))
+    mean_in, mean_out = float(ins.mean()), float(outs.mean())
+    prefill_s = entry.prefill_ms([mean_in]) * 1e-3
+    step_s = entry.decode_ms([mean_in + mean_out / 2]) * 1e-3
+    return {"ttft": ttft_factor * prefill_s, "tpot": tpot_factor * step_s, "mean_prefill_s": prefill_s,
+            "decode_step_s": step_s, "mean_input_len": mean_in, "mean_output_len": mean_out}
+
+
+def fresh_attainment(dep, lengths: Lengths, rate: float, n: int, slo: dict, seeds) -> list[float]:
+    return [simulate(make_trace(lengths, n, rate, seed), dep).attainment(slo["ttft"], slo["tpot"])
+            for seed in seeds]
+
+
+def pick_rates(deps: dict, lengths: Lengths, slo: dict, count: int, n: int) -> list[float]:
+    """`count` evenly spaced rates from where the weaker deployment still simulates ~99%
+    attainment to where the stronger one falls to ~35% (fresh traces, 3 seeds)."""
+    grid = np.geomspace(0.05, 50, 120)
+    curves = {k: [np.mean(fresh_attainment(d, lengths, r, n, slo, range(3))) for r in grid]
+              for k, d in deps.items()}
+
+    def first_below(curve, level):
+        for r, a in zip(grid, curve):
+            if a < level:
+                return r
+        return grid[-1]
+
+    lo = min(first_below(c, 0.99) for c in curves.values())
+    hi = max(first_below(c, 0.35) for c in curves.values())
+    return [float(f"{r:.3g}") for r in np.linspace(lo, hi, count)]
+
+
+def runs_of(doc: dict) -> list[dict]:
+    return doc.get("runs") or [doc]
+
+
+# ----------------------------------------------------------------------------- comparison
+def trace_of(run: dict) -> tuple[Trace, np.ndarray]:
+    """The arrivals and lengths a real run sent (sorted by send time) and the order used."""
+    reqs = run["requests"]
+    send = np.array([r["send_time"] for r in reqs], float)
+    order = np.argsort(send, kind="stable")
+    ins = np.array([r["input_len"] for r in reqs], np.int64)
+    outs = np.array([r["output_len"] if r["success"] else r["expected_output_len"] for r in reqs], np.int64)
+    return Trace(send[order] - send[order][0], ins[order], outs[order]), order
+
+
+def real_latencies(run: dict, order) -> tuple[np.ndarray, np.ndarray]:
+    reqs = [run["requests"][i] for i in order]
+    ttft = np.array([r["ttft"] if r["success"] else math.inf for r in reqs], float)
+    tpot = np.array([r["tpot"] if r["success"] and r["tpot"] is not None else math.inf for r in reqs], float)
+    return ttft, tpot
+
+
+def stats(ttft: np.ndarray, tpot: np.ndarray, slo: dict) -> dict:
+    ok_t, ok_p = ttft <= slo["ttft"], tpot <= slo["tpot"]
+    ft, fp = ttft[np.isfinite(ttft)], tpot[np.isfinite(tpot)]
+    return {"attainment": float(np.mean(ok_t & ok_p)), "ttft_attainment": float(np.mean(ok_t)),
+            "tpot_attainment": float(np.mean(ok_p)),
+            "ttft_mean": float(ft.mean()) if len(ft) else None,
+            "ttft_p90": float(np.percentile(ft, 90)) if len(ft) else None,
+            "tpot_mean": float(fp.mean()) if len(fp) else None,
+            "tpot_p90": float(np.percentile(fp, 90)) if len(fp) else None}
+
+
+def scaled(entry: ProfileEntry, k: float) -> ProfileEntry:
+    return ProfileEntry(*(tuple(k * x for x in t) for t in (entry.prefill, entry.decode_small, entry.decode_large)),
+                        entry.threshold, entry.decode_context)
+
+
+def host_slowdown(run: dict, cores: int = 2) -> dict | None:
+    """How much longer each instance's steps take because the host processes (the server's
+    HTTP + controller process and the bench client, unpinned) run on the instances' cores.
+
+    Measured over the run (CPU accounting, not latencies): H, the host's CPU-seconds per
+    second, and u_i, each instance's. A host task that wakes (a token to stream) takes an
+    idle core when there is one, and only when every core is busy does it preempt an
+    instance: instance i loses H * prod_j u_j / cores of each second, against u_i of work, so
+    its steps stretch by k_i = 1 + H * prod_{j != i} u_j / cores."""
+    c, dur = run.get("_cpu"), run.get("duration")
+    if not c or not dur or not c.get("instances_s"):
+        return None
+    h = (c["server_s"] + c["bench_s"]) / dur
+    u = [min(max(x / dur, 0.0), 1.0) for x in c["instances_s"]]
+    ks = [1 + h * float(np.prod([v for j, v in enumerate(u) if j != i])) / cores for i in range(len(u))]
+    return {"host_cores": h, "utilisation": dict(zip(c["roles"], u)) if len(set(c["roles"])) == len(u) else u,
+            "k": dict(zip(c["roles"], ks)) if len(set(c["roles"])) == len(u) else {"colocated": float(np.mean(ks))}}
+
+
+def sim_deployment_k(name: str, entry: ProfileEntry, kv: int, k: dict | None):
+    """The simulated deployment with each role's steps stretched by k[role]."""
+    if not k:
+        return sim_deployment(name, entry, kv)
+    if name == "colocated":
+        return sim_deployment(name, scaled(entry, k["colocated"]), kv)
+    prefill, decode = (InstanceConfig(InstanceLatency(scaled(entry, k[role])), kv, max_batch=MAX_NUM_SEQS,
+                                      max_prefill_tokens=MAX_BATCHED_TOKENS) for role in ("prefill", "decode"))
+    return Disaggregated(prefill, decode, 1, 1)
+
+
+def probe_check(doc: dict, entry: ProfileEntry) -> dict | None:
+    """Requests served one at a time: real TTFT against the profile's prefill of the prompt,
+    real TPOT against its decode step of one request. The median TTFT excess is the serving
+    path's own latency (HTTP, tokenising, the control hops, streaming the token back), which
+    occupies no instance: the simulated TTFTs get it added. The TPOT ratio checks the
+    profile (a profile measured while other jobs ran is off here)."""
+    probe = doc.get("probe")
+    if not probe:
+        return None
+    ok = [r for r in probe["requests"] if r["success"]]
+    extra = [r["ttft"] - entry.prefill_ms([r["input_len"]]) * 1e-3 for r in ok]
+    ratio = [r["tpot"] / (entry.decode_ms([r["input_len"] + r["output_len"] / 2]) * 1e-3)
+             for r in ok if r["output_len"] > 1]
+    return {"ttft_extra_s": max(float(np.median(extra)), 0.0) if extra else 0.0,
+            "ttft_extra_all_s": extra, "tpot_over_profile": float(np.median(ratio)) if ratio else None}
+
+
+def compare(name: str, doc: dict, entry, slo: dict, lengths: Lengths, seeds: int,
+            host_model: bool = True, serving_latency: bool = True) -> list[dict]:
+    kv = doc.get("_server", {}).get("kv_tokens_per_instance") or default_kv_tokens()
+    bare_dep = sim_deployment(name, entry, kv)
+    probe = probe_check(doc, entry)
+    d0 = probe["ttft_extra_s"] if probe and serving_latency else 0.0
+    rows = []
+    for run in runs_of(doc):
+        trace, order = trace_of(run)
+        host = host_slowdown(run) if host_model else None
+        dep = sim_deployment_k(name, entry, kv, host["k"] if host else None)
+        t0 = time.perf_counter()
+        sim = simulate(trace, dep)
+        sim.ttft = sim.ttft + d0
+        sim_s = time.perf_counter() - t0
+        bare = simulate(trace, bare_dep)
+        bare.ttft = bare.ttft + d0
+        real = stats(*real_latencies(run, order), slo)
+        simd = stats(sim.ttft, sim.tpot, slo)
+        fresh = fresh_attainment(dep, lengths, run["request_rate"], len(trace),
+                                 {**slo, "ttft": slo["ttft"] - d0}, range(100, 100 + seeds))
+        tokens = sum(r["output_len"] for r in run["requests"] if r["success"])
+        cpu = run.get("_cpu") or {}
+        rows.append({"rate": run["request_rate"], "n": len(trace), "failed": run.get("num_failed", 0),
+                     "duration": run.get("duration"), "cpu": cpu, "host": host, "serving_latency_s": d0,
+                     "host_ms_per_token": 1e3 * (cpu.get("server_s", 0) + cpu.get("bench_s", 0)) / tokens
+                     if cpu and tokens else None,
+                     "real": real, "sim": simd, "sim_without_host": stats(bare.ttft, bare.tpot, slo),
+                     "sim_seconds": sim_s, "fresh_mean": float(np.mean(fresh)), "fresh_std": float(np.std(fresh)),
+                     "diff_pp": 100 * abs(real["attainment"] - simd["attainment"])})
+    return rows
