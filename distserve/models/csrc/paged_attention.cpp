@@ -30,43 +30,62 @@ inline float to_float(c10::BFloat16 x) {
   return f;
 }
 
-// Where one (request, KV head) finds its tokens: K of token t of the context sits at
-// k_row(t), V at k_row(t) + kv_offset.
+// One work item: request b's KV heads [h0, h0 + kv_heads) and the query heads that share
+// them, q rows [h0 * group, (h0 + kv_heads) * group). Tokens are the outer loop and heads
+// the inner one, so each token's K (then V) row of all the item's heads, contiguous in
+// the cache, is read once and in order.
 template <typename T>
-struct Rows {
+struct Item {
   const T* cache;
   const int64_t* table;
-  int64_t block_size, s_block, s_tok, head_offset, kv_offset;
-  const T* k_row(int64_t t) const {
-    return cache + table[t / block_size] * s_block + (t % block_size) * s_tok + head_offset;
+  int64_t block_size, s_block, s_tok, s_head, kv_offset;
+  int64_t h0, kv_heads, group, dim, len;
+  const T* row(int64_t t, int64_t h) const {  // K of token t, head h0 + h (V: + kv_offset)
+    return cache + table[t / block_size] * s_block + (t % block_size) * s_tok + (h0 + h) * s_head;
+  }
+  // At a block's first token, asks for the next block's rows (K, or V with kv_offset): a
+  // block's slice of one layer is a few KB among other layers' slices, too short a run for
+  // the hardware prefetcher to catch on its own.
+  void prefetch_next_block(int64_t t, int64_t offset) const {
+#ifdef __AVX512F__
+    if (t % block_size != 0 || t + block_size >= len) return;
+    const char* first = reinterpret_cast<const char*>(row(t + block_size, 0) + offset);
+    const char* last = reinterpret_cast<const char*>(row(t + block_size, kv_heads - 1) + offset + dim) +
+                       (block_size - 1) * s_tok * sizeof(T);
+    for (const char* line = first; line < last; line += 64) _mm_prefetch(line, _MM_HINT_T0);
+#endif
   }
 };
 
 // --- portable loops --------------------------------------------------------------------
+// scores [kv_heads * group][len] = q . k
 template <typename T>
-void scores_plain(const Rows<T>& rows, const float* q, int64_t group, int64_t dim, int64_t len,
-                  float* scores) {
-  for (int64_t t = 0; t < len; ++t) {
-    const T* k = rows.k_row(t);
-    for (int64_t g = 0; g < group; ++g) {
-      float s = 0.f;
-      for (int64_t d = 0; d < dim; ++d) s += q[g * dim + d] * to_float(k[d]);
-      scores[g * len + t] = s;
+void scores_plain(const Item<T>& it, const float* q, float* scores) {
+  for (int64_t t = 0; t < it.len; ++t)
+    for (int64_t h = 0; h < it.kv_heads; ++h) {
+      const T* k = it.row(t, h);
+      for (int64_t g = 0; g < it.group; ++g) {
+        const int64_t j = h * it.group + g;
+        float s = 0.f;
+        for (int64_t d = 0; d < it.dim; ++d) s += q[j * it.dim + d] * to_float(k[d]);
+        scores[j * it.len + t] = s;
+      }
     }
-  }
 }
 
+// acc [kv_heads * group][dim] = p . v
 template <typename T>
-void values_plain(const Rows<T>& rows, const float* p, int64_t group, int64_t dim, int64_t len,
-                  float* acc) {
-  std::fill(acc, acc + group * dim, 0.f);
-  for (int64_t t = 0; t < len; ++t) {
-    const T* v = rows.k_row(t) + rows.kv_offset;
-    for (int64_t g = 0; g < group; ++g) {
-      const float w = p[g * len + t];
-      for (int64_t d = 0; d < dim; ++d) acc[g * dim + d] += w * to_float(v[d]);
+void values_plain(const Item<T>& it, const float* p, float* acc) {
+  std::fill(acc, acc + it.kv_heads * it.group * it.dim, 0.f);
+  for (int64_t t = 0; t < it.len; ++t)
+    for (int64_t h = 0; h < it.kv_heads; ++h) {
+      const T* v = it.row(t, h) + it.kv_offset;
+      for (int64_t g = 0; g < it.group; ++g) {
+        const int64_t j = h * it.group + g;
+        const float w = p[j * it.len + t];
+        for (int64_t d = 0; d < it.dim; ++d) acc[j * it.dim + d] += w * to_float(v[d]);
+      }
     }
-  }
 }
 
 // Turns scores into probabilities in place.
@@ -94,41 +113,47 @@ inline __m512 load16(const c10::Half* p) {
 }
 
 constexpr int64_t kMaxChunks = 16;  // head_dim up to 256
-constexpr int64_t kMaxLanes = 64;   // query heads per KV head x chunks held at once
 
 // Each K row is loaded (and converted) once for all the query heads that share it.
 template <typename T>
-void scores_avx512(const Rows<T>& rows, const float* q, int64_t group, int64_t dim, int64_t len,
-                   float* scores) {
-  const int64_t chunks = dim / 16;
-  __m512 qv[kMaxLanes], kv[kMaxChunks];
-  for (int64_t i = 0; i < group * chunks; ++i) qv[i] = _mm512_loadu_ps(q + 16 * i);
-  for (int64_t t = 0; t < len; ++t) {
-    const T* k = rows.k_row(t);
-    for (int64_t c = 0; c < chunks; ++c) kv[c] = load16(k + 16 * c);
-    for (int64_t g = 0; g < group; ++g) {
-      __m512 a = _mm512_mul_ps(qv[g * chunks], kv[0]);
-      for (int64_t c = 1; c < chunks; ++c) a = _mm512_fmadd_ps(qv[g * chunks + c], kv[c], a);
-      scores[g * len + t] = _mm512_reduce_add_ps(a);
+void scores_avx512(const Item<T>& it, const float* q, float* scores) {
+  const int64_t chunks = it.dim / 16;
+  __m512 kv[kMaxChunks];
+  for (int64_t t = 0; t < it.len; ++t) {
+    it.prefetch_next_block(t, 0);
+    for (int64_t h = 0; h < it.kv_heads; ++h) {
+      const T* k = it.row(t, h);
+      for (int64_t c = 0; c < chunks; ++c) kv[c] = load16(k + 16 * c);
+      for (int64_t g = 0; g < it.group; ++g) {
+        const int64_t j = h * it.group + g;
+        const float* qj = q + j * it.dim;
+        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qj), kv[0]);
+        for (int64_t c = 1; c < chunks; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(qj + 16 * c), kv[c], a);
+        scores[j * it.len + t] = _mm512_reduce_add_ps(a);
+      }
     }
   }
 }
 
 template <typename T>
-void values_avx512(const Rows<T>& rows, const float* p, int64_t group, int64_t dim, int64_t len,
-                   float* acc) {
-  const int64_t chunks = dim / 16;
-  __m512 a[kMaxLanes], vv[kMaxChunks];
-  for (int64_t i = 0; i < group * chunks; ++i) a[i] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < len; ++t) {
-    const T* v = rows.k_row(t) + rows.kv_offset;
-    for (int64_t c = 0; c < chunks; ++c) vv[c] = load16(v + 16 * c);
-    for (int64_t g = 0; g < group; ++g) {
-      const __m512 w = _mm512_set1_ps(p[g * len + t]);
-      for (int64_t c = 0; c < chunks; ++c) a[g * chunks + c] = _mm512_fmadd_ps(w, vv[c], a[g * chunks + c]);
+void values_avx512(const Item<T>& it, const float* p, float* acc) {
+  const int64_t chunks = it.dim / 16;
+  std::fill(acc, acc + it.kv_heads * it.group * it.dim, 0.f);
+  __m512 vv[kMaxChunks];
+  for (int64_t t = 0; t < it.len; ++t) {
+    it.prefetch_next_block(t, it.kv_offset);
+    for (int64_t h = 0; h < it.kv_heads; ++h) {
+      const T* v = it.row(t, h) + it.kv_offset;
+      for (int64_t c = 0; c < chunks; ++c) vv[c] = load16(v + 16 * c);
+      for (int64_t g = 0; g < it.group; ++g) {
+        const int64_t j = h * it.group + g;
+        const __m512 w = _mm512_set1_ps(p[j * it.len + t]);
+        float* aj = acc + j * it.dim;
+        for (int64_t c = 0; c < chunks; ++c)
+          _mm512_storeu_ps(aj + 16 * c, _mm512_fmadd_ps(w, vv[c], _mm512_loadu_ps(aj + 16 * c)));
+      }
     }
   }
-  for (int64_t i = 0; i < group * chunks; ++i) _mm512_storeu_ps(acc + 16 * i, a[i]);
 }
 
 // e^x for x <= 0, 16 at a time: Cephes' expf polynomial (within 2 ulp of std::exp).
@@ -168,9 +193,10 @@ void softmax_avx512(float* s, int64_t len) {
     s[t] = std::exp(s[t] - mx);
     sum += s[t];
   }
-  const __m512 inv = _mm512_set1_ps(1.f / sum);
-  for (int64_t t = 0; t < whole; t += 16) _mm512_storeu_ps(s + t, _mm512_mul_ps(_mm512_loadu_ps(s + t), inv));
-  for (int64_t t = whole; t < len; ++t) s[t] *= 1.f / sum;
+  const float inv = 1.f / sum;
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (int64_t t = 0; t < whole; t += 16) _mm512_storeu_ps(s + t, _mm512_mul_ps(_mm512_loadu_ps(s + t), vinv));
+  for (int64_t t = whole; t < len; ++t) s[t] *= inv;
 }
 #endif
 
@@ -183,41 +209,45 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& ca
   const int64_t width = block_tables.size(1);
   const T* q_ptr = q.data_ptr<T>();
   T* out_ptr = out.data_ptr<T>();
+  const T* cache_ptr = cache.data_ptr<T>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   const float fscale = static_cast<float>(scale);
 #ifdef __AVX512F__
-  const bool vector = dim % 16 == 0 && dim / 16 * group <= kMaxLanes;
+  const bool vector = dim % 16 == 0 && dim / 16 <= kMaxChunks;
 #endif
+  // whole requests per item when there are enough of them for the threads; else split heads
+  const int64_t splits = std::min(num_kv_heads, (at::get_num_threads() + batch - 1) / batch);
+  const int64_t heads_per_item = (num_kv_heads + splits - 1) / splits;
 
-  at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * dim), acc(group * dim), scores;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / num_kv_heads, h = item % num_kv_heads, len = lens[b];
-      const Rows<T> rows{cache.data_ptr<T>(), tables + b * width, cache.size(2), cache.stride(0),
-                         cache.stride(2), h * cache.stride(3), cache.stride(1)};
-      scores.resize(group * len);
-      for (int64_t i = 0; i < group * dim; ++i)
-        qf[i] = to_float(q_ptr[(b * num_heads + h * group) * dim + i]) * fscale;
+  at::parallel_for(0, batch * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf, acc, scores;
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t b = index / splits, h0 = index % splits * heads_per_item;
+      const int64_t kv_heads = std::min(heads_per_item, num_kv_heads - h0);
+      if (kv_heads <= 0) continue;
+      const Item<T> it{cache_ptr, tables + b * width, cache.size(2), cache.stride(0), cache.stride(2),
+                       cache.stride(3), cache.stride(1), h0, kv_heads, group, dim, lens[b]};
+      const int64_t nq = kv_heads * group;
+      const T* qrow = q_ptr + (b * num_heads + h0 * group) * dim;
+      qf.resize(nq * dim);
+      acc.resize(nq * dim);
+      scores.resize(nq * it.len);
+      for (int64_t i = 0; i < nq * dim; ++i) qf[i] = to_float(qrow[i]) * fscale;
 #ifdef __AVX512F__
-      if (vector) scores_avx512(rows, qf.data(), group, dim, len, scores.data());
-      else
+      if (vector) {
+        scores_avx512(it, qf.data(), scores.data());
+        for (int64_t j = 0; j < nq; ++j) softmax_avx512(scores.data() + j * it.len, it.len);
+        values_avx512(it, scores.data(), acc.data());
+      } else
 #endif
-        scores_plain(rows, qf.data(), group, dim, len, scores.data());
-      for (int64_t g = 0; g < group; ++g) {
-#ifdef __AVX512F__
-        if (vector) softmax_avx512(scores.data() + g * len, len);
-        else
-#endif
-          softmax_plain(scores.data() + g * len, len);
+      {
+        scores_plain(it, qf.data(), scores.data());
+        for (int64_t j = 0; j < nq; ++j) softmax_plain(scores.data() + j * it.len, it.len);
+        values_plain(it, scores.data(), acc.data());
       }
-#ifdef __AVX512F__
-      if (vector) values_avx512(rows, scores.data(), group, dim, len, acc.data());
-      else
-#endif
-        values_plain(rows, scores.data(), group, dim, len, acc.data());
-      T* o = out_ptr + (b * num_heads + h * group) * dim;
-      for (int64_t i = 0; i < group * dim; ++i) o[i] = static_cast<T>(acc[i]);
+      T* o = out_ptr + (b * num_heads + h0 * group) * dim;
+      for (int64_t i = 0; i < nq * dim; ++i) o[i] = static_cast<T>(acc[i]);
     }
   });
 }
