@@ -4,7 +4,8 @@
 
 Three deployments of the same model over the same 2 cores:
   disagg-1p1d     1 prefill + 1 decode instance, 1 thread each, pinned to a core each
-  colocated-1x2   1 colocated instance with 2 threads
+  colocated-1x2   1 colocated instance with 2 threads (its own process, like the others: an
+                  engine inside the HTTP server's process shares the GIL with it)
   colocated-2x1   2 colocated instances with 1 thread each
 The TPOT SLO is derived from the decode step of a single request with a mean-length prompt,
 measured here on 1 thread, and the TTFT SLO from the same request's prefill time. Each deployment is served
@@ -29,11 +30,11 @@ RESULTS = ROOT / "benchmarks/results"
 DEPLOYMENTS = {
     "disagg-1p1d": ["--prefill-instances", "1", "--decode-instances", "1",
                     "--prefill-threads", "1", "--decode-threads", "1"],
-    "colocated-1x2": ["--num-threads", "2"],
+    "colocated-1x2": ["--mode", "colocated", "--instances", "1", "--num-threads", "2"],
     "colocated-2x1": ["--mode", "colocated", "--instances", "2", "--num-threads", "1"],
 }
 # mean prompt tokens of each workload with SmolLM2's tokenizer (from `distserve bench --dry-run`)
-WORKLOADS = {"longbench": {"prompt_len": 1700}, "sharegpt": {"prompt_len": 300}}
+WORKLOADS = {"longbench": {"prompt_len": 1700}, "sharegpt": {"prompt_len": 700}}
 
 
 def calibrate(prompt_len: int) -> dict:
@@ -85,7 +86,10 @@ def main(argv=None) -> int:
         args.num_prompts, args.rate_fractions = 10, "0.4,0.8,1.6"
     fractions = [float(f) for f in args.rate_fractions.split(",")]
     RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "disagg_vs_colocated.json"
     report = {"machine_cores": os.cpu_count(), "workloads": {}}
+    if out.exists():  # a run of one workload keeps the other's recorded results
+        report["workloads"] = json.loads(out.read_text()).get("workloads", {})
     tmp = pathlib.Path(tempfile.mkdtemp())
     for workload in args.workloads.split(","):
         cal = calibrate(WORKLOADS[workload]["prompt_len"])
@@ -95,7 +99,9 @@ def main(argv=None) -> int:
         print(f"[{workload}] decode step {cal['decode_step_s'] * 1e3:.1f} ms, prefill of "
               f"{cal['prompt_len']} tokens {cal['prefill_s']:.2f} s -> TTFT SLO {slo['ttft']:.2f} s, "
               f"TPOT SLO {slo['tpot'] * 1e3:.1f} ms; rates {[round(r, 3) for r in rates]}", flush=True)
-        entry = {"calibration": cal, "slo": slo, "rates": rates, "deployments": {}}
+        entry = {"calibration": cal, "slo": slo, "tpot_factor": args.tpot_factor,
+                 "ttft_factor": args.ttft_factor, "num_prompts": args.num_prompts, "rates": rates,
+                 "deployments": {}}
         for name in args.deployments.split(","):
             port = free_port()
             proc = start_server(["--kv-cache-memory", "1", *DEPLOYMENTS[name]], port,
@@ -114,8 +120,7 @@ def main(argv=None) -> int:
         entry["disagg_over_best_colocated"] = disagg / best_colocated if best_colocated else None
         report["workloads"][workload] = entry
         plot(workload, entry, RESULTS / f"disagg_vs_colocated_{workload}.png")
-    out = RESULTS / "disagg_vs_colocated.json"
-    out.write_text(json.dumps(report, indent=2))
+        out.write_text(json.dumps(report, indent=2))  # after each workload: a later one may fail
     print_table(report)
     print(f"saved {out}")
     return 0

@@ -148,6 +148,9 @@ def bench_model(label: str, ours: LLM, hf, batches: list[int], prompt_len: int,
                 new_tokens: int, repeats: int) -> dict:
     # transformers lists a tied embedding once: these are the bytes a decode step reads
     weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+    c = hf.config  # K and V bytes per token of context, read again at every decode step
+    kv_bytes_per_token = (2 * c.num_hidden_layers * c.num_key_value_heads
+                          * (c.hidden_size // c.num_attention_heads) * 2)
     base = ours.tokenizer.encode("The history of the city begins with a small market by the river. " * 40)
     clocks = {"distserve": lambda p, n: clock_ours(ours, p, n),
               "transformers": lambda p, n: clock_hf(hf, p, n)}
@@ -161,7 +164,8 @@ def bench_model(label: str, ours: LLM, hf, batches: list[int], prompt_len: int,
                   f" {r['prefill_tokens_per_s']:8.1f} tok/s", flush=True)
     step1 = next(r["decode_step_ms"] for r in rows if r["engine"] == "distserve" and r["batch"] == 1)
     return {"model": label, "weight_bytes": weight_bytes, "rows": rows,
-            "decode_step_b1_ms": step1,
+            "kv_bytes_per_token": kv_bytes_per_token, "prompt_len": prompt_len,
+            "new_tokens": new_tokens, "decode_step_b1_ms": step1,
             "decode_speedup_vs_transformers": {b: _ratio(rows, b) for b in batches}}
 
 
@@ -211,6 +215,7 @@ def main(argv=None) -> int:
     for m in results:
         m["bandwidth_floor_ms"] = m["weight_bytes"] / best_bw * 1e3
         m["step_over_floor"] = m["decode_step_b1_ms"] / m["bandwidth_floor_ms"]
+        m["batch32"] = batch32_floor(m, best_bw)
     report = {"machine": _cpu_name(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "transformers": transformers.__version__,
               "read_bandwidth_GBps": best_bw / 1e9,
@@ -223,11 +228,27 @@ def main(argv=None) -> int:
               ", ".join(f"batch {b}: {v:.2f}x" for b, v in s.items()) +
               f"; batch-1 step {m['decode_step_b1_ms']:.1f} ms = {m['step_over_floor']:.2f}x the "
               f"bandwidth floor ({m['bandwidth_floor_ms']:.1f} ms at {best_bw / 1e9:.1f} GB/s)")
+        b32 = m["batch32"]
+        print(f"  batch 32: step {b32['step_ms']:.1f} ms, floor {b32['floor_ms']:.1f} ms (weights + "
+              f"mean context K/V at {best_bw / 1e9:.1f} GB/s); 3x transformers needs "
+              f"{b32['step_for_3x_ms']:.1f} ms = {b32['step_for_3x_over_floor']:.2f}x the floor")
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"saved {out}")
     return 0
+
+
+def batch32_floor(m: dict, bandwidth: float) -> dict:
+    """What a batch-32 decode step must read at least: every weight once and every request's
+    K/V (mean context over the run), and the step that 3x transformers' throughput needs."""
+    row = lambda e: next(r for r in m["rows"] if r["engine"] == e and r["batch"] == 32)
+    context = m["prompt_len"] + m["new_tokens"] / 2
+    floor_s = (m["weight_bytes"] + 32 * context * m["kv_bytes_per_token"]) / bandwidth
+    target_ms = row("transformers")["decode_step_ms"] / 3
+    return {"step_ms": row("distserve")["decode_step_ms"], "floor_ms": floor_s * 1e3,
+            "step_for_3x_ms": target_ms, "step_for_3x_over_floor": target_ms / (floor_s * 1e3),
+            "step_over_floor": row("distserve")["decode_step_ms"] / (floor_s * 1e3)}
 
 
 def _cpu_name() -> str:

@@ -10,8 +10,8 @@ simulated, by rate) for our engine and our planner's simulator.
 
 1. Profile: `distserve profile` of the built-in SmolLM2 pinned to core 0 with one thread (what
    every instance below runs with), timed in CPU seconds (`--clock cpu`: another job's time
-   slices on the core are not counted), with mixed-context decode batches (our decode
-   attention pads to the longest context: the profile finds the "max" form) and the engine's
+   slices on the core are not counted), with mixed-context decode batches (the fit picks the
+   sum-of-contexts or padded "max" form, whichever the engine follows) and the engine's
    per-step overhead (scheduling, sampling, detokenisation) added to the fits. Cached in
    results/sim_vs_real_profile.json; --reuse-profile reuses it while the engine code hashes
    the same.
