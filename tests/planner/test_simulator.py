@@ -5,6 +5,8 @@ import time
 import numpy as np
 import pytest
 
+from helpers.naive_decode import naive_decode
+
 from distserve.planner.colocated import Colocated
 from distserve.planner.latency import PP_STAGE_MS, InstanceLatency, ProfileEntry, instance_latency
 from distserve.planner.memory import kv_capacity_tokens
@@ -70,27 +72,6 @@ def test_one_request_by_hand():
     assert r.tpot[0] == pytest.approx((100 * 1000 / 1e6 + steps) / 4)
     col = simulate(tr, Colocated(inst()))
     assert col.ttft[0] == pytest.approx(prefill) and col.tpot[0] == pytest.approx(steps / 4)
-
-
-def naive_decode(arrivals, ctx, steps, coeffs):
-    """Reference: one decode step at a time; joiners enter at the next step boundary."""
-    t, i, running, finish = 0.0, 0, {}, {}
-    n = len(arrivals)
-    while i < n or running:
-        if not running and i < n:
-            t = max(t, arrivals[i])
-        while i < n and arrivals[i] <= t:
-            running[i] = [ctx[i] + 1, steps[i]]
-            i += 1
-        a, b, c = coeffs(len(running))
-        t += a + b * sum(v[0] for v in running.values()) + c * len(running)
-        for r in list(running):
-            running[r][0] += 1
-            running[r][1] -= 1
-            if running[r][1] == 0:
-                finish[r] = t
-                del running[r]
-    return np.array([finish[r] for r in range(n)])
 
 
 def test_closed_form_segments_match_step_by_step():

@@ -5,6 +5,8 @@ two forms apart and adds the engine's per-step overhead, and simulating an expli
 import numpy as np
 import pytest
 
+from helpers.naive_decode import naive_decode
+
 from distserve.planner.colocated import Colocated
 from distserve.planner.latency import (
     InstanceLatency,
@@ -42,27 +44,6 @@ def test_padded_decode_form_and_its_profile_round_trip():
         ProfileEntry((1, 2, 3), (1, 2, 3), (1, 2, 3), decode_context="mean")
 
 
-def naive_padded(arrivals, ctx, steps, coeffs):
-    """Reference: one decode step at a time, each costing a + b * B * (longest ctx + 1) + c * B."""
-    t, i, running, finish = 0.0, 0, {}, {}
-    n = len(arrivals)
-    while i < n or running:
-        if not running and i < n:
-            t = max(t, arrivals[i])
-        while i < n and arrivals[i] <= t:
-            running[i] = [ctx[i] + 1, steps[i]]
-            i += 1
-        a, b, c = coeffs(len(running))
-        t += a + b * len(running) * max(v[0] for v in running.values()) + c * len(running)
-        for r in list(running):
-            running[r][0] += 1
-            running[r][1] -= 1
-            if running[r][1] == 0:
-                finish[r] = t
-                del running[r]
-    return np.array([finish[r] for r in range(n)])
-
-
 def test_padded_closed_form_segments_match_step_by_step():
     rng = np.random.default_rng(5)
     n = 300
@@ -73,7 +54,7 @@ def test_padded_closed_form_segments_match_step_by_step():
 
     def coeffs(b):
         return tuple(x * 1e-3 for x in (entry.decode_small if b < 8 else entry.decode_large))
-    finish = naive_padded(list(arr), list(ins), list(outs - 1), coeffs)
+    finish = naive_decode(list(arr), list(ins), list(outs - 1), coeffs, padded=True)
     np.testing.assert_allclose(r.ttft + arr + r.tpot * (outs - 1), finish, rtol=1e-9, atol=1e-9)
     # padding costs more than paged attention when the contexts differ
     paged = ProfileEntry(entry.prefill, entry.decode_small, entry.decode_large, 8)
