@@ -23,6 +23,9 @@ from sim_vs_real_config import (
     PROBE_REQUESTS,
     WORKLOADS,
 )
+from sim_vs_real_trace import read_traces, summarise
+
+from distserve.cluster.step_trace import ENV as STEP_TRACE
 
 
 def start_server(flags: list[str], port: int, log_path: pathlib.Path) -> tuple[subprocess.Popen, int]:
@@ -76,12 +79,18 @@ def instance_pids(pid: int) -> dict[int, str]:
 
 
 def run_real(name: str, workload: str, rates: list[float], slo: dict, n: int, seed: int,
-             out: pathlib.Path, tmp: pathlib.Path) -> dict:
+             out: pathlib.Path, tmp: pathlib.Path, entry) -> dict:
     """One server; one `distserve bench` per rate (seed + i at the i-th rate, as a sweep
     would), with the CPU time of the server process (HTTP, controller), of the bench client
-    and of each instance process over the run."""
+    and of each instance process over the run, and the instances' model steps over the run
+    against the profile `entry` (their step traces)."""
     port = free_port()
-    proc, blocks = start_server(DEPLOYMENTS[name], port, tmp / f"{name}.log")
+    traces = tmp / f"traces-{name}"
+    os.environ[STEP_TRACE] = str(traces)   # the instances log their steps (inherited)
+    try:
+        proc, blocks = start_server(DEPLOYMENTS[name], port, tmp / f"{name}.log")
+    finally:
+        del os.environ[STEP_TRACE]
     runs = []
     try:
         roles = instance_pids(proc.pid)
@@ -121,6 +130,7 @@ def run_real(name: str, workload: str, rates: list[float], slo: dict, n: int, se
                 print("".join(lines)[-4000:])
                 raise RuntimeError(f"[{name}] bench at {rate:g} req/s failed (exit {bench.returncode})")
             run = json.loads(path.read_text())
+            run["_trace"] = summarise(read_traces(traces, t, t + wall), entry, wall)
             ours = sum(cpu1[p] - cpu0[p] for p in cpu0) + usage.ru_utime + usage.ru_stime
             run["_cpu"] = {"bench_s": usage.ru_utime + usage.ru_stime - (bench0 or 0.0),
                            "others_cores": max(machine - ours, 0.0) / wall,

@@ -19,6 +19,7 @@ import torch
 import zmq
 
 from distserve.cluster import messages as m
+from distserve.cluster.step_trace import StepTrace
 from distserve.config import EngineConfig
 from distserve.engine.colocated import ColocatedEngine
 from distserve.engine.decode import DecodeEngine, Migration
@@ -59,6 +60,9 @@ class InstanceLoop:
             worker = load_worker(config)
             self.engine = ColocatedEngine(config, worker)
         self.worker = worker
+        self.trace = StepTrace.from_env(instance_id)
+        if self.trace is not None:
+            worker.runner.on_step = self.trace.step
         self.endpoints: dict[str, KVEndpoint] = {}
         self.transfer_bytes, self.transfer_seconds, self.num_transfers = 0, 0.0, 0
         self._last_stats = 0.0
@@ -107,6 +111,8 @@ class InstanceLoop:
     def _apply(self, cmd) -> None:
         e = self.engine
         if isinstance(cmd, m.AddRequest):
+            if self.trace is not None:
+                self.trace.received(cmd.request_id, cmd.arrival_time, len(cmd.prompt_token_ids))
             try:
                 if self.role == "prefill":
                     e.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.arrival_time)
@@ -130,6 +136,8 @@ class InstanceLoop:
             outputs, tickets = self.engine.step()
             if outputs:
                 self._send(m.Outputs(self.instance_id, outputs))
+                if self.trace is not None:
+                    self.trace.sent([o.request_id for o in outputs])
             if tickets:
                 self._send(m.Tickets(self.instance_id, tickets))
             return
@@ -156,7 +164,7 @@ class InstanceLoop:
 
     def close(self) -> None:
         self._maybe_send_stats(force=True)
-        for closable in (self.source, self.puller):
+        for closable in (self.source, self.puller, self.trace):
             if closable is not None:
                 closable.close()
         self.out.close()

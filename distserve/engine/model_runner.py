@@ -4,7 +4,9 @@ Knows nothing of queues or HTTP: requests in, logits out.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -26,12 +28,19 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = device
+        # called as on_step(start, end, prefills, decodes) after each run (a step trace)
+        self.on_step: Callable | None = None
 
     @torch.inference_mode()
     def run(self, prefills: list[tuple[Request, int]], decodes: list[Request]) -> StepResult:
+        start = time.monotonic()
         input_ids, positions, meta, logit_rows, sampled = self._prepare(prefills, decodes)
         hidden = self.model(input_ids, positions, self.kv_cache, meta)
         logits = self.model.compute_logits(hidden[logit_rows]) if sampled else None
+        if self.on_step is not None:
+            if logits is not None and logits.device.type == "cuda":
+                torch.cuda.synchronize(logits.device)
+            self.on_step(start, time.monotonic(), prefills, decodes)
         return StepResult(logits, sampled)
 
     @torch.inference_mode()

@@ -47,13 +47,15 @@ def build_decode_mask(context_lens: torch.Tensor, num_slots: int, dtype: torch.d
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     layer_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float) -> torch.Tensor:
+                    scale: float, cache_written: bool = False) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D], layer_cache [num_blocks, 2, block_size, Hkv, D].
 
-    Returns the attention output [T, Hq, D].
+    Returns the attention output [T, Hq, D]. `cache_written`: k and v are in their cache
+    slots already (the fused rotary kernel put them there).
     """
-    layer_cache[meta.slot_blocks, 0, meta.slot_offsets] = k
-    layer_cache[meta.slot_blocks, 1, meta.slot_offsets] = v
+    if not cache_written:
+        layer_cache[meta.slot_blocks, 0, meta.slot_offsets] = k
+        layer_cache[meta.slot_blocks, 1, meta.slot_offsets] = v
     if not meta.prefills:
         return _decode_attention(q, layer_cache, meta, scale)
     out = torch.empty_like(q)

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from distserve.models import fused
 from distserve.models.attention import AttentionMetadata, paged_attention
 from distserve.models.layers import RMSNorm, RotaryEmbedding, apply_rotary
 from distserve.models.weights import load_weights
@@ -67,6 +67,11 @@ class LlamaAttention(nn.Module):
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], layer_cache,
                 meta: AttentionMetadata):
         heads = self.qkv_proj(x).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        if fused.rotary_cache_write(heads, *rope, layer_cache, meta.slot_blocks, meta.slot_offsets,
+                                    self.num_heads):
+            q, k, v = heads.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+            o = paged_attention(q, k, v, layer_cache, meta, self.scale, cache_written=True)
+            return self.o_proj(o.reshape(-1, self.q_size))
         qk_heads = self.num_heads + self.num_kv_heads  # q and k are adjacent: rotate both at once
         q, k = apply_rotary(heads[:, :qk_heads], *rope).split([self.num_heads, self.num_kv_heads], dim=1)
         o = paged_attention(q, k, heads[:, qk_heads:], layer_cache, meta, self.scale)
@@ -80,8 +85,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -92,9 +96,16 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.mlp = LlamaMLP(a)
 
-    def forward(self, x, rope, layer_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), rope, layer_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rope, layer_cache, meta):
+        """(this layer's output, the residual stream before it is added): adding it is left
+        to the next norm, which fuses the add (vLLM's layout)."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, rope, layer_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -122,9 +133,10 @@ class LlamaForCausalLM(nn.Module):
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary.cos_sin(positions, x.dtype)
+        residual = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, kv_cache[:, i], meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, kv_cache[:, i], meta)
+        return self.norm(x, residual)[0] if residual is not None else self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -1,13 +1,15 @@
-"""Builds and loads the C++ paged decode-attention kernel for CPUs, once per machine.
+"""Builds and loads the C++ kernels for CPUs, once per machine: paged decode attention and the
+Llama layer's fused elementwise steps (csrc/fused_ops.cpp, used through models/fused.py).
 
-The kernel (csrc/paged_attention.cpp) reads each request's K/V from the cache blocks in
-place; the torch path copies them into a padded tensor first. It is compiled on first use
+The attention kernel (csrc/paged_attention.cpp) reads each request's K/V from the cache
+blocks in place; the torch path copies them into a padded tensor first. It is compiled on first use
 with the machine's C++ compiler (cached by torch under ~/.cache/torch_extensions) and the
 engine falls back to the torch path, with one warning, where that is not possible.
 DISTSERVE_PAGED_KERNEL=0 turns it off.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pathlib
@@ -16,7 +18,8 @@ import threading
 import torch
 
 log = logging.getLogger(__name__)
-_SOURCE = pathlib.Path(__file__).parent / "csrc" / "paged_attention.cpp"
+_CSRC = pathlib.Path(__file__).parent / "csrc"
+_SOURCES = [_CSRC / "paged_attention.cpp", _CSRC / "fused_ops.cpp"]
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 
@@ -35,13 +38,16 @@ def _load() -> bool:
         return False
     try:
         from torch.utils import cpp_extension
+        # torch rebuilds when a source changes, not a header: the digest of all of them does
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(_CSRC.iterdir()))).hexdigest()[:12]
         cpp_extension.load(
-            name="distserve_paged_attention", sources=[str(_SOURCE)], is_python_module=False,
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fopenmp-simd"],
+            name="distserve_cpu_kernels", sources=[str(p) for p in _SOURCES], is_python_module=False,
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fopenmp-simd", f"-DDISTSERVE_CSRC={digest}"],
             extra_ldflags=["-fopenmp"], verbose=False)
-        return hasattr(torch.ops.distserve_cpu, "paged_decode_attention")
+        return all(hasattr(torch.ops.distserve_cpu, op) for op in
+                   ("paged_decode_attention", "add_rms_norm_", "silu_mul", "rotary_cache_write"))
     except Exception as exc:  # no compiler, no ninja, or a build error: the torch path works
-        log.warning("paged attention kernel unavailable, using the torch path: %s", exc)
+        log.warning("CPU kernels unavailable, using the torch path: %s", exc)
         return False
 
 

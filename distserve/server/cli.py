@@ -1,8 +1,10 @@
 """`distserve serve [MODEL]`: a deployment behind the OpenAI-compatible API.
 
-Default: one colocated engine in this process. `--prefill-instances N --decode-instances M`
-starts a disaggregated deployment (one process per instance, KV pulled over --transfer);
-`--mode colocated --instances K` starts K colocated instance processes (the baseline).
+Default: one colocated engine in its own process, on every core (`--instances 0` keeps it in
+the server's process, where its thread shares the interpreter lock with the HTTP loop: under
+load the steps stretch). `--prefill-instances N --decode-instances M` starts a disaggregated
+deployment (one process per instance, KV pulled over --transfer); `--mode colocated
+--instances K` starts K colocated instance processes (the baseline).
 Everything loads before the port opens, so /health answers 200 as soon as anyone can reach it.
 """
 from __future__ import annotations
@@ -38,8 +40,9 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
                    "JSON): deploys its prefill and decode instance counts and batching limits")
     g.add_argument("--mode", choices=["colocated", "disaggregated"], default=None,
                    help="default: disaggregated when --prefill/--decode-instances are given")
-    g.add_argument("--instances", type=int, default=0,
-                   help="colocated instance processes (0: one engine inside the server)")
+    g.add_argument("--instances", type=int, default=None,
+                   help="colocated instance processes (default 1), sharing the cores unless "
+                        "--num-threads says otherwise (0: one engine inside the server's process)")
     g.add_argument("--prefill-instances", type=int, default=0)
     g.add_argument("--decode-instances", type=int, default=0)
     g.add_argument("--prefill-threads", type=int, default=None, help="threads per prefill instance")
@@ -68,11 +71,13 @@ def deployment_from_args(args: argparse.Namespace, config):
     if mode == "colocated":
         if args.prefill_instances or args.decode_instances:
             raise ValueError("--prefill-instances/--decode-instances need --mode disaggregated")
-        if args.instances == 0:
+        instances = 1 if args.instances is None else args.instances
+        if instances < 0:
+            raise ValueError(f"--instances must be >= 0, got {instances}")
+        if instances == 0:
             return None
-        if args.instances < 0:
-            raise ValueError(f"--instances must be >= 0, got {args.instances}")
-        return Deployment(config, "colocated", colocated=PhaseSettings(args.instances),
+        threads = config.num_threads or max(1, _num_cores() // instances)
+        return Deployment(config, "colocated", colocated=PhaseSettings(instances, threads),
                           pin_cpus=not args.no_pin_cpus)
     if args.prefill_instances < 1 or args.decode_instances < 1:
         raise ValueError("a disaggregated deployment needs --prefill-instances >= 1 and "
@@ -88,9 +93,13 @@ def deployment_from_args(args: argparse.Namespace, config):
                       transfer=args.transfer, pin_cpus=not args.no_pin_cpus)
 
 
+def _num_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _deployment_from_plan(args: argparse.Namespace, config):
     from distserve.planner.plan import Plan
-    if args.prefill_instances or args.decode_instances or args.instances or args.mode:
+    if args.prefill_instances or args.decode_instances or args.instances is not None or args.mode:
         raise ValueError("--plan sets the deployment; drop --mode/--instances/"
                          "--prefill-instances/--decode-instances")
     plan = Plan.load(args.plan)

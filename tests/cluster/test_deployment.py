@@ -40,3 +40,26 @@ def test_messages_round_trip_and_reject_other_bytes():
     import pickle
     with pytest.raises(Exception):
         m.decode_for_controller(pickle.dumps({"not": "allowed"}))
+
+
+def test_serve_runs_its_engine_in_its_own_process_by_default():
+    """In the server's process the engine's thread shares the interpreter lock with the HTTP
+    loop; `--instances 0` still asks for that."""
+    import os
+
+    from distserve.cli import build_parser, engine_config_from_args
+    from distserve.server.cli import deployment_from_args
+
+    def deployment(*flags):
+        args = build_parser().parse_args(["serve", *flags])
+        return deployment_from_args(args, engine_config_from_args(args, None))
+
+    default = deployment()
+    assert default.mode == "colocated" and [s.role for s in default.specs] == ["colocated"]
+    assert default.specs[0].config.num_threads == len(os.sched_getaffinity(0))
+    assert deployment("--num-threads", "1").specs[0].config.num_threads == 1
+    assert deployment("--instances", "0") is None
+    two = deployment("--instances", "2", "--no-pin-cpus")
+    assert [s.config.num_threads for s in two.specs] == [max(1, len(os.sched_getaffinity(0)) // 2)] * 2
+    with pytest.raises(ValueError, match="--instances"):
+        deployment("--instances", "-1")
