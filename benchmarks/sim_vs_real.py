@@ -108,11 +108,16 @@ def print_tables(report: dict) -> None:
               "measured / profiled step time per phase) plus the run's mean serving-path latency:")
         for n, r in timed:
             a = r["at_run_speed"]
+            warped = (f"; with its slow spells replayed ({100 * a['slow_share']:.0f}% of seconds >1.3x): sim "
+                      f"{pct(a['sim_warped']['attainment'])} diff {a['diff_warped_pp']:5.1f} pp" if "sim_warped" in a else "")
             print(f"  {n:<9} {r['rate']:6g} req/s: real {pct(r['real']['attainment'])} sim {pct(a['sim']['attainment'])}"
                   f"  diff {a['diff_pp']:5.1f} pp   steps x prefill {a['speed']['prefill']:.2f}, decode "
-                  f"{a['speed']['decode']:.2f}; serving path +{1e3 * a['serving_latency_s']:.0f} ms")
+                  f"{a['speed']['decode']:.2f}; serving path +{1e3 * a['serving_latency_s']:.0f} ms" + warped)
         worst_t = max(r["at_run_speed"]["diff_pp"] for _, r in timed)
         print(f"largest difference at the runs' own speed: {worst_t:.1f} pp")
+        warped = [r["at_run_speed"]["diff_warped_pp"] for _, r in timed if "diff_warped_pp" in r["at_run_speed"]]
+        if warped:
+            print(f"largest difference with the slow spells replayed too: {max(warped):.1f} pp")
     print("\nProbe (requests one at a time): serving-path latency added to simulated TTFTs; "
           "real single-request TPOT / the profile's decode step (1.00: the profile holds)")
     for n in names:

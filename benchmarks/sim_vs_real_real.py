@@ -23,7 +23,7 @@ from sim_vs_real_config import (
     PROBE_REQUESTS,
     WORKLOADS,
 )
-from sim_vs_real_trace import read_traces, summarise
+from sim_vs_real_trace import read_traces, speed_timeline, summarise
 
 from distserve.cluster.step_trace import ENV as STEP_TRACE
 
@@ -130,7 +130,9 @@ def run_real(name: str, workload: str, rates: list[float], slo: dict, n: int, se
                 print("".join(lines)[-4000:])
                 raise RuntimeError(f"[{name}] bench at {rate:g} req/s failed (exit {bench.returncode})")
             run = json.loads(path.read_text())
-            run["_trace"] = summarise(read_traces(traces, t, t + wall), entry, wall)
+            window = read_traces(traces, t, t + wall)
+            run["_trace"] = summarise(window, entry, wall)
+            run["_speed_timeline"] = speed_timeline(window, entry, run["num_requests"])
             ours = sum(cpu1[p] - cpu0[p] for p in cpu0) + usage.ru_utime + usage.ru_stime
             run["_cpu"] = {"bench_s": usage.ru_utime + usage.ru_stime - (bench0 or 0.0),
                            "others_cores": max(machine - ours, 0.0) / wall,

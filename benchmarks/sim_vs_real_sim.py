@@ -105,6 +105,44 @@ def scaled(entry: ProfileEntry, k: float, k_decode: float | None = None) -> Prof
                         tuple(kd * x for x in entry.decode_large), entry.threshold, entry.decode_context)
 
 
+class TimeWarp:
+    """Wall time <-> machine time for a machine whose speed varies: a bin where steps ran w
+    times slower than the mean passes 1/w of machine time per second. Simulating in machine
+    time and mapping back replays the run's slow spells on every instance at once."""
+
+    def __init__(self, warp: list[float], bin_s: float) -> None:
+        w = np.clip(np.asarray(warp, float), 0.2, 5.0)
+        self.bin_s = bin_s
+        self.wall = np.arange(len(w) + 1) * bin_s
+        self.machine = np.concatenate([[0.0], np.cumsum(bin_s / w)])
+
+    def to_machine(self, t: np.ndarray) -> np.ndarray:
+        return self._map(t, self.wall, self.machine)
+
+    def to_wall(self, m: np.ndarray) -> np.ndarray:
+        return self._map(m, self.machine, self.wall)
+
+    @staticmethod
+    def _map(x, xs, ys):
+        x = np.asarray(x, float)
+        inside = np.interp(x, xs, ys)
+        past = ys[-1] + (x - xs[-1])   # after the last bin: the mean speed
+        return np.where(x > xs[-1], past, inside)
+
+
+def simulate_warped(trace: Trace, dep, warp: TimeWarp):
+    """TTFT and TPOT (wall seconds) of `trace` simulated in the warp's machine time."""
+    moved = Trace(warp.to_machine(trace.arrival), trace.input_len, trace.output_len)
+    sim = simulate(moved, dep)
+    out = trace.output_len.astype(float)
+    first_m = moved.arrival + sim.ttft
+    last_m = first_m + sim.tpot * np.maximum(out - 1, 0)
+    first, last = warp.to_wall(first_m), warp.to_wall(last_m)
+    ttft = np.where(np.isfinite(sim.ttft), first - trace.arrival, np.inf)
+    tpot = np.where(np.isfinite(sim.tpot) & (out > 1), (last - first) / np.maximum(out - 1, 1), sim.tpot)
+    return ttft, tpot
+
+
 def at_run_speed(name: str, entry: ProfileEntry, kv: int, run: dict):
     """The simulated deployment with the profile rescaled to the speed the run's own model
     steps ran at (from the instances' step traces), and the mean serving-path latency of the
@@ -194,6 +232,12 @@ def compare(name: str, doc: dict, entry, slo: dict, lengths: Lengths, seeds: int
             s2 = stats(sim_s2.ttft + d_run, sim_s2.tpot, slo)
             at_speed = {"speed": speed, "serving_latency_s": d_run, "sim": s2,
                         "diff_pp": 100 * abs(real["attainment"] - s2["attainment"])}
+            timeline = run.get("_speed_timeline")
+            if timeline:
+                ttft_w, tpot_w = simulate_warped(trace, dep_s, TimeWarp(timeline["warp"], timeline["bin_s"]))
+                s3 = stats(ttft_w + d_run, tpot_w, slo)
+                at_speed.update(sim_warped=s3, diff_warped_pp=100 * abs(real["attainment"] - s3["attainment"]),
+                                slow_share=float(np.mean(np.asarray(timeline["warp"]) > 1.3)))
         tokens = sum(r["output_len"] for r in run["requests"] if r["success"])
         cpu = run.get("_cpu") or {}
         rows.append({"rate": run["request_rate"], "n": len(trace), "failed": run.get("num_failed", 0),

@@ -24,6 +24,19 @@ def read_traces(folder: pathlib.Path, start: float, end: float) -> dict[str, lis
     return out
 
 
+_BACK_TO_BACK_S = 0.02
+
+
+def iterations(recs: list[dict]):
+    """(step record, seconds) per model step of one instance, where the seconds run to the next
+    step's start when that follows at once: an engine iteration, as the simulator times it
+    (sampling, detokenising, sending, a decode instance's KV pulls), not the model alone."""
+    steps = [r for r in recs if r["ev"] == "step"]
+    for r, nxt in zip(steps, steps[1:] + [None]):
+        gap = nxt["t0"] - r["t1"] if nxt is not None else None
+        yield r, (nxt["t0"] - r["t0"]) if gap is not None and gap < _BACK_TO_BACK_S else (r["t1"] - r["t0"])
+
+
 def _mean(xs) -> float | None:
     return statistics.fmean(xs) if xs else None
 
@@ -38,8 +51,8 @@ def summarise(traces: dict[str, list[dict]], entry, window_s: float) -> dict:
         recv = {r["id"]: r for r in recs if r["ev"] == "recv"}
         pre_ratio, dec_ratio, pre_ms, dec_ms, pre_pred, dec_pred = [], [], [], [], [], []
         first_step: dict[str, dict] = {}
-        for s in steps:
-            ms = (s["t1"] - s["t0"]) * 1e3
+        for s, seconds in iterations(recs):
+            ms = seconds * 1e3
             if s["prefill"] and not s["decode"]:
                 pred = entry.prefill_ms([n for _, n, _ in s["prefill"]])
                 pre_ratio.append(ms / pred)
@@ -56,7 +69,7 @@ def summarise(traces: dict[str, list[dict]], entry, window_s: float) -> dict:
         to_instance = [recv[rid]["t"] - recv[rid]["arrival"] for rid in first_step if recv[rid]["arrival"]]
         queued = [first_step[rid]["t0"] - recv[rid]["t"] for rid in first_step]
         server_ttft = [first_step[rid]["t1"] - recv[rid]["arrival"] for rid in first_step if recv[rid]["arrival"]]
-        busy = sum(s["t1"] - s["t0"] for s in steps)
+        busy = sum(s["t1"] - s["t0"] for s in steps)  # the model's share of the time
         out[iid] = {
             "busy_share": busy / window_s if window_s else None,
             "prefill_steps": len(pre_ms), "prefill_step_ms_mean": _mean(pre_ms),
@@ -84,6 +97,40 @@ def run_speed(summary: dict) -> dict:
         profiled = sum(s[f"{phase}_profile_ms_total"] for s in summary.values())
         out[phase] = measured / profiled if profiled else 1.0
     return out
+
+
+def speed_timeline(traces: dict[str, list[dict]], entry, num_requests: int, bin_s: float = 1.0) -> dict:
+    """How the machine's speed varied during a run, relative to the run's own mean: per
+    `bin_s` bin from the run's first arrival, the model steps' measured / profiled time,
+    each phase divided by its run-mean factor (`run_speed`), weighted by profiled time;
+    bins without steps count 1. The host of this machine has slow spells of seconds (a
+    quarter of the decode steps 1.6x slower, in runs), which spread TPOTs; the simulator can
+    replay them as a time warp (sim_vs_real_sim.at_run_speed).
+    `num_requests`: the run's requests, the last arrivals in the traces (the bench's test
+    request comes before them)."""
+    arrivals = sorted({r["arrival"] for recs in traces.values() for r in recs
+                       if r["ev"] == "recv" and r.get("arrival")})
+    if len(arrivals) < num_requests or not num_requests:
+        return {}
+    origin = arrivals[-num_requests]
+    mean = run_speed(summarise(traces, entry, 0.0))
+    sums: dict[int, list[float]] = {}
+    for recs in traces.values():
+        for r, seconds in iterations(recs):
+            if r["t0"] < origin or (r["prefill"] and r["decode"]):
+                continue
+            if r["prefill"]:
+                pred, k = entry.prefill_ms([n for _, n, _ in r["prefill"]]), mean["prefill"]
+            else:
+                pred, k = entry.decode_ms(r["decode"]), mean["decode"]
+            b = int((r["t0"] - origin) / bin_s)
+            acc = sums.setdefault(b, [0.0, 0.0])
+            acc[0] += seconds * 1e3 / k
+            acc[1] += pred
+    if not sums:
+        return {}
+    warp = [sums[b][0] / sums[b][1] if b in sums and sums[b][1] else 1.0 for b in range(max(sums) + 1)]
+    return {"bin_s": bin_s, "warp": warp}
 
 
 def describe(summary: dict) -> str:
