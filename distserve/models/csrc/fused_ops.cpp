@@ -16,18 +16,9 @@
 #include <cstring>
 #include <vector>
 
-#include "avx512_math.h"
+#include "cpu_math.h"
 
 namespace {
-
-inline float as_float(float x) { return x; }
-inline float as_float(c10::Half x) { return static_cast<float>(x); }
-inline float as_float(c10::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
 
 template <typename T>
 void add_rms_norm_impl(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
@@ -55,9 +46,9 @@ void add_rms_norm_impl(at::Tensor& x, at::Tensor& residual, const at::Tensor& we
 #endif
       for (int64_t j = j0; j < dim; ++j) {
         // the residual stream is kept in T, as the unfused layer keeps it: round, then square
-        const T rounded = static_cast<T>(as_float(rr[j]) + as_float(xr[j]));
+        const T rounded = static_cast<T>(to_float(rr[j]) + to_float(xr[j]));
         rr[j] = rounded;
-        r[j] = as_float(rounded);
+        r[j] = to_float(rounded);
         sum += r[j] * r[j];
       }
       const float inv = 1.f / std::sqrt(sum / static_cast<float>(dim) + feps);
@@ -67,7 +58,7 @@ void add_rms_norm_impl(at::Tensor& x, at::Tensor& residual, const at::Tensor& we
       for (; j0 + 16 <= dim; j0 += 16)
         store16(xr + j0, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(r.data() + j0), vinv), load16(wp + j0)));
 #endif
-      for (int64_t j = j0; j < dim; ++j) xr[j] = static_cast<T>(r[j] * inv * as_float(wp[j]));
+      for (int64_t j = j0; j < dim; ++j) xr[j] = static_cast<T>(r[j] * inv * to_float(wp[j]));
     }
   });
 }
@@ -94,8 +85,8 @@ void silu_mul_impl(at::Tensor& out, const at::Tensor& gate_up) {
       }
 #endif
       for (int64_t j = j0; j < dim; ++j) {
-        const float a = as_float(g[j]);
-        o[j] = static_cast<T>(a / (1.f + std::exp(-a)) * as_float(u[j]));
+        const float a = to_float(g[j]);
+        o[j] = static_cast<T>(a / (1.f + std::exp(-a)) * to_float(u[j]));
       }
     }
   });
@@ -133,9 +124,9 @@ void rotary_cache_write_impl(at::Tensor& heads, const at::Tensor& cos, const at:
         }
 #endif
         for (int64_t j = j0; j < half; ++j) {  // x * cos + [x2, x1] * signed_sin
-          const float x1 = as_float(x[j]), x2 = as_float(x[j + half]);
-          x[j] = static_cast<T>(x1 * as_float(c[j]) + x2 * as_float(s[j]));
-          x[j + half] = static_cast<T>(x2 * as_float(c[j + half]) + x1 * as_float(s[j + half]));
+          const float x1 = to_float(x[j]), x2 = to_float(x[j + half]);
+          x[j] = static_cast<T>(x1 * to_float(c[j]) + x2 * to_float(s[j]));
+          x[j + half] = static_cast<T>(x2 * to_float(c[j + half]) + x1 * to_float(s[j + half]));
         }
       }
       T* slot = cache_ptr + blocks[t] * s_block + offsets[t] * s_tok;

@@ -15,18 +15,9 @@
 #include <cstring>
 #include <vector>
 
-#include "avx512_math.h"
+#include "cpu_math.h"
 
 namespace {
-
-inline float to_float(float x) { return x; }
-inline float to_float(c10::Half x) { return static_cast<float>(x); }
-inline float to_float(c10::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
 
 // One work item: request b's KV heads [h0, h0 + kv_heads) and the query heads that share
 // them, q rows [h0 * group, (h0 + kv_heads) * group). Tokens are the outer loop and heads

@@ -1,11 +1,21 @@
-// AVX-512 helpers shared by the CPU kernels: 16 floats from/to float32, bf16 or fp16, and
-// e^x for x <= 0. Empty where the compiler does not target AVX-512.
+// Helpers shared by the CPU kernels: one value of float32, bf16 or fp16 as float32, and with
+// AVX-512, 16 of them at a time from/to memory and e^x for x <= 0.
 #pragma once
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+inline float to_float(c10::BFloat16 x) {  // bf16 is the top half of a float32
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
 
 #ifdef __AVX512F__
 #include <immintrin.h>
