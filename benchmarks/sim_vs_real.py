@@ -32,6 +32,10 @@ simulated, by rate) for our engine and our planner's simulator.
    instances' cores: their measured CPU stretches the instances' steps (host_slowdown;
    --no-host-model leaves it out; the diagnostics show both). Also the simulator on fresh
    traces of the same lengths over several seeds (the spread a different sample gives).
+   And "at run speed": the instances log their steps (DISTSERVE_STEP_TRACE); each run is
+   simulated again with the profile rescaled to the speed its engine iterations actually ran
+   at, per phase, and with its slow spells replayed as a time warp. That separates a wrong
+   queueing model from a latency profile that does not hold during the run.
 5. Table 2 for ours, per-rate latency diagnostics (real -> simulated), JSON in
    results/sim_vs_real.json (the real runs in results/sim_vs_real_<workload>_<deployment>.json)
    and a plot in results/sim_vs_real.png.
@@ -160,6 +164,10 @@ def plot(report: dict, path: pathlib.Path) -> None:
         x = [r["rate"] for r in rows]
         ax.plot(x, [100 * r["real"]["attainment"] for r in rows], "o-", color=color, label=f"{n} real")
         ax.plot(x, [100 * r["sim"]["attainment"] for r in rows], "x--", color=color, label=f"{n} sim")
+        warped = [r.get("at_run_speed") or {} for r in rows]
+        if all("sim_warped" in a for a in warped):
+            ax.plot(x, [100 * a["sim_warped"]["attainment"] for a in warped], "+:", color=color,
+                    label=f"{n} sim at run speed")
     ax.axhline(90, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("rate (req/s, 2 cores)")
     ax.set_ylabel("SLO attainment (%)")
