@@ -47,7 +47,7 @@ def register(sub) -> None:
     p.add_argument("--context-lens", default=DEFAULT_CONTEXTS, help="decode context lengths to time")
     p.add_argument("--max-decode-tokens", type=int, default=65536, help="skip bigger decode batches "
                    "(batch x context)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per shape (median kept)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds through all the shapes (the median per shape is kept)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall time, or this process's CPU time (a one-thread CPU engine on a "
                    "machine shared with other jobs: their time on its core is not counted)")

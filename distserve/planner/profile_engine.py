@@ -6,6 +6,7 @@ whatever the cache holds, which costs the same as real context.
 """
 from __future__ import annotations
 
+import random
 import statistics
 import time
 
@@ -65,35 +66,40 @@ def measure(model: str | None, dtype: str, device: str | None, num_threads: int 
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    def timed(fn) -> float:
-        fn()   # warm-up
-        times = []
-        for _ in range(repeats):
-            sync()
-            t = now()
-            fn()
-            sync()
-            times.append((now() - t) * 1e3)
-        return statistics.median(times)
+    def timed_round_robin(kind: str, shapes: list[list[int]], out_token: bool, batch) -> list[float]:
+        """Median ms per shape over `repeats` rounds through all the shapes (after a warm-up
+        round), each round in a new order: a slow spell of the machine (they last seconds
+        here) then lands on a few samples of many shapes, not on every sample of one."""
+        times: list[list[float]] = [[] for _ in shapes]
+        order = list(range(len(shapes)))
+        for round_ in range(repeats + 1):
+            for i in order:
+                reqs = [make(n, out_token) for n in shapes[i]]
+                sync()
+                t = now()
+                batch(reqs)
+                sync()
+                if round_:
+                    times[i].append((now() - t) * 1e3)
+                for r in reqs:
+                    kv.free(r)
+            progress(f"{kind}: round {round_} of {repeats} done" if round_ else f"{kind}: warmed up")
+            random.Random(round_).shuffle(order)
+        return [statistics.median(t) for t in times]
 
     out = {"prefill": [], "decode": [], "model": worker.model_name, "device": str(dev),
            "hardware": _hardware_tag(dev)}
-    for i, lens in enumerate(prefill_shapes):
-        reqs = [make(n, False) for n in lens]
-        ms = timed(lambda: runner.run([(r, r.num_tokens) for r in reqs], []))
+    prefill_ms = timed_round_robin("prefill", prefill_shapes, False,
+                                   lambda reqs: runner.run([(r, r.num_tokens) for r in reqs], []))
+    for lens, ms in zip(prefill_shapes, prefill_ms):
         out["prefill"].append((lens, ms))
-        for r in reqs:
-            kv.free(r)
-        progress(f"prefill {i + 1}/{len(prefill_shapes)}: {len(lens)} x {lens[0]} tokens: {ms:.2f} ms")
-    for i, ctxs in enumerate(decode_shapes):
-        reqs = [make(ctx, True) for ctx in ctxs]
-        ms = timed(lambda: runner.run([], reqs))
+        progress(f"prefill {len(lens)} x {lens[0]} tokens: {ms:.2f} ms")
+    decode_ms = timed_round_robin("decode", decode_shapes, True, lambda reqs: runner.run([], reqs))
+    for ctxs, ms in zip(decode_shapes, decode_ms):
         out["decode"].append((list(ctxs), ms))
-        for r in reqs:
-            kv.free(r)
         what = (f"{len(ctxs)} x context {ctxs[0]}" if min(ctxs) == max(ctxs)
                 else f"{len(ctxs)}, contexts {min(ctxs)}..{max(ctxs)} (sum {sum(ctxs)})")
-        progress(f"decode {i + 1}/{len(decode_shapes)}: batch {what}: {ms:.2f} ms")
+        progress(f"decode batch {what}: {ms:.2f} ms")
     out["overhead"] = []
     if overhead_batches:
         out["overhead"] = step_overhead(config, worker, overhead_batches, vocab, gen, sync, progress,
