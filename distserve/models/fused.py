@@ -19,7 +19,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual) * weight, x + residual). Fused, both are written in place:
     `x` and `residual` must be the caller's to overwrite."""
-    if _fused(x) and x.dim() == 2 and x.is_contiguous() and residual.is_contiguous():
+    if (_fused(x) and x.dim() == 2 and x.is_contiguous() and residual.is_contiguous()
+            and residual.dtype == weight.dtype == x.dtype):
         torch.ops.distserve_cpu.add_rms_norm_(x, residual, weight, eps)
         return x, residual
     residual = x + residual

@@ -5,7 +5,7 @@ The attention kernel (csrc/paged_attention.cpp) reads each request's K/V from th
 blocks in place; the torch path copies them into a padded tensor first. It is compiled on first use
 with the machine's C++ compiler (cached by torch under ~/.cache/torch_extensions) and the
 engine falls back to the torch path, with one warning, where that is not possible.
-DISTSERVE_PAGED_KERNEL=0 turns it off.
+DISTSERVE_PAGED_KERNEL=0 turns them off.
 """
 from __future__ import annotations
 

@@ -136,3 +136,11 @@ def test_a_bf16_model_gives_the_same_distributions_with_and_without_the_fused_ke
                 if token in a.top_logprobs[step]:
                     assert a.top_logprobs[step][token] == pytest.approx(logprob, abs=0.05)
             assert abs(a.logprobs[step] - b.logprobs[step]) < 0.05
+
+
+def test_a_norm_weight_of_another_dtype_takes_the_torch_ops():
+    x, residual = torch.randn(3, 16).to(torch.bfloat16), torch.randn(3, 16).to(torch.bfloat16)
+    w = torch.rand(16)   # float32
+    got, res = fused.add_rms_norm(x.clone(), residual.clone(), w, 1e-6)
+    assert torch.equal(res, x + residual)
+    assert torch.equal(got, F.rms_norm(x + residual, (16,), w, 1e-6))

@@ -2,6 +2,7 @@
 // AVX-512, 16 of them at a time from/to memory and e^x for x <= 0.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -16,6 +17,15 @@ inline float to_float(c10::BFloat16 x) {  // bf16 is the top half of a float32
   std::memcpy(&f, &bits, sizeof(f));
   return f;
 }
+
+// Runs __VA_ARGS__ with `scalar` bound to the C++ type of a float32, bf16 or fp16 dtype.
+#define DISPATCH_FLOAT_TYPES(dtype, NAME, ...)                                    \
+  switch (dtype) {                                                                \
+    case at::kFloat: { using scalar = float; __VA_ARGS__; break; }                \
+    case at::kBFloat16: { using scalar = c10::BFloat16; __VA_ARGS__; break; }     \
+    case at::kHalf: { using scalar = c10::Half; __VA_ARGS__; break; }             \
+    default: TORCH_CHECK(false, NAME ": unsupported dtype ", dtype);               \
+  }
 
 #ifdef __AVX512F__
 #include <immintrin.h>

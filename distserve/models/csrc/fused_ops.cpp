@@ -138,14 +138,6 @@ void rotary_cache_write_impl(at::Tensor& heads, const at::Tensor& cos, const at:
   });
 }
 
-#define DISPATCH_HALF_TYPES(dtype, NAME, ...)                                     \
-  switch (dtype) {                                                                \
-    case at::kBFloat16: { using scalar = c10::BFloat16; __VA_ARGS__; break; }     \
-    case at::kHalf: { using scalar = c10::Half; __VA_ARGS__; break; }             \
-    case at::kFloat: { using scalar = float; __VA_ARGS__; break; }                \
-    default: TORCH_CHECK(false, NAME ": unsupported dtype ", dtype);               \
-  }
-
 // x, residual [rows, dim] contiguous, weight [dim]; both x and residual are written.
 void add_rms_norm_(at::Tensor x, at::Tensor residual, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.sizes() == residual.sizes() && weight.dim() == 1 &&
@@ -155,7 +147,7 @@ void add_rms_norm_(at::Tensor x, at::Tensor residual, const at::Tensor& weight, 
               "add_rms_norm_: tensors must be contiguous");
   TORCH_CHECK(x.scalar_type() == residual.scalar_type() && x.scalar_type() == weight.scalar_type(),
               "add_rms_norm_: x, residual and weight must share a dtype");
-  DISPATCH_HALF_TYPES(x.scalar_type(), "add_rms_norm_", add_rms_norm_impl<scalar>(x, residual, weight, eps));
+  DISPATCH_FLOAT_TYPES(x.scalar_type(), "add_rms_norm_", add_rms_norm_impl<scalar>(x, residual, weight, eps));
 }
 
 // out [rows, dim], gate_up [rows, 2 * dim], both contiguous.
@@ -165,7 +157,7 @@ void silu_mul(at::Tensor out, const at::Tensor& gate_up) {
               "silu_mul: out must be [rows, dim] and gate_up [rows, 2 * dim]");
   TORCH_CHECK(out.is_contiguous() && gate_up.is_contiguous(), "silu_mul: tensors must be contiguous");
   TORCH_CHECK(out.scalar_type() == gate_up.scalar_type(), "silu_mul: out and gate_up must share a dtype");
-  DISPATCH_HALF_TYPES(out.scalar_type(), "silu_mul", silu_mul_impl<scalar>(out, gate_up));
+  DISPATCH_FLOAT_TYPES(out.scalar_type(), "silu_mul", silu_mul_impl<scalar>(out, gate_up));
 }
 
 // heads [T, Hq + 2 Hkv, D] contiguous (q, k, v heads), cos and signed_sin [T, D] contiguous,
@@ -193,7 +185,7 @@ void rotary_cache_write(at::Tensor heads, const at::Tensor& cos, const at::Tenso
   TORCH_CHECK(heads.scalar_type() == cos.scalar_type() && heads.scalar_type() == signed_sin.scalar_type() &&
                   heads.scalar_type() == cache.scalar_type(),
               "rotary_cache_write: heads, cos, sin and cache must share a dtype");
-  DISPATCH_HALF_TYPES(heads.scalar_type(), "rotary_cache_write",
+  DISPATCH_FLOAT_TYPES(heads.scalar_type(), "rotary_cache_write",
                       rotary_cache_write_impl<scalar>(heads, cos, signed_sin, cache, slot_blocks,
                                                       slot_offsets, num_q_heads));
 }

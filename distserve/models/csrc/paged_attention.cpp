@@ -228,12 +228,8 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tenso
               "block tables and lengths must be contiguous int64");
   TORCH_CHECK(q.scalar_type() == cache.scalar_type() && out.scalar_type() == q.scalar_type(),
               "q, out and cache must share a dtype");
-  switch (q.scalar_type()) {
-    case at::kFloat: decode_attention<float>(out, q, cache, block_tables, context_lens, scale); break;
-    case at::kBFloat16: decode_attention<c10::BFloat16>(out, q, cache, block_tables, context_lens, scale); break;
-    case at::kHalf: decode_attention<c10::Half>(out, q, cache, block_tables, context_lens, scale); break;
-    default: TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ", q.scalar_type());
-  }
+  DISPATCH_FLOAT_TYPES(q.scalar_type(), "paged_decode_attention",
+                       decode_attention<scalar>(out, q, cache, block_tables, context_lens, scale));
 }
 
 }  // namespace
