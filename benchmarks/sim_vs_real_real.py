@@ -23,7 +23,7 @@ from sim_vs_real_config import (
     PROBE_REQUESTS,
     WORKLOADS,
 )
-from sim_vs_real_trace import read_traces, speed_timeline, summarise
+from sim_vs_real_trace import read_traces, run_speed, speed_timeline, summarise
 
 from distserve.cluster.step_trace import ENV as STEP_TRACE
 
@@ -132,7 +132,8 @@ def run_real(name: str, workload: str, rates: list[float], slo: dict, n: int, se
             run = json.loads(path.read_text())
             window = read_traces(traces, t, t + wall)
             run["_trace"] = summarise(window, entry, wall)
-            run["_speed_timeline"] = speed_timeline(window, entry, run["num_requests"])
+            run["_speed_timeline"] = speed_timeline(window, entry, run["num_requests"],
+                                                    run_speed(run["_trace"]))
             ours = sum(cpu1[p] - cpu0[p] for p in cpu0) + usage.ru_utime + usage.ru_stime
             run["_cpu"] = {"bench_s": usage.ru_utime + usage.ru_stime - (bench0 or 0.0),
                            "others_cores": max(machine - ours, 0.0) / wall,

@@ -37,6 +37,15 @@ def iterations(recs: list[dict]):
         yield r, (nxt["t0"] - r["t0"]) if gap is not None and gap < _BACK_TO_BACK_S else (r["t1"] - r["t0"])
 
 
+def profiled(step: dict, entry) -> tuple[str, float] | None:
+    """(phase, the profile's ms) for a prefill-only or decode-only step; None for a mixed one."""
+    if step["prefill"] and not step["decode"]:
+        return "prefill", entry.prefill_ms([n for _, n, _ in step["prefill"]])
+    if step["decode"] and not step["prefill"]:
+        return "decode", entry.decode_ms(step["decode"])
+    return None
+
+
 def _mean(xs) -> float | None:
     return statistics.fmean(xs) if xs else None
 
@@ -49,20 +58,12 @@ def summarise(traces: dict[str, list[dict]], entry, window_s: float) -> dict:
     for iid, recs in traces.items():
         steps = [r for r in recs if r["ev"] == "step"]
         recv = {r["id"]: r for r in recs if r["ev"] == "recv"}
-        pre_ratio, dec_ratio, pre_ms, dec_ms, pre_pred, dec_pred = [], [], [], [], [], []
+        measured = {"prefill": [], "decode": []}   # (ms, the profile's ms) per iteration
         first_step: dict[str, dict] = {}
         for s, seconds in iterations(recs):
-            ms = seconds * 1e3
-            if s["prefill"] and not s["decode"]:
-                pred = entry.prefill_ms([n for _, n, _ in s["prefill"]])
-                pre_ratio.append(ms / pred)
-                pre_ms.append(ms)
-                pre_pred.append(pred)
-            elif s["decode"] and not s["prefill"]:
-                pred = entry.decode_ms(s["decode"])
-                dec_ratio.append(ms / pred)
-                dec_ms.append(ms)
-                dec_pred.append(pred)
+            known = profiled(s, entry)
+            if known is not None:
+                measured[known[0]].append((seconds * 1e3, known[1]))
             for rid, n, ctx in s["prefill"]:
                 if rid in recv and ctx == recv[rid]["prompt"]:
                     first_step[rid] = s
@@ -70,21 +71,21 @@ def summarise(traces: dict[str, list[dict]], entry, window_s: float) -> dict:
         queued = [first_step[rid]["t0"] - recv[rid]["t"] for rid in first_step]
         server_ttft = [first_step[rid]["t1"] - recv[rid]["arrival"] for rid in first_step if recv[rid]["arrival"]]
         busy = sum(s["t1"] - s["t0"] for s in steps)  # the model's share of the time
-        out[iid] = {
-            "busy_share": busy / window_s if window_s else None,
-            "prefill_steps": len(pre_ms), "prefill_step_ms_mean": _mean(pre_ms),
-            "prefill_measured_over_profile_mean": _mean(pre_ratio),
-            "prefill_measured_over_profile_median": statistics.median(pre_ratio) if pre_ratio else None,
-            "decode_steps": len(dec_ms), "decode_step_ms_mean": _mean(dec_ms),
-            "decode_measured_over_profile_mean": _mean(dec_ratio),
-            "decode_measured_over_profile_median": statistics.median(dec_ratio) if dec_ratio else None,
-            "prefill_ms_total": sum(pre_ms), "prefill_profile_ms_total": sum(pre_pred),
-            "decode_ms_total": sum(dec_ms), "decode_profile_ms_total": sum(dec_pred),
+        out[iid] = {"busy_share": busy / window_s if window_s else None}
+        for phase, pairs in measured.items():
+            ratios = [ms / pred for ms, pred in pairs]
+            out[iid].update({
+                f"{phase}_steps": len(pairs), f"{phase}_step_ms_mean": _mean([ms for ms, _ in pairs]),
+                f"{phase}_measured_over_profile_mean": _mean(ratios),
+                f"{phase}_measured_over_profile_median": statistics.median(ratios) if ratios else None,
+                f"{phase}_ms_total": sum(ms for ms, _ in pairs),
+                f"{phase}_profile_ms_total": sum(pred for _, pred in pairs)})
+        out[iid].update({
             "first_tokens": len(first_step),
             "controller_to_instance_ms_mean": _mean([x * 1e3 for x in to_instance]),
             "queue_wait_ms_mean": _mean([x * 1e3 for x in queued]),
             "arrival_to_first_token_computed_ms_mean": _mean([x * 1e3 for x in server_ttft]),
-        }
+        })
     return out
 
 
@@ -99,10 +100,12 @@ def run_speed(summary: dict) -> dict:
     return out
 
 
-def speed_timeline(traces: dict[str, list[dict]], entry, num_requests: int, bin_s: float = 1.0) -> dict:
+def speed_timeline(traces: dict[str, list[dict]], entry, num_requests: int, speed: dict,
+                   bin_s: float = 1.0) -> dict:
     """How the machine's speed varied during a run, relative to the run's own mean: per
     `bin_s` bin from the run's first arrival, the model steps' measured / profiled time,
-    each phase divided by its run-mean factor (`run_speed`), weighted by profiled time;
+    each phase divided by its run-mean factor (`speed`, from `run_speed`), weighted by
+    profiled time;
     bins without steps count 1. The host of this machine has slow spells of seconds (a
     quarter of the decode steps 1.6x slower, in runs), which spread TPOTs; the simulator can
     replay them as a time warp (sim_vs_real_sim.at_run_speed).
@@ -113,19 +116,15 @@ def speed_timeline(traces: dict[str, list[dict]], entry, num_requests: int, bin_
     if len(arrivals) < num_requests or not num_requests:
         return {}
     origin = arrivals[-num_requests]
-    mean = run_speed(summarise(traces, entry, 0.0))
     sums: dict[int, list[float]] = {}
     for recs in traces.values():
         for r, seconds in iterations(recs):
-            if r["t0"] < origin or (r["prefill"] and r["decode"]):
+            known = profiled(r, entry)
+            if r["t0"] < origin or known is None:
                 continue
-            if r["prefill"]:
-                pred, k = entry.prefill_ms([n for _, n, _ in r["prefill"]]), mean["prefill"]
-            else:
-                pred, k = entry.decode_ms(r["decode"]), mean["decode"]
-            b = int((r["t0"] - origin) / bin_s)
-            acc = sums.setdefault(b, [0.0, 0.0])
-            acc[0] += seconds * 1e3 / k
+            phase, pred = known
+            acc = sums.setdefault(int((r["t0"] - origin) / bin_s), [0.0, 0.0])
+            acc[0] += seconds * 1e3 / speed[phase]
             acc[1] += pred
     if not sums:
         return {}

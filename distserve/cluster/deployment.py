@@ -14,6 +14,11 @@ from distserve.cluster.local import InstanceSpec
 from distserve.config import EngineConfig
 
 
+def usable_cores() -> list[int]:
+    """The CPU cores this process may run on (empty where the OS does not say)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
 @dataclass
 class PhaseSettings:
     instances: int
@@ -50,7 +55,7 @@ class Deployment:
         for role, phase in phases:
             if phase is None or phase.instances < 1:
                 raise ValueError(f"a {self.mode} deployment needs at least one {role} instance")
-        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        cores = usable_cores()
         next_core = 0
         for role, phase in phases:
             config = phase.apply(self.base)

@@ -63,7 +63,7 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
 
 def deployment_from_args(args: argparse.Namespace, config):
     """None for the in-process engine, else the Deployment the flags describe."""
-    from distserve.cluster.deployment import Deployment, PhaseSettings
+    from distserve.cluster.deployment import Deployment, PhaseSettings, usable_cores
     if args.plan:
         return _deployment_from_plan(args, config)
     mode = args.mode or ("disaggregated" if args.prefill_instances or args.decode_instances
@@ -76,7 +76,8 @@ def deployment_from_args(args: argparse.Namespace, config):
             raise ValueError(f"--instances must be >= 0, got {instances}")
         if instances == 0:
             return None
-        threads = config.num_threads or max(1, _num_cores() // instances)
+        cores = len(usable_cores()) or os.cpu_count() or 1
+        threads = config.num_threads or max(1, cores // instances)
         return Deployment(config, "colocated", colocated=PhaseSettings(instances, threads),
                           pin_cpus=not args.no_pin_cpus)
     if args.prefill_instances < 1 or args.decode_instances < 1:
@@ -91,10 +92,6 @@ def deployment_from_args(args: argparse.Namespace, config):
                            kv_cache_memory_gib=args.decode_kv_cache_memory)
     return Deployment(config, "disaggregated", prefill=prefill, decode=decode,
                       transfer=args.transfer, pin_cpus=not args.no_pin_cpus)
-
-
-def _num_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _deployment_from_plan(args: argparse.Namespace, config):
