@@ -1,35 +1,73 @@
-"""bf16 linear layers on CPU with their weights re-laid out once for oneDNN.
+"""bf16 linear layers on CPU with their weights re-laid out once, for AMX or for oneDNN.
 
 Why: a decode step is a chain of small-M GEMMs that must stream every weight. Over the
 1.1 GB benchmark model's matrices, one pass at M = 1 took 63 ms with `F.linear` on the
-plain row-major weights and 43 ms on weights oneDNN has blocked for itself (25 GB/s, this
-machine's read bandwidth); at M = 32, 70 vs 53 ms; prefill is no slower. Results agree with
-`F.linear` to bf16 rounding (bit for bit at M = 1 in our checks).
+plain row-major weights and 43 ms on weights oneDNN has blocked for itself; at M = 32, 70
+vs 53 ms. On CPUs with AMX our own kernel (csrc/amx_linear.cpp) does better again: ~30 us
+less per call, and every thread streams its share of the weight in memory order with
+prefetching; measured side by side over SmolLM2's matrices it took 0.45-0.6x oneDNN's time
+at M = 1-32, and 0.8-0.9x at prefill sizes (M = 512-2048). Results agree with `F.linear`
+to bf16 rounding.
 Only bf16 on CPUs with native bf16 is packed: float32 stays on `F.linear`, so float32 runs
 match transformers exactly.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from distserve.models import paged_kernel
 
 # oneDNN picks its weight layout for an expected number of rows; 32 measured best or
 # within noise of the best from M = 1 (decoding one request) to M = 2048 (prefill)
 _ROWS_HINT = 32
 
 
+# AMX works on blocks of 32 inputs x 32 outputs (see csrc/amx_linear.cpp)
+_AMX_BLOCK = 32
+
+
+def amx_pack(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [N/32, K/32, 16, 32, 2]: 32 x 32 blocks, column block after column block, each
+    as rows of input pairs (AMX's B tile layout); N is padded with zero rows."""
+    n, k = weight.shape
+    if k % _AMX_BLOCK:
+        raise ValueError(f"amx_pack: {k} inputs is not a multiple of {_AMX_BLOCK}")
+    blocks = -(-n // _AMX_BLOCK)
+    padded = F.pad(weight, (0, 0, 0, blocks * _AMX_BLOCK - n))
+    return padded.view(blocks, _AMX_BLOCK, k // _AMX_BLOCK, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+
+
+def amx_usable(in_features: int) -> bool:
+    return (in_features % _AMX_BLOCK == 0 and paged_kernel.kernel_available()
+            and torch.ops.distserve_cpu.amx_available())
+
+
 class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), _ROWS_HINT)
+        self.uses_amx = amx_usable(self.in_features)
+        weight = linear.weight.detach()
+        self.packed_weight = (amx_pack(weight) if self.uses_amx
+                              else torch.ops.mkldnn._reorder_linear_weight(weight, _ROWS_HINT))
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        if not self.uses_amx:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        rows = x.reshape(-1, self.in_features)
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        out = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype)
+        bias = None if self.bias is None else self.bias.detach()
+        torch.ops.distserve_cpu.amx_linear(out, rows, self.packed_weight, bias)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, amx={self.uses_amx}")
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:

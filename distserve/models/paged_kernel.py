@@ -1,5 +1,6 @@
-"""Builds and loads the C++ kernels for CPUs, once per machine: paged decode attention and the
-Llama layer's fused elementwise steps (csrc/fused_ops.cpp, used through models/fused.py).
+"""Builds and loads the C++ kernels for CPUs, once per machine: paged decode attention, the
+Llama layer's fused elementwise steps (csrc/fused_ops.cpp, used through models/fused.py) and
+the bf16 linear layer on AMX tiles (csrc/amx_linear.cpp, used through models/packed_linear.py).
 
 The attention kernel (csrc/paged_attention.cpp) reads each request's K/V from the cache
 blocks in place; the torch path copies them into a padded tensor first. It is compiled on first use
@@ -19,7 +20,7 @@ import torch
 
 log = logging.getLogger(__name__)
 _CSRC = pathlib.Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / "paged_attention.cpp", _CSRC / "fused_ops.cpp"]
+_SOURCES = [_CSRC / "paged_attention.cpp", _CSRC / "fused_ops.cpp", _CSRC / "amx_linear.cpp"]
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 
@@ -45,7 +46,8 @@ def _load() -> bool:
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-fopenmp-simd", f"-DDISTSERVE_CSRC={digest}"],
             extra_ldflags=["-fopenmp"], verbose=False)
         return all(hasattr(torch.ops.distserve_cpu, op) for op in
-                   ("paged_decode_attention", "add_rms_norm_", "silu_mul", "rotary_cache_write"))
+                   ("paged_decode_attention", "add_rms_norm_", "silu_mul", "rotary_cache_write",
+                    "amx_linear"))
     except Exception as exc:  # no compiler, no ninja, or a build error: the torch path works
         log.warning("CPU kernels unavailable, using the torch path: %s", exc)
         return False

@@ -1,10 +1,11 @@
-"""oneDNN-packed bf16 linears: same results as F.linear, and tied weights survive packing."""
+"""Packed bf16 linears (AMX kernel or oneDNN): same results as F.linear, and tied weights
+survive packing."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distserve.models.packed_linear import PackedLinear, can_pack, pack_linears
+from distserve.models.packed_linear import PackedLinear, amx_pack, amx_usable, can_pack, pack_linears
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.bfloat16, torch.device("cpu")),
                                 reason="this CPU has no native bf16 for oneDNN")
@@ -33,3 +34,61 @@ def test_pack_linears_swaps_every_linear_and_keeps_a_tied_embedding():
     x = torch.randn(3, 16, dtype=torch.bfloat16)
     torch.testing.assert_close(model["head"](x).float(), (x.float() @ embedding.float().T),
                                rtol=2e-2, atol=2e-2)
+
+
+amx = pytest.mark.skipif(not amx_usable(32), reason="this CPU or kernel build has no AMX")
+
+
+@amx
+@pytest.mark.parametrize("rows", [0, 1, 15, 16, 17, 32, 33, 70])
+@pytest.mark.parametrize("outputs", [32, 80, 1000])
+def test_amx_linear_matches_f_linear_at_every_row_and_column_tail(rows, outputs):
+    torch.manual_seed(rows * 1000 + outputs)
+    linear = nn.Linear(96, outputs, bias=True, dtype=torch.bfloat16)
+    x = torch.randn(rows, 96, dtype=torch.bfloat16)
+    packed = PackedLinear(linear)
+    assert packed.uses_amx
+    expected = F.linear(x.float(), linear.weight.float(), linear.bias.float())
+    # float32 sums of the same bf16 products, rounded once to bf16
+    torch.testing.assert_close(packed(x).float(), expected, rtol=1e-2, atol=2e-2)
+
+
+@amx
+def test_amx_linear_takes_strided_rows_and_leading_dims_and_survives_onednn_between_calls():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48, bias=False, dtype=torch.bfloat16)
+    packed = PackedLinear(linear)
+    wide = torch.randn(2, 5, 128, dtype=torch.bfloat16)
+    x = wide[..., 32:96]  # rows 128 apart, each row contiguous
+    first = packed(x)
+    assert first.shape == (2, 5, 48)
+    # oneDNN's own AMX kernels run in between: each side must configure its tiles itself
+    big = torch.randn(64, 256, dtype=torch.bfloat16)
+    onednn = torch.ops.mkldnn._linear_pointwise(big, torch.ops.mkldnn._reorder_linear_weight(
+        torch.randn(128, 256, dtype=torch.bfloat16), 32), None, "none", [], "")
+    assert torch.isfinite(onednn).all()
+    torch.testing.assert_close(packed(x.contiguous()), first, rtol=0, atol=0)
+    torch.testing.assert_close(first.float(), x.float() @ linear.weight.float().T, rtol=1e-2, atol=2e-2)
+
+
+@amx
+def test_amx_pack_lays_blocks_out_as_the_kernel_reads_them():
+    weight = torch.arange(40 * 64, dtype=torch.float32).view(40, 64).to(torch.bfloat16)
+    packed = amx_pack(weight)
+    assert packed.shape == (2, 2, 16, 32, 2)
+    # block (column block 1, input block 1), input pair 3, column 5, second of the pair:
+    # weight row 32 + 5 = 37, input 32 + 2 * 3 + 1 = 39
+    assert packed[1, 1, 3, 5, 1] == weight[37, 39]
+    assert (packed[1, :, :, 8:] == 0).all()  # rows 40-63 are padding
+    with pytest.raises(ValueError, match="multiple of 32"):
+        amx_pack(torch.zeros(8, 40, dtype=torch.bfloat16))
+
+
+@amx
+def test_amx_linear_rejects_mismatched_shapes_by_name():
+    packed = amx_pack(torch.zeros(64, 64, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="x has 32 inputs, the weight 64"):
+        torch.ops.distserve_cpu.amx_linear(torch.empty(2, 64, dtype=torch.bfloat16),
+                                           torch.zeros(2, 32, dtype=torch.bfloat16), packed, None)
+    with pytest.raises(RuntimeError, match="bf16 tensors only"):
+        torch.ops.distserve_cpu.amx_linear(torch.empty(2, 64), torch.zeros(2, 64), packed, None)

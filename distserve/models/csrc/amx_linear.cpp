@@ -1,0 +1,200 @@
+// bf16 linear layer (out = x @ w.T + bias) on Intel AMX tiles, for CPUs that have them.
+//
+// Why: a decode step is ~4 matmuls per layer with only 1-64 rows; through torch each oneDNN
+// call costs ~30 us before any arithmetic (SmolLM2: 121 calls, ~4 ms of a ~37 ms step at
+// batch 32), and at these sizes oneDNN reaches only a third of the read bandwidth. Here a
+// call is one pass: every thread streams its share of the weight once, block by block, in
+// the order it lies in memory.
+//
+// Weight layout (amx_pack in models/amx_linear.py): w [N, K] cut into blocks of 32 output
+// columns x 32 inputs, stored block after block ([N/32][K/32]), each block as AMX's B tile
+// wants it: 16 rows of input pairs, each row 32 columns x 2 inputs (128 bytes). The two
+// halves of a row (columns 0-15 and 16-31) are two B tiles read with a 128-byte stride.
+// Tiles: C 0-3 (2 x 2 blocks of 16x16 float32), A 4-5 (16 rows x 32 inputs), B 6-7.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu_math.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__)
+#define DISTSERVE_HAVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;                         // rows, columns and inputs per block
+constexpr int64_t kBlockBytes = kBlock * kBlock * 2;   // one packed 32 x 32 bf16 block
+#ifndef PREFETCH_HINT
+#define PREFETCH_HINT _MM_HINT_T0
+#endif
+#ifndef PREFETCH_BLOCKS
+#define PREFETCH_BLOCKS 4
+#endif
+constexpr int64_t kPanelBytes = 1 << 20;               // weight re-read per row block, from L2
+
+#ifdef DISTSERVE_HAVE_AMX
+
+struct TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Linux hands out AMX state only to processes that ask for it (once per process).
+bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr int kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+// Tiles for a row block of `rows` (1-32) rows: A and C tiles of the second half exist only
+// when rows > 16.
+void configure_tiles(int64_t rows) {
+  TileConfig cfg;
+  const uint8_t top = static_cast<uint8_t>(std::min<int64_t>(rows, 16));
+  const uint8_t bottom = static_cast<uint8_t>(std::max<int64_t>(rows - 16, 0));
+  const uint8_t rows_of[8] = {top, top, bottom, bottom, top, bottom, 16, 16};
+  for (int t = 0; t < 8; ++t) {
+    if (rows_of[t] == 0) continue;
+    cfg.rows[t] = rows_of[t];
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// c[0:rows, 0:32] (float32, row stride 32) = a[0:rows, 0:K] @ block column of the weight.
+template <bool kTwoHalves>
+inline void block_product(const c10::BFloat16* a, int64_t lda, const char* w, int64_t kblocks,
+                          float* c) {
+  const int64_t stride = lda * 2;
+  _tile_zero(0);
+  _tile_zero(1);
+  if (kTwoHalves) { _tile_zero(2); _tile_zero(3); }
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    const char* b = w + kb * kBlockBytes;
+    const char* ahead = b + PREFETCH_BLOCKS * kBlockBytes;  // past this column: the next one's
+    for (int64_t line = 0; line < kBlockBytes; line += 64) _mm_prefetch(ahead + line, PREFETCH_HINT);
+    _tile_loadd(4, a + kb * kBlock, stride);
+    _tile_loadd(6, b, 128);
+    _tile_loadd(7, b + 64, 128);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (kTwoHalves) {
+      _tile_loadd(5, a + 16 * lda + kb * kBlock, stride);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, 128);
+  _tile_stored(1, c + 16, 128);
+  if (kTwoHalves) {
+    _tile_stored(2, c + 16 * kBlock, 128);
+    _tile_stored(3, c + 16 * kBlock + 16, 128);
+  }
+}
+
+// out[r, n0:n0+cols] = round(c[r, :cols] + bias), bf16 rounded to nearest even.
+inline void write_block(const float* c, int64_t rows, int64_t cols, const c10::BFloat16* bias,
+                        c10::BFloat16* out, int64_t ldo) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* cr = c + r * kBlock;
+    c10::BFloat16* orow = out + r * ldo;
+    int64_t j = 0;
+    for (; j + 16 <= cols; j += 16) {
+      __m512 v = _mm512_loadu_ps(cr + j);
+      if (bias) v = _mm512_add_ps(v, load16(bias + j));
+      store16(orow + j, v);
+    }
+    for (; j < cols; ++j) orow[j] = static_cast<c10::BFloat16>(cr[j] + (bias ? to_float(bias[j]) : 0.f));
+  }
+}
+
+void amx_linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
+                     const c10::BFloat16* bias) {
+  const int64_t m = x.size(0), k = x.size(1), n = out.size(1);
+  const int64_t nblocks = packed.size(0), kblocks = packed.size(1);
+  const auto* xp = x.data_ptr<c10::BFloat16>();
+  const char* wp = reinterpret_cast<const char*>(packed.data_ptr<c10::BFloat16>());
+  auto* op = out.data_ptr<c10::BFloat16>();
+  const int64_t lda = x.stride(0), ldo = out.stride(0);
+  const int64_t panel = std::max<int64_t>(1, kPanelBytes / (kblocks * kBlockBytes));
+  at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float c[kBlock * kBlock];
+    int64_t configured_rows = -1;
+    for (int64_t g = begin; g < end; g += panel) {  // a panel of the weight stays in L2...
+      const int64_t g_end = std::min(end, g + panel);
+      for (int64_t m0 = 0; m0 < m; m0 += kBlock) {  // ...while every row block passes it
+        const int64_t rows = std::min(kBlock, m - m0);
+        if (rows != configured_rows) { configure_tiles(rows); configured_rows = rows; }
+        const c10::BFloat16* a = xp + m0 * lda;
+        for (int64_t nb = g; nb < g_end; ++nb) {
+          const char* w = wp + nb * kblocks * kBlockBytes;
+          if (rows > 16) block_product<true>(a, lda, w, kblocks, c);
+          else block_product<false>(a, lda, w, kblocks, c);
+          const int64_t n0 = nb * kBlock;
+          write_block(c, rows, std::min(kBlock, n - n0), bias ? bias + n0 : nullptr,
+                      op + m0 * ldo + n0, ldo);
+        }
+      }
+    }
+    if (configured_rows >= 0) _tile_release();  // leave the tiles as oneDNN expects them
+  });
+}
+
+#endif  // DISTSERVE_HAVE_AMX
+
+bool amx_available() {
+#ifdef DISTSERVE_HAVE_AMX
+  return amx_permitted();
+#else
+  return false;
+#endif
+}
+
+// out [M, N] = x [M, K] @ w.T + bias, with w packed by amx_pack: [N/32, K/32, 16, 32, 2].
+void amx_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
+                const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(amx_available(), "amx_linear: this CPU or kernel does not allow AMX");
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && packed.dim() == 5, "amx_linear: x and out must be 2-D, "
+              "the packed weight 5-D");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16 &&
+              packed.scalar_type() == at::kBFloat16, "amx_linear: bf16 tensors only");
+  TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1 && packed.is_contiguous(),
+              "amx_linear: rows of x and out must be contiguous, the packed weight contiguous");
+  TORCH_CHECK(packed.size(2) == 16 && packed.size(3) == kBlock && packed.size(4) == 2,
+              "amx_linear: the weight is not packed in 32 x 32 blocks");
+  TORCH_CHECK(x.size(1) == packed.size(1) * kBlock, "amx_linear: x has ", x.size(1),
+              " inputs, the weight ", packed.size(1) * kBlock);
+  TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) <= packed.size(0) * kBlock &&
+              out.size(1) > (packed.size(0) - 1) * kBlock, "amx_linear: out has the wrong shape");
+  const c10::BFloat16* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() &&
+                bias->numel() == out.size(1), "amx_linear: bias must be bf16 of size N");
+    bias_ptr = bias->data_ptr<c10::BFloat16>();
+  }
+#ifdef DISTSERVE_HAVE_AMX
+  if (x.size(0) > 0) amx_linear_impl(out, x, packed, bias_ptr);
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(distserve_cpu, m) {
+  m.def("amx_available() -> bool", &amx_available);
+  m.def("amx_linear(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(distserve_cpu, CPU, m) {
+  m.impl("amx_linear", &amx_linear);
+}
