@@ -17,7 +17,7 @@ from distserve.request import Request
 
 @dataclass
 class StepResult:
-    logits: torch.Tensor | None        # [N, vocab] float32, one row per sampled request
+    logits: torch.Tensor | None        # [N, vocab] in the model dtype, one row per sampled request
     sampled: list[Request]             # requests whose last token was computed this step
 
 

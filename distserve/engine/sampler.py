@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distserve.models import paged_kernel
 from distserve.request import Request
 
 
@@ -20,10 +21,15 @@ class SampleResult:
 
 
 def sample(logits: torch.Tensor, requests: list[Request]) -> SampleResult:
-    """logits [N, vocab] float32, one row per request, in the same order."""
+    """logits [N, vocab], one row per request, in the same order, in the model's dtype:
+    greedy requests pick from them as they are, everything else works in float32."""
     params = [r.sampling_params for r in requests]
     greedy = torch.tensor([p.greedy for p in params])
-    if greedy.all():  # the common case: no copy of the logits
+    want = [p.logprobs for p in params]
+    if greedy.all() and all(w is None for w in want):  # the common case: no copy of the logits
+        return SampleResult(_argmax(logits).tolist(), None, None)
+    logits = logits.float()
+    if greedy.all():
         chosen = _argmax(logits)
     else:
         chosen = torch.empty(len(requests), dtype=torch.long)
@@ -33,7 +39,6 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> SampleResult:
         probs = _filtered_probs(logits[idx], [params[i] for i in idx.tolist()])
         for row, i in enumerate(idx.tolist()):
             chosen[i] = torch.multinomial(probs[row], 1, generator=requests[i].generator)[0]
-    want = [p.logprobs for p in params]
     if all(w is None for w in want):
         return SampleResult(chosen.tolist(), None, None)
     logprobs = torch.log_softmax(logits, dim=-1)
@@ -69,6 +74,12 @@ def _filtered_probs(logits: torch.Tensor, params) -> torch.Tensor:
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
-    """Where each row first reaches its maximum, as argmax; max's kernel is faster on CPU
-    (0.8 vs 1.3 ms for 32 rows of 49152 logits here)."""
+    """Where each row first reaches its maximum (a NaN counts as the maximum), as
+    torch.max(dim=-1).indices gives it; our CPU kernel reads bf16 rows as they are, ~10x
+    faster than torch.max over their float32 copy (csrc/argmax.cpp)."""
+    if (logits.device.type == "cpu" and logits.dim() == 2 and logits.is_contiguous()
+            and logits.shape[1] > 0 and paged_kernel.kernel_available()):
+        out = torch.empty(logits.shape[0], dtype=torch.long)
+        torch.ops.distserve_cpu.argmax_rows(out, logits)
+        return out
     return logits.max(dim=-1).indices

@@ -125,7 +125,7 @@ class OPTForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return self.lm_head(hidden)  # in the model dtype: the sampler widens only when it must
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         h = self.args.hidden_size

@@ -1,6 +1,7 @@
 """Builds and loads the C++ kernels for CPUs, once per machine: paged decode attention, the
 Llama layer's fused elementwise steps (csrc/fused_ops.cpp, used through models/fused.py) and
-the bf16 linear layer on AMX tiles (csrc/amx_linear.cpp, used through models/packed_linear.py).
+the bf16 linear layer on AMX tiles (csrc/amx_linear.cpp, used through models/packed_linear.py)
+and greedy sampling's argmax (csrc/argmax.cpp, used by engine/sampler.py).
 
 The attention kernel (csrc/paged_attention.cpp) reads each request's K/V from the cache
 blocks in place; the torch path copies them into a padded tensor first. It is compiled on first use
@@ -20,7 +21,8 @@ import torch
 
 log = logging.getLogger(__name__)
 _CSRC = pathlib.Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / "paged_attention.cpp", _CSRC / "fused_ops.cpp", _CSRC / "amx_linear.cpp"]
+_SOURCES = [_CSRC / "paged_attention.cpp", _CSRC / "fused_ops.cpp", _CSRC / "amx_linear.cpp",
+            _CSRC / "argmax.cpp"]
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 
@@ -47,7 +49,7 @@ def _load() -> bool:
             extra_ldflags=["-fopenmp"], verbose=False)
         return all(hasattr(torch.ops.distserve_cpu, op) for op in
                    ("paged_decode_attention", "add_rms_norm_", "silu_mul", "rotary_cache_write",
-                    "amx_linear"))
+                    "amx_linear", "argmax_rows"))
     except Exception as exc:  # no compiler, no ninja, or a build error: the torch path works
         log.warning("CPU kernels unavailable, using the torch path: %s", exc)
         return False

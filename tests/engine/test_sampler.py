@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from distserve.engine.sampler import sample
+from distserve.models import paged_kernel
 from distserve.request import Request, SamplingParams
 
 
@@ -52,3 +53,30 @@ def test_bad_sampling_params_name_the_value(bad):
     key = next(iter(bad))
     with pytest.raises(ValueError, match=key):
         SamplingParams(**bad)
+
+
+@pytest.mark.skipif(not paged_kernel.kernel_available(), reason="no C++ compiler for the CPU kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vocab", [1, 7, 16, 49, 1000])
+def test_argmax_kernel_is_torch_max_first_index_with_ties_and_nans(dtype, vocab):
+    torch.manual_seed(vocab)
+    logits = (torch.randn(6, vocab) * 3).round().to(dtype)  # rounded: many ties
+    logits[1] = 5.0  # one constant row: index 0
+    if vocab > 3:
+        logits[2, vocab // 2] = float("nan")  # a NaN wins, as in torch.max
+        logits[2, vocab - 1] = float("nan")
+        logits[3, vocab - 1] = float("inf")
+    got = torch.full((6,), -1, dtype=torch.long)
+    torch.ops.distserve_cpu.argmax_rows(got, logits)
+    assert got.tolist() == logits.max(dim=-1).indices.tolist()
+
+
+def test_greedy_sampling_reads_bf16_logits_as_they_are_and_widens_for_logprobs():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 300).to(torch.bfloat16)
+    greedy = sample(logits, _reqs(*[SamplingParams(temperature=0)] * 3))
+    assert greedy.token_ids == logits.float().argmax(-1).tolist()
+    with_lp = sample(logits, _reqs(*[SamplingParams(temperature=0, logprobs=1)] * 3))
+    assert with_lp.token_ids == greedy.token_ids
+    expected = torch.log_softmax(logits.float(), -1).max(-1).values.tolist()
+    assert with_lp.logprobs == pytest.approx(expected, abs=1e-6)
