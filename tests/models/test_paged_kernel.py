@@ -44,7 +44,8 @@ def test_kernel_builds_here():
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2),
                                         (torch.float16, 4e-3)])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 64), (9, 3, 64), (8, 2, 128), (4, 2, 24)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 64), (9, 3, 64), (8, 2, 128), (4, 2, 24),
+                                              (16, 2, 64), (10, 2, 128), (4, 1, 256)])
 def test_kernel_matches_torch_path(dtype, atol, heads, kv_heads, dim):
     lens = [1, 15, 16, 17, 100, 333]  # inside one block, on and across block boundaries
     q, cache, tables, ctx = random_case(dtype, heads, kv_heads, dim, lens)
