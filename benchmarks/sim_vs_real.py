@@ -32,6 +32,10 @@ simulated, by rate) for our engine and our planner's simulator.
    instances' cores: their measured CPU stretches the instances' steps (host_slowdown;
    --no-host-model leaves it out; the diagnostics show both). Also the simulator on fresh
    traces of the same lengths over several seeds (the spread a different sample gives).
+   "Calibrated just before": before each rate, a calibration load of 30 other prompts at that
+   rate; the profile rescaled per phase to the speed the instances' steps ran at in it
+   predicts the run from nothing measured during the run (this machine's speed drifts 1.2-2x
+   over minutes, so a profile taken a quarter of an hour earlier can be far off).
    And "at run speed": the instances log their steps (DISTSERVE_STEP_TRACE); each run is
    simulated again with the profile rescaled to the speed its engine iterations actually ran
    at, per phase, and with its slow spells replayed as a time warp. That separates a wrong
@@ -51,6 +55,7 @@ import tempfile
 import time
 
 from sim_vs_real_config import (
+    CALIBRATION_REQUESTS,
     DEPLOYMENTS,
     MODEL_KEY,
     PROBE_S,
@@ -106,6 +111,16 @@ def print_tables(report: dict) -> None:
         print(f"{rate:12g} |" + "|".join(cells))
     worst = max((r["diff_pp"] for d in deps.values() for r in d["rows"]), default=0.0)
     print(f"largest difference: {worst:.1f} pp (target: 3; the paper: 2)")
+    calibrated = [(n, r) for n in names for r in deps[n]["rows"] if r.get("calibrated")]
+    if calibrated:
+        print("\nPredicted from the profile rescaled by a calibration load just before each run "
+              "(its own prompts, the run's rate; nothing of the run itself):")
+        for n, r in calibrated:
+            c = r["calibrated"]
+            print(f"  {n:<9} {r['rate']:6g} req/s: real {pct(r['real']['attainment'])} predicted "
+                  f"{pct(c['sim']['attainment'])}  diff {c['diff_pp']:5.1f} pp   steps x prefill "
+                  f"{c['speed']['prefill']:.2f}, decode {c['speed']['decode']:.2f}")
+        print(f"largest difference, calibrated just before: {max(r['calibrated']['diff_pp'] for _, r in calibrated):.1f} pp")
     timed = [(n, r) for n in names for r in deps[n]["rows"] if r.get("at_run_speed")]
     if timed:
         print("\nThe same, simulated at the speed each run's model steps actually ran (step traces: "
@@ -164,6 +179,9 @@ def plot(report: dict, path: pathlib.Path) -> None:
         x = [r["rate"] for r in rows]
         ax.plot(x, [100 * r["real"]["attainment"] for r in rows], "o-", color=color, label=f"{n} real")
         ax.plot(x, [100 * r["sim"]["attainment"] for r in rows], "x--", color=color, label=f"{n} sim")
+        if all(r.get("calibrated") for r in rows):
+            ax.plot(x, [100 * r["calibrated"]["sim"]["attainment"] for r in rows], "s-.", color=color,
+                    markerfacecolor="none", label=f"{n} sim calibrated just before")
         warped = [r.get("at_run_speed") or {} for r in rows]
         if all("sim_warped" in a for a in warped):
             ax.plot(x, [100 * a["sim_warped"]["attainment"] for a in warped], "+:", color=color,
@@ -246,7 +264,8 @@ def main(argv=None) -> int:
             deps = {n: sim_deployment(n, entry, default_kv_tokens()) for n in names}
             rates = pick_rates(deps, lengths, slo, args.num_rates, max(args.num_prompts, 300))
         n_dep = len(names)
-        fixed = n_dep * (len(rates) * RUN_OVERHEAD_S + PROBE_S + SERVER_START_S)
+        fixed = n_dep * (len(rates) * 2 * RUN_OVERHEAD_S + PROBE_S + SERVER_START_S
+                         + sum(CALIBRATION_REQUESTS / r for r in rates))
         fit = int((args.budget_min * 60 - fixed) / (n_dep * sum(1 / r for r in rates)))
         if fit < args.num_prompts:
             print(f"{args.num_prompts} requests per rate would take longer than --budget-min "
@@ -270,6 +289,8 @@ def main(argv=None) -> int:
                                     "rows": compare(n, docs[n], entry, slo, lengths, args.fresh_seeds,
                                                     not args.no_host_model, not args.no_serving_latency)}
     report["max_diff_pp"] = max(r["diff_pp"] for d in report["deployments"].values() for r in d["rows"])
+    cal = [r["calibrated"]["diff_pp"] for d in report["deployments"].values() for r in d["rows"] if r.get("calibrated")]
+    report["max_diff_calibrated_pp"] = max(cal) if cal else None
     report["seconds"] = time.monotonic() - t_start
     print_tables(report)
     out = pathlib.Path(args.out)

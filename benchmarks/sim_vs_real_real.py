@@ -19,6 +19,7 @@ from sim_vs_real_config import (
     DEPLOYMENTS,
     KV_GIB,
     MAX_BATCHED_TOKENS,
+    CALIBRATION_REQUESTS,
     MAX_NUM_SEQS,
     PROBE_REQUESTS,
     WORKLOADS,
@@ -78,6 +79,20 @@ def instance_pids(pid: int) -> dict[int, str]:
     return out
 
 
+def calibrate(base_cmd: list[str], path: pathlib.Path, seed: int, traces: pathlib.Path, entry) -> dict:
+    """A short load at the run's rate just before the run (other prompts: another seed): how
+    fast the served instances' model steps go against the profile right now, per phase. A
+    prediction from the profile rescaled by it uses nothing measured during the run itself."""
+    t = time.monotonic()
+    subprocess.run([*base_cmd, "--num-prompts", str(CALIBRATION_REQUESTS), "--seed", str(seed),
+                    "--save-result", str(path)], capture_output=True, check=True)
+    wall = time.monotonic() - t
+    summary = summarise(read_traces(traces, t, t + wall), entry, wall)
+    return {"speed": run_speed(summary), "requests": CALIBRATION_REQUESTS, "wall_s": wall,
+            "steps": {phase: sum(s[f"{phase}_steps"] for s in summary.values())
+                      for phase in ("prefill", "decode")}}
+
+
 def run_real(name: str, workload: str, rates: list[float], slo: dict, n: int, seed: int,
              out: pathlib.Path, tmp: pathlib.Path, entry) -> dict:
     """One server; one `distserve bench` per rate (seed + i at the i-th rate, as a sweep
@@ -104,13 +119,14 @@ def run_real(name: str, workload: str, rates: list[float], slo: dict, n: int, se
         probe = json.loads(path.read_text())
         for i, rate in enumerate(rates):
             path = tmp / f"{name}-{i}.json"
-            cmd = [sys.executable, "-m", "distserve.cli", "bench", "--base-url", f"http://127.0.0.1:{port}",
-                   "--dataset", workload, "--num-prompts", str(n), "--ignore-eos", "--seed", str(seed + i),
-                   "--request-rate", f"{rate:g}", "--num-gpus", "2",
-                   "--ttft-slo", f"{slo['ttft']:.6g}", "--tpot-slo", f"{slo['tpot']:.6g}",
-                   "--save-result", str(path), "--disable-tqdm"]
+            base = [sys.executable, "-m", "distserve.cli", "bench", "--base-url", f"http://127.0.0.1:{port}",
+                    "--dataset", workload, "--ignore-eos", "--request-rate", f"{rate:g}", "--disable-tqdm"]
             if WORKLOADS[workload]["max_total_len"]:
-                cmd += ["--max-total-len", str(WORKLOADS[workload]["max_total_len"])]
+                base += ["--max-total-len", str(WORKLOADS[workload]["max_total_len"])]
+            calibration = calibrate(base, tmp / f"{name}-{i}-calibration.json", seed + 5000 + i, traces, entry)
+            cmd = [*base, "--num-prompts", str(n), "--seed", str(seed + i), "--num-gpus", "2",
+                   "--ttft-slo", f"{slo['ttft']:.6g}", "--tpot-slo", f"{slo['tpot']:.6g}",
+                   "--save-result", str(path)]
             cpu0 = {pid: cpu_seconds(pid) for pid in [proc.pid, *instances]}
             machine0 = machine_busy_seconds()
             t = time.monotonic()
@@ -134,6 +150,7 @@ def run_real(name: str, workload: str, rates: list[float], slo: dict, n: int, se
             run["_trace"] = summarise(window, entry, wall)
             run["_speed_timeline"] = speed_timeline(window, entry, run["num_requests"],
                                                     run_speed(run["_trace"]))
+            run["_calibration"] = calibration
             ours = sum(cpu1[p] - cpu0[p] for p in cpu0) + usage.ru_utime + usage.ru_stime
             run["_cpu"] = {"bench_s": usage.ru_utime + usage.ru_stime - (bench0 or 0.0),
                            "others_cores": max(machine - ours, 0.0) / wall,

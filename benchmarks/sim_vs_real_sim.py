@@ -225,6 +225,12 @@ def compare(name: str, doc: dict, entry, slo: dict, lengths: Lengths, seeds: int
         simd = stats(sim.ttft, sim.tpot, slo)
         fresh = fresh_attainment(dep, lengths, run["request_rate"], len(trace),
                                  {**slo, "ttft": slo["ttft"] - d0}, range(100, 100 + seeds))
+        calibrated = None
+        if run.get("_calibration"):   # the profile rescaled to the speed measured just before
+            speed = run["_calibration"]["speed"]
+            sim_c = simulate(trace, sim_deployment(name, scaled(entry, speed["prefill"], speed["decode"]), kv))
+            s_c = stats(sim_c.ttft + d0, sim_c.tpot, slo)
+            calibrated = {"speed": speed, "sim": s_c, "diff_pp": 100 * abs(real["attainment"] - s_c["attainment"])}
         at_speed = None
         if run.get("_trace"):
             dep_s, speed, d_run = at_run_speed(name, entry, kv, run)
@@ -245,6 +251,6 @@ def compare(name: str, doc: dict, entry, slo: dict, lengths: Lengths, seeds: int
                      "host_ms_per_token": 1e3 * (cpu.get("server_s", 0) + cpu.get("bench_s", 0)) / tokens
                      if cpu and tokens else None,
                      "real": real, "sim": simd, "sim_without_host": stats(bare.ttft, bare.tpot, slo),
-                     "sim_seconds": sim_s, "at_run_speed": at_speed, "fresh_mean": float(np.mean(fresh)), "fresh_std": float(np.std(fresh)),
+                     "sim_seconds": sim_s, "calibrated": calibrated, "at_run_speed": at_speed, "fresh_mean": float(np.mean(fresh)), "fresh_std": float(np.std(fresh)),
                      "diff_pp": 100 * abs(real["attainment"] - simd["attainment"])})
     return rows

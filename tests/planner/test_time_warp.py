@@ -1,5 +1,6 @@
-"""The time warp with which benchmarks/sim_vs_real.py replays a run's slow spells: a machine
-that runs w times slower for a while passes 1/w of machine time per second then."""
+"""The time warp with which benchmarks/sim_vs_real.py replays a run's slow spells (a machine
+that runs w times slower for a while passes 1/w of machine time per second then), and its
+prediction from a calibration load just before each run."""
 import pathlib
 import sys
 
@@ -7,11 +8,11 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
-from sim_vs_real_sim import TimeWarp, simulate_warped  # noqa: E402
+from sim_vs_real_sim import TimeWarp, compare, scaled, sim_deployment, simulate_warped  # noqa: E402
 
 from distserve.planner.latency import InstanceLatency, ProfileEntry  # noqa: E402
 from distserve.planner.simulator import Disaggregated, InstanceConfig, simulate  # noqa: E402
-from distserve.planner.workload import Trace  # noqa: E402
+from distserve.planner.workload import Lengths, Trace  # noqa: E402
 
 
 def test_warp_maps_wall_to_machine_time_and_back():
@@ -41,3 +42,22 @@ def test_a_flat_warp_changes_nothing_and_a_slow_spell_stretches_latencies():
     dense = simulate(Trace(trace.arrival / 2, trace.input_len, trace.output_len), dep)
     assert ttft_slow == pytest.approx(2 * dense.ttft) and tpot_slow == pytest.approx(2 * dense.tpot)
     assert ttft_slow.mean() > 2 * plain.ttft.mean()   # and denser arrivals queue more
+
+
+def test_a_run_on_a_machine_twice_as_slow_is_predicted_by_its_calibration_not_by_the_profile():
+    entry = ProfileEntry((10.0, 0.1, 0.0), (20.0, 0.0, 0.5), (20.0, 0.0, 0.5))
+    rng = np.random.default_rng(1)
+    n = 120
+    trace = Trace(np.sort(rng.uniform(0, 30, n)), rng.integers(50, 300, n), rng.integers(2, 80, n))
+    # "reality": the same deployment on a machine whose steps take twice as long
+    slow = simulate(trace, sim_deployment("disagg", scaled(entry, 2.0), 10 ** 6))
+    requests = [{"send_time": 100 + float(a), "input_len": int(i), "output_len": int(o),
+                 "expected_output_len": int(o), "success": True, "ttft": float(t), "tpot": float(p)}
+                for a, i, o, t, p in zip(trace.arrival, trace.input_len, trace.output_len, slow.ttft, slow.tpot)]
+    slo = {"ttft": float(np.percentile(slow.ttft, 60)), "tpot": float(np.percentile(slow.tpot, 60))}
+    run = {"request_rate": 4.0, "requests": requests,
+           "_calibration": {"speed": {"prefill": 2.0, "decode": 2.0}, "requests": 30}}
+    doc = {"runs": [run], "_server": {"kv_tokens_per_instance": 10 ** 6}}
+    [row] = compare("disagg", doc, entry, slo, Lengths("humaneval-trace"), seeds=1, host_model=False)
+    assert row["calibrated"]["diff_pp"] == pytest.approx(0.0)
+    assert row["real"]["attainment"] < 0.75 and row["diff_pp"] > 20   # the profile alone: far off
