@@ -131,7 +131,7 @@ def idle_attainment(p: Problem, tp: int, pp: int, rate: float = 0.02) -> float:
     """The baseline's SLO attainment at an almost idle rate. Near 0.9 the baseline's 90%
     goodput sits on a cliff (prompts whose prefill alone misses TTFT), and the ratio over it
     says little: 13B chatbot's vLLM TP 1 attains 0.889 at 0.02 req/s."""
-    dep = Colocated(p.instance(tp, pp, p.colocated_profile or p.profile), 1, p.chunked)
+    dep = Colocated(p.colocated_instance(tp, pp), 1, p.chunked)
     return float(np.mean([simulate(make_trace(p.lengths, p.requests, rate, seed), dep)
                           .attainment(p.slo.ttft, p.slo.tpot) for seed in p.seeds]))
 

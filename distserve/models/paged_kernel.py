@@ -57,9 +57,11 @@ def _load() -> bool:
 
 def paged_decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [B, Hq, D] over the cached contexts -> [B, Hq, D]; call only if kernel_available()."""
-    q = q.contiguous()
-    out = torch.empty_like(q)
+    """q [B, Hq, D] over the cached contexts -> [B, Hq, D]; call only if kernel_available().
+    q may be rows of a wider tensor (the q heads of a fused q/k/v projection): no copy."""
+    if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+        q = q.contiguous()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     torch.ops.distserve_cpu.paged_decode_attention(out, q, layer_cache, block_tables,
                                                    context_lens, scale)
     return out

@@ -57,6 +57,11 @@ class Problem:
         return InstanceConfig(lat, kv_capacity_tokens(self.model, self.hw, tp, pp),
                               max_prefill_tokens=self.max_prefill_tokens)
 
+    def colocated_instance(self, tp: int, pp: int) -> InstanceConfig:
+        """An instance of the colocated baseline: its own profile (the artifact's "vllm" file)
+        where one is given."""
+        return self.instance(tp, pp, self.colocated_profile or self.profile)
+
     def parallelisms(self, max_gpus: int, max_tp: int) -> list[tuple[int, int]]:
         """(TP, PP) pairs that are allowed and fit in memory with a minimum KV pool."""
         return [(tp, pp) for tp in range(1, max_tp + 1) for pp in range(1, max_gpus // tp + 1)
@@ -115,8 +120,7 @@ def _pair_goodput(task) -> float:
 
 def _colocated_goodput(task) -> float:
     p, tp, pp = task
-    inst = p.instance(tp, pp, p.colocated_profile or p.profile)
-    return goodput_one(Colocated(inst, 1, p.chunked), p.lengths, p.slo, p.requests)
+    return goodput_one(Colocated(p.colocated_instance(tp, pp), 1, p.chunked), p.lengths, p.slo, p.requests)
 
 
 class _FirstTokenOnly(Lengths):
@@ -247,5 +251,5 @@ def confirm(p: Problem, c: Candidate, link: float) -> object:
 
 
 def confirm_colocated(p: Problem, tp: int, pp: int, instances: int = 1) -> object:
-    inst = p.instance(tp, pp, p.colocated_profile or p.profile)
-    return goodput(Colocated(inst, instances, p.chunked), p.lengths, p.slo, p.requests, p.seeds)
+    return goodput(Colocated(p.colocated_instance(tp, pp), instances, p.chunked), p.lengths, p.slo,
+                   p.requests, p.seeds)

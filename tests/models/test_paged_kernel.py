@@ -85,3 +85,16 @@ def test_gather_blocks_still_serves_chunked_prefill():
     q, cache, tables, ctx = random_case(torch.float32, 4, 2, 64, [20])
     k = gather_blocks(cache, tables[0], 0)
     assert torch.equal(k[16], cache[tables[0, 1], 0, 0])
+
+
+def test_kernel_reads_q_heads_straight_from_the_fused_projection():
+    """q as the q/k/v projection leaves it (rows Hq + 2 Hkv heads apart) gives what a
+    contiguous copy gives, bit for bit."""
+    q, cache, tables, ctx = random_case(torch.bfloat16, 9, 3, 64, [5, 40, 17])
+    qkv = torch.randn(3, 9 + 6, 64).to(torch.bfloat16)
+    qkv[:, :9] = q
+    strided = qkv[:, :9]
+    assert not strided.is_contiguous()
+    got = paged_kernel.paged_decode_attention(strided, cache, tables, ctx, 0.125)
+    torch.testing.assert_close(got, paged_kernel.paged_decode_attention(q, cache, tables, ctx, 0.125),
+                               rtol=0, atol=0)

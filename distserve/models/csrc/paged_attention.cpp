@@ -287,7 +287,7 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& ca
       const Item<T> it{cache_ptr, tables + b * width, cache.size(2), cache.stride(0), cache.stride(2),
                        cache.stride(3), cache.stride(1), h0, kv_heads, group, dim, lens[b]};
       const int64_t nq = kv_heads * group;
-      const T* qrow = q_ptr + (b * num_heads + h0 * group) * dim;
+      const T* qrow = q_ptr + b * q.stride(0) + h0 * group * dim;  // heads of a row are adjacent
       qf.resize(nq * dim);
       acc.resize(nq * dim);
       scores.resize(nq * it.len);
@@ -312,12 +312,14 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& ca
   });
 }
 
-// out [B, Hq, D] (written), q [B, Hq, D] contiguous, cache [num_blocks, 2, block_size, Hkv, D]
+// out [B, Hq, D] (written), q [B, Hq, D] (rows may be apart), cache [num_blocks, 2, block_size, Hkv, D]
 // (any strides but a contiguous last dim), block_tables [B, W] int64, context_lens [B] int64.
 void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& cache,
                             const at::Tensor& block_tables, const at::Tensor& context_lens,
                             double scale) {
-  TORCH_CHECK(q.is_contiguous() && out.is_contiguous(), "q and out must be contiguous");
+  // q may be a view into the fused q/k/v projection: rows apart, each row's heads contiguous
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && out.is_contiguous(),
+              "q must have contiguous rows of heads, out must be contiguous");
   TORCH_CHECK(cache.dim() == 5 && cache.size(1) == 2 && cache.stride(4) == 1,
               "cache must be [blocks, 2, block_size, heads, dim] with a contiguous last dim");
   TORCH_CHECK(q.dim() == 3 && q.size(2) == cache.size(4) && q.size(1) % cache.size(3) == 0,
