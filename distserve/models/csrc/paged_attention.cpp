@@ -46,6 +46,34 @@ struct Item {
   }
 };
 
+// Prefetches the next work item's K/V (its first blocks) a few cache lines at a time, fed
+// from the current item's token loops. In a decode step each layer's K/V comes from memory
+// (the weights streamed through the caches in between), and an item's first block had no
+// prefetch at all; a burst of prefetches at the item's start would stall on the fill
+// buffers, so they are spread over the work of the item before.
+struct LineFeed {
+  static constexpr int kMaxRanges = 16;
+  const char* start[kMaxRanges];
+  int64_t bytes[kMaxRanges];
+  int count = 0, at = 0;
+  int64_t offset = 0;
+  void add(const void* p, int64_t n) {
+    if (count < kMaxRanges && n > 0) {
+      start[count] = static_cast<const char*>(p);
+      bytes[count++] = n;
+    }
+  }
+  void feed(int lines) {
+#ifdef __AVX512F__
+    for (; lines > 0 && at < count; --lines) {
+      _mm_prefetch(start[at] + offset, _MM_HINT_T0);
+      offset += 64;
+      if (offset >= bytes[at]) { ++at; offset = 0; }
+    }
+#endif
+  }
+};
+
 // --- portable loops --------------------------------------------------------------------
 // scores [kv_heads * group][len] = q . k
 template <typename T>
@@ -187,7 +215,7 @@ inline __m512 sum16(const __m512* v) {
 
 // scores of query heads j0 .. j0+G-1 (all sharing KV head h) over every token.
 template <typename T, int CH, int G>
-void scores_heads(const Item<T>& it, int64_t h, int64_t j0, const float* q, float* scores) {
+void scores_heads(const Item<T>& it, int64_t h, int64_t j0, const float* q, float* scores, LineFeed& next) {
   __m512 qv[G][CH];
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < CH; ++c) qv[g][c] = _mm512_loadu_ps(q + (j0 + g) * it.dim + 16 * c);
@@ -200,6 +228,7 @@ void scores_heads(const Item<T>& it, int64_t h, int64_t j0, const float* q, floa
         continue;
       }
       if (h == 0) it.prefetch_next_block(t0 + i, 0);
+      next.feed(2);
       const T* k = it.row(t0 + i, h);
       __m512 kv[CH];
       for (int c = 0; c < CH; ++c) kv[c] = load16(k + 16 * c);
@@ -216,12 +245,13 @@ void scores_heads(const Item<T>& it, int64_t h, int64_t j0, const float* q, floa
 
 // acc rows j0 .. j0+G-1 = p . v over every token, for KV head h.
 template <typename T, int CH, int G>
-void values_heads(const Item<T>& it, int64_t h, int64_t j0, const float* p, float* acc) {
+void values_heads(const Item<T>& it, int64_t h, int64_t j0, const float* p, float* acc, LineFeed& next) {
   __m512 a[G][CH];
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < CH; ++c) a[g][c] = _mm512_setzero_ps();
   for (int64_t t = 0; t < it.len; ++t) {
     if (h == 0) it.prefetch_next_block(t, it.kv_offset);
+    next.feed(2);
     const T* v = it.row(t, h) + it.kv_offset;
     __m512 vv[CH];
     for (int c = 0; c < CH; ++c) vv[c] = load16(v + 16 * c);
@@ -236,13 +266,13 @@ void values_heads(const Item<T>& it, int64_t h, int64_t j0, const float* p, floa
 
 // For each KV head: its query heads, at most 4 at a time (4 x CH <= 16 registers at CH = 4).
 template <typename T, int CH>
-void attend_in_registers(const Item<T>& it, const float* q, float* scores, float* acc) {
+void attend_in_registers(const Item<T>& it, const float* q, float* scores, float* acc, LineFeed& next) {
   for (int pass = 0; pass < 2; ++pass) {
     for (int64_t h = 0; h < it.kv_heads; ++h)
       for (int64_t g0 = 0; g0 < it.group; g0 += 4) {
         const int64_t j0 = h * it.group + g0;
-#define DISTSERVE_HEADS(G) (pass == 0 ? scores_heads<T, CH, G>(it, h, j0, q, scores) \
-                                      : values_heads<T, CH, G>(it, h, j0, scores, acc))
+#define DISTSERVE_HEADS(G) (pass == 0 ? scores_heads<T, CH, G>(it, h, j0, q, scores, next) \
+                                      : values_heads<T, CH, G>(it, h, j0, scores, acc, next))
         switch (std::min<int64_t>(4, it.group - g0)) {
           case 4: DISTSERVE_HEADS(4); break;
           case 3: DISTSERVE_HEADS(3); break;
@@ -281,6 +311,17 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& ca
   at::parallel_for(0, batch * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf, acc, scores;
     for (int64_t index = begin; index < end; ++index) {
+      LineFeed next;  // the next item's first blocks, K and V
+      if (index + 1 < end) {
+        const int64_t nb = (index + 1) / splits, len = lens[nb];
+        const int64_t rows_bytes = cache.stride(2) * static_cast<int64_t>(sizeof(T));
+        for (int64_t t0 = 0; t0 < len && next.count + 2 <= LineFeed::kMaxRanges; t0 += cache.size(2)) {
+          const T* k = cache_ptr + tables[nb * width + t0 / cache.size(2)] * cache.stride(0);
+          const int64_t n = std::min(cache.size(2), len - t0) * rows_bytes;
+          next.add(k, n);
+          next.add(k + cache.stride(1), n);
+        }
+      }
       const int64_t b = index / splits, h0 = index % splits * heads_per_item;
       const int64_t kv_heads = std::min(heads_per_item, num_kv_heads - h0);
       if (kv_heads <= 0) continue;
@@ -294,7 +335,7 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& ca
       for (int64_t i = 0; i < nq * dim; ++i) qf[i] = to_float(qrow[i]) * fscale;
 #ifdef __AVX512F__
       if (dim == 64) {  // at 128, two passes per KV head over K/V cost more than they save
-        attend_in_registers<T, 4>(it, qf.data(), scores.data(), acc.data());
+        attend_in_registers<T, 4>(it, qf.data(), scores.data(), acc.data(), next);
       } else if (vector) {
         scores_avx512(it, qf.data(), scores.data());
         for (int64_t j = 0; j < nq; ++j) softmax_avx512(scores.data() + j * it.len, it.len);
