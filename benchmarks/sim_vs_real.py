@@ -111,17 +111,16 @@ def print_tables(report: dict) -> None:
         print(f"{rate:12g} |" + "|".join(cells))
     worst = max((r["diff_pp"] for d in deps.values() for r in d["rows"]), default=0.0)
     print(f"largest difference: {worst:.1f} pp (target: 3; the paper: 2)")
-    calibrated = [(n, r) for n in names for r in deps[n]["rows"] if r.get("calibrated")]
+    calibrated = _rows_having(deps, "calibrated")
     if calibrated:
         print("\nPredicted from the profile rescaled by a calibration load just before each run "
               "(its own prompts, the run's rate; nothing of the run itself):")
         for n, r in calibrated:
             c = r["calibrated"]
             print(f"  {n:<9} {r['rate']:6g} req/s: real {pct(r['real']['attainment'])} predicted "
-                  f"{pct(c['sim']['attainment'])}  diff {c['diff_pp']:5.1f} pp   steps x prefill "
-                  f"{c['speed']['prefill']:.2f}, decode {c['speed']['decode']:.2f}")
+                  f"{pct(c['sim']['attainment'])}  diff {c['diff_pp']:5.1f} pp   {_steps(c['speed'])}")
         print(f"largest difference, calibrated just before: {max(r['calibrated']['diff_pp'] for _, r in calibrated):.1f} pp")
-    timed = [(n, r) for n in names for r in deps[n]["rows"] if r.get("at_run_speed")]
+    timed = _rows_having(deps, "at_run_speed")
     if timed:
         print("\nThe same, simulated at the speed each run's model steps actually ran (step traces: "
               "measured / profiled step time per phase) plus the run's mean serving-path latency:")
@@ -130,8 +129,8 @@ def print_tables(report: dict) -> None:
             warped = (f"; with its slow spells replayed ({100 * a['slow_share']:.0f}% of seconds >1.3x): sim "
                       f"{pct(a['sim_warped']['attainment'])} diff {a['diff_warped_pp']:5.1f} pp" if "sim_warped" in a else "")
             print(f"  {n:<9} {r['rate']:6g} req/s: real {pct(r['real']['attainment'])} sim {pct(a['sim']['attainment'])}"
-                  f"  diff {a['diff_pp']:5.1f} pp   steps x prefill {a['speed']['prefill']:.2f}, decode "
-                  f"{a['speed']['decode']:.2f}; serving path +{1e3 * a['serving_latency_s']:.0f} ms" + warped)
+                  f"  diff {a['diff_pp']:5.1f} pp   {_steps(a['speed'])}; serving path "
+                  f"+{1e3 * a['serving_latency_s']:.0f} ms" + warped)
         worst_t = max(r["at_run_speed"]["diff_pp"] for _, r in timed)
         print(f"largest difference at the runs' own speed: {worst_t:.1f} pp")
         warped = [r["at_run_speed"]["diff_warped_pp"] for _, r in timed if "diff_warped_pp" in r["at_run_speed"]]
@@ -161,6 +160,14 @@ def print_tables(report: dict) -> None:
                      f"simulated without the host: {pct(r['sim_without_host']['attainment']).strip()}%"
                      + (f"; other jobs used {r['cpu']['others_cores']:.2f} cores" if "others_cores" in r["cpu"] else "")
                      if r.get("host") else ""))
+
+
+def _rows_having(deps: dict, key: str) -> list[tuple[str, dict]]:
+    return [(n, r) for n, d in deps.items() for r in d["rows"] if r.get(key)]
+
+
+def _steps(speed: dict) -> str:
+    return f"steps x prefill {speed['prefill']:.2f}, decode {speed['decode']:.2f}"
 
 
 def _fmt(x, digits: int = 2) -> str:

@@ -5,9 +5,9 @@ Why: a decode step is a chain of small-M GEMMs that must stream every weight. Ov
 plain row-major weights and 43 ms on weights oneDNN has blocked for itself; at M = 32, 70
 vs 53 ms. On CPUs with AMX our own kernel (csrc/amx_linear.cpp) does better again: ~30 us
 less per call, and every thread streams its share of the weight in memory order with
-prefetching; measured side by side over SmolLM2's matrices it took 0.45-0.6x oneDNN's time
-at M = 1-32, and 0.8-0.9x at prefill sizes (M = 512-2048). Results agree with `F.linear`
-to bf16 rounding.
+prefetching; measured side by side it took 0.45-0.6x oneDNN's time over SmolLM2's matrices
+at M = 1-32, and 0.8-0.9x over the 1.1 GB model's at prefill sizes (M = 512-2048). Results
+agree with `F.linear` to bf16 rounding.
 Only bf16 on CPUs with native bf16 is packed: float32 stays on `F.linear`, so float32 runs
 match transformers exactly.
 """
