@@ -49,8 +49,9 @@ struct Item {
 // Prefetches the next work item's K/V (its first blocks) a few cache lines at a time, fed
 // from the current item's token loops. In a decode step each layer's K/V comes from memory
 // (the weights streamed through the caches in between), and an item's first block had no
-// prefetch at all; a burst of prefetches at the item's start would stall on the fill
-// buffers, so they are spread over the work of the item before.
+// prefetch at all. A burst of prefetches (into L2) at the item's start gained nothing
+// measurable; spread over the work of the item before, 200-220 us a layer became 140-165
+// (SmolLM2, batch 32, in real decode steps).
 struct LineFeed {
   static constexpr int kMaxRanges = 16;
   const char* start[kMaxRanges];
@@ -189,8 +190,9 @@ void softmax_avx512(float* s, int64_t len) {
 }
 // --- AVX-512 with the query heads of one KV head in registers (head_dim 64) -------------
 // Why: at short contexts the loops above spend more on reductions and on accumulators in
-// memory than on the K/V bytes (SmolLM2, batch 32, ~80 tokens: ~7 ms of a ~35 ms step;
-// this path takes 0.6x the time there, 0.75x at 300 tokens). At head_dim 128 only 2 query
+// memory than on the K/V bytes (SmolLM2, batch 32, ~80 tokens, K/V in cache: this path
+// takes 0.6x the time, 0.75x at 300 tokens; in a decode step, where K/V come from memory,
+// it gained little until the LineFeed prefetch above). At head_dim 128 only 2 query
 // heads fit the registers; the extra passes over K/V made it up to 8% slower at 500 tokens.
 // Here, per KV head and per group of G query heads: q (G x CH vectors) stays in registers;
 // scores of 16 tokens are reduced together (sum16: 45 ops for 16 dot products instead of
