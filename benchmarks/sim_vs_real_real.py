@@ -112,15 +112,14 @@ def run_real(name: str, workload: str, rates: list[float], slo: dict, n: int, se
         instances = sorted(roles)
         # the probe: requests one at a time, to check the profile against the served path
         path = tmp / f"{name}-probe.json"
-        subprocess.run([sys.executable, "-m", "distserve.cli", "bench", "--base-url", f"http://127.0.0.1:{port}",
-                        "--dataset", workload, "--num-prompts", str(PROBE_REQUESTS), "--ignore-eos",
-                        "--max-concurrency", "1", "--seed", "1000", "--save-result", str(path), "--disable-tqdm"],
-                       capture_output=True, check=True)
+        bench_cmd = [sys.executable, "-m", "distserve.cli", "bench", "--base-url", f"http://127.0.0.1:{port}",
+                     "--dataset", workload, "--ignore-eos", "--disable-tqdm"]
+        subprocess.run([*bench_cmd, "--num-prompts", str(PROBE_REQUESTS), "--max-concurrency", "1", "--seed", "1000",
+                        "--save-result", str(path)], capture_output=True, check=True)
         probe = json.loads(path.read_text())
         for i, rate in enumerate(rates):
             path = tmp / f"{name}-{i}.json"
-            base = [sys.executable, "-m", "distserve.cli", "bench", "--base-url", f"http://127.0.0.1:{port}",
-                    "--dataset", workload, "--ignore-eos", "--request-rate", f"{rate:g}", "--disable-tqdm"]
+            base = [*bench_cmd, "--request-rate", f"{rate:g}"]
             if WORKLOADS[workload]["max_total_len"]:
                 base += ["--max-total-len", str(WORKLOADS[workload]["max_total_len"])]
             calibration = calibrate(base, tmp / f"{name}-{i}-calibration.json", seed + 5000 + i, traces, entry)

@@ -25,11 +25,12 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> SampleResult:
     greedy requests pick from them as they are, everything else works in float32."""
     params = [r.sampling_params for r in requests]
     greedy = torch.tensor([p.greedy for p in params])
+    all_greedy = bool(greedy.all())
     want = [p.logprobs for p in params]
-    if greedy.all() and all(w is None for w in want):  # the common case: no copy of the logits
+    if all_greedy and all(w is None for w in want):  # the common case: no copy of the logits
         return SampleResult(_argmax(logits).tolist(), None, None)
     logits = logits.float()
-    if greedy.all():
+    if all_greedy:
         chosen = _argmax(logits)
     else:
         chosen = torch.empty(len(requests), dtype=torch.long)

@@ -119,7 +119,7 @@ inline void write_block(const float* c, int64_t rows, int64_t cols, const c10::B
 
 void amx_linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
                      const c10::BFloat16* bias) {
-  const int64_t m = x.size(0), k = x.size(1), n = out.size(1);
+  const int64_t m = x.size(0), n = out.size(1);
   const int64_t nblocks = packed.size(0), kblocks = packed.size(1);
   const auto* xp = x.data_ptr<c10::BFloat16>();
   const char* wp = reinterpret_cast<const char*>(packed.data_ptr<c10::BFloat16>());
