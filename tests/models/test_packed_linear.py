@@ -42,10 +42,11 @@ amx = pytest.mark.skipif(not amx_usable(32), reason="this CPU or kernel build ha
 @amx
 @pytest.mark.parametrize("rows", [0, 1, 15, 16, 17, 32, 33, 70])
 @pytest.mark.parametrize("outputs", [32, 80, 1000])
-def test_amx_linear_matches_f_linear_at_every_row_and_column_tail(rows, outputs):
-    torch.manual_seed(rows * 1000 + outputs)
-    linear = nn.Linear(96, outputs, bias=True, dtype=torch.bfloat16)
-    x = torch.randn(rows, 96, dtype=torch.bfloat16)
+@pytest.mark.parametrize("inputs", [32, 96])  # one block of inputs, or several
+def test_amx_linear_matches_f_linear_at_every_row_and_column_tail(rows, outputs, inputs):
+    torch.manual_seed(rows * 1000 + outputs + inputs)
+    linear = nn.Linear(inputs, outputs, bias=True, dtype=torch.bfloat16)
+    x = torch.randn(rows, inputs, dtype=torch.bfloat16)
     packed = PackedLinear(linear)
     assert packed.uses_amx
     expected = F.linear(x.float(), linear.weight.float(), linear.bias.float())

@@ -70,35 +70,66 @@ void configure_tiles(int64_t rows) {
   _tile_loadconfig(&cfg);
 }
 
-// c[0:rows, 0:32] (float32, row stride 32) = a[0:rows, 0:K] @ block column of the weight.
-template <bool kTwoHalves>
-inline void block_product(const c10::BFloat16* a, int64_t lda, const char* w, int64_t kblocks,
-                          float* c) {
+inline void prefetch_block(const char* block) {
+  for (int64_t line = 0; line < kBlockBytes; line += 64) _mm_prefetch(block + line, _MM_HINT_T0);
+}
+
+// c[0:rows, 0:16] and c[0:rows, 16:32] (float32, row stride 32) = a[0:rows, 0:K] @ one block
+// column of the weight, for rows <= 16: tiles C 0-1, A 4, B 6-7.
+inline void block_product_16(const c10::BFloat16* a, int64_t lda, const char* w, int64_t kblocks,
+                             float* c) {
   const int64_t stride = lda * 2;
   _tile_zero(0);
   _tile_zero(1);
-  if (kTwoHalves) { _tile_zero(2); _tile_zero(3); }
   for (int64_t kb = 0; kb < kblocks; ++kb) {
     const char* b = w + kb * kBlockBytes;
-    const char* ahead = b + kPrefetchBlocks * kBlockBytes;  // past this column: the next one's
-    for (int64_t line = 0; line < kBlockBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+    prefetch_block(b + kPrefetchBlocks * kBlockBytes);  // past this column: the next one's
     _tile_loadd(4, a + kb * kBlock, stride);
     _tile_loadd(6, b, 128);
     _tile_loadd(7, b + 64, 128);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
-    if (kTwoHalves) {
-      _tile_loadd(5, a + 16 * lda + kb * kBlock, stride);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, 128);
+  _tile_stored(1, c + 16, 128);
+}
+
+// The same for 17-32 rows: tiles C 0-3 (2 x 2), A 4-5, B 6-7. Tiles are not renamed, so a
+// load waits for the multiplies that read the tile before it: each tile is reloaded for the
+// next block as soon as its last reader is issued (B6 after the two products that use it,
+// then A4, A5, B7). Measured against loading all four first: 0.9x the time at 32 rows over
+// SmolLM2's matrices (weights cold or in cache).
+inline void block_product_32(const c10::BFloat16* a, int64_t lda, const char* w, int64_t kblocks,
+                             float* c) {
+  const int64_t stride = lda * 2;
+  const c10::BFloat16* a_bottom = a + 16 * lda;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, a, stride);
+  _tile_loadd(5, a_bottom, stride);
+  _tile_loadd(6, w, 128);
+  _tile_loadd(7, w + 64, 128);
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    const char* next = w + (kb + 1) * kBlockBytes;
+    prefetch_block(next + (kPrefetchBlocks - 1) * kBlockBytes);
+    const bool more = kb + 1 < kblocks;
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 5, 6);
+    if (more) _tile_loadd(6, next, 128);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(3, 5, 7);
+    if (more) {
+      _tile_loadd(4, a + (kb + 1) * kBlock, stride);
+      _tile_loadd(5, a_bottom + (kb + 1) * kBlock, stride);
+      _tile_loadd(7, next + 64, 128);
     }
   }
   _tile_stored(0, c, 128);
   _tile_stored(1, c + 16, 128);
-  if (kTwoHalves) {
-    _tile_stored(2, c + 16 * kBlock, 128);
-    _tile_stored(3, c + 16 * kBlock + 16, 128);
-  }
+  _tile_stored(2, c + 16 * kBlock, 128);
+  _tile_stored(3, c + 16 * kBlock + 16, 128);
 }
 
 // out[r, n0:n0+cols] = round(c[r, :cols] + bias), bf16 rounded to nearest even.
@@ -137,8 +168,8 @@ void amx_linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& pac
         const c10::BFloat16* a = xp + m0 * lda;
         for (int64_t nb = g; nb < g_end; ++nb) {
           const char* w = wp + nb * kblocks * kBlockBytes;
-          if (rows > 16) block_product<true>(a, lda, w, kblocks, c);
-          else block_product<false>(a, lda, w, kblocks, c);
+          if (rows > 16) block_product_32(a, lda, w, kblocks, c);
+          else block_product_16(a, lda, w, kblocks, c);
           const int64_t n0 = nb * kBlock;
           write_block(c, rows, std::min(kBlock, n - n0), bias ? bias + n0 : nullptr,
                       op + m0 * ldo + n0, ldo);
