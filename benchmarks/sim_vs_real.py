@@ -136,6 +136,7 @@ def print_tables(report: dict) -> None:
         warped = [r["at_run_speed"]["diff_warped_pp"] for _, r in timed if "diff_warped_pp" in r["at_run_speed"]]
         if warped:
             print(f"largest difference with the slow spells replayed too: {max(warped):.1f} pp")
+        print_speed_to_match(timed)
     print("\nProbe (requests one at a time): serving-path latency added to simulated TTFTs; "
           "real single-request TPOT / the profile's decode step (1.00: the profile holds)")
     for n in names:
@@ -160,6 +161,28 @@ def print_tables(report: dict) -> None:
                      f"simulated without the host: {pct(r['sim_without_host']['attainment']).strip()}%"
                      + (f"; other jobs used {r['cpu']['others_cores']:.2f} cores" if "others_cores" in r["cpu"] else "")
                      if r.get("host") else ""))
+
+
+def print_speed_to_match(timed: list[tuple[str, dict]]) -> None:
+    """Per run: the error in the measured speed that would explain the rest of the difference,
+    next to how much the speed moved within that run and how far the calibration was off."""
+    rows = [(n, r) for n, r in timed if r["at_run_speed"].get("to_match")]
+    if not rows:
+        return
+    print("\nHow far off the run's measured speed would have to be for the simulation (at run speed, "
+          "spells replayed) to give the real attainment; the slope of attainment in speed there; "
+          "the speed's spread within the run (1 s bins); the calibration's speed / the run's:")
+    for n, r in rows:
+        a, m = r["at_run_speed"], r["at_run_speed"]["to_match"]
+        spread = f"+-{100 * a['within_run_speed_std']:.0f}%" if "within_run_speed_std" in a else "n/a"
+        cal = r.get("calibrated")
+        off = (f"prefill {cal['speed']['prefill'] / a['speed']['prefill']:.2f}, decode "
+               f"{cal['speed']['decode'] / a['speed']['decode']:.2f}" if cal else "n/a")
+        left = f" (closest: {m['diff_pp']:.1f} pp off)" if m["diff_pp"] > 100 / r["n"] + 1e-6 else ""
+        print(f"  {n:<9} {r['rate']:6g} req/s: steps x {m['factor']:.2f}{left}; {m['pp_per_pct']:5.1f} pp "
+              f"per 1% of speed; within the run {spread}; calibration {off}")
+    factors = [abs(r["at_run_speed"]["to_match"]["factor"] - 1) for _, r in rows]
+    print(f"largest speed error needed: {100 * max(factors):.0f}%")
 
 
 def _rows_having(deps: dict, key: str) -> list[tuple[str, dict]]:

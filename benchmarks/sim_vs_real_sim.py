@@ -157,6 +157,34 @@ def at_run_speed(name: str, entry: ProfileEntry, kv: int, run: dict):
     return dep, speed, max(run["mean_ttft_ms"] * 1e-3 - server_ttft, 0.0)
 
 
+SPEED_GRID = np.round(np.arange(0.70, 1.3001, 0.01), 2)
+
+
+def speed_to_match(trace: Trace, name: str, entry: ProfileEntry, kv: int, speed: dict,
+                   serving_s: float, slo: dict, real_attainment: float,
+                   warp: TimeWarp | None = None) -> dict:
+    """How far off the speed given to the simulator would have to be for it to predict the
+    real attainment: every step x f, f on a 1% grid from 0.70 to 1.30, and the f nearest 1
+    whose simulated attainment is within one request of the real one (the closest one when
+    none is). Near the knee of the attainment curve a few % of machine speed move it tens of
+    points: `pp_per_pct` is that slope around f = 1 (points of attainment per 1% of speed).
+    Tells a model that is wrong from a speed that was measured a few % off."""
+    def attainment(f: float) -> float:
+        dep = sim_deployment(name, scaled(entry, speed["prefill"] * f, speed["decode"] * f), kv)
+        if warp is not None:
+            ttft, tpot = simulate_warped(trace, dep, warp)
+        else:
+            sim = simulate(trace, dep)
+            ttft, tpot = sim.ttft, sim.tpot
+        return stats(ttft + serving_s, tpot, slo)["attainment"]
+
+    atts = {float(f): attainment(float(f)) for f in SPEED_GRID}
+    diff = {f: abs(a - real_attainment) for f, a in atts.items()}
+    close = [f for f in atts if diff[f] <= 1.0 / len(trace) + 1e-9] or [min(atts, key=diff.get)]
+    f = min(close, key=lambda x: (abs(x - 1.0), x))
+    return {"factor": f, "diff_pp": 100 * diff[f], "pp_per_pct": 100 * (atts[0.95] - atts[1.05]) / 10}
+
+
 def host_slowdown(run: dict, cores: int = 2) -> dict | None:
     """How much longer each instance's steps take because the host processes (the server's
     HTTP + controller process and the bench client, unpinned) run on the instances' cores.
@@ -239,11 +267,15 @@ def compare(name: str, doc: dict, entry, slo: dict, lengths: Lengths, seeds: int
             at_speed = {"speed": speed, "serving_latency_s": d_run, "sim": s2,
                         "diff_pp": 100 * abs(real["attainment"] - s2["attainment"])}
             timeline = run.get("_speed_timeline")
-            if timeline:
-                ttft_w, tpot_w = simulate_warped(trace, dep_s, TimeWarp(timeline["warp"], timeline["bin_s"]))
+            warp = TimeWarp(timeline["warp"], timeline["bin_s"]) if timeline else None
+            if warp is not None:
+                ttft_w, tpot_w = simulate_warped(trace, dep_s, warp)
                 s3 = stats(ttft_w + d_run, tpot_w, slo)
                 at_speed.update(sim_warped=s3, diff_warped_pp=100 * abs(real["attainment"] - s3["attainment"]),
-                                slow_share=float(np.mean(np.asarray(timeline["warp"]) > 1.3)))
+                                slow_share=float(np.mean(np.asarray(timeline["warp"]) > 1.3)),
+                                within_run_speed_std=float(np.std(timeline["warp"])))
+            at_speed["to_match"] = speed_to_match(trace, name, entry, kv, speed, d_run, slo,
+                                                  real["attainment"], warp)
         tokens = sum(r["output_len"] for r in run["requests"] if r["success"])
         cpu = run.get("_cpu") or {}
         rows.append({"rate": run["request_rate"], "n": len(trace), "failed": run.get("num_failed", 0),

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
-from sim_vs_real_sim import TimeWarp, compare, scaled, sim_deployment, simulate_warped  # noqa: E402
+from sim_vs_real_sim import (TimeWarp, compare, scaled, sim_deployment, simulate_warped,  # noqa: E402
+                             speed_to_match, stats)
 
 from distserve.planner.latency import InstanceLatency, ProfileEntry  # noqa: E402
 from distserve.planner.simulator import Disaggregated, InstanceConfig, simulate  # noqa: E402
@@ -61,3 +62,19 @@ def test_a_run_on_a_machine_twice_as_slow_is_predicted_by_its_calibration_not_by
     [row] = compare("disagg", doc, entry, slo, Lengths("humaneval-trace"), seeds=1, host_model=False)
     assert row["calibrated"]["diff_pp"] == pytest.approx(0.0)
     assert row["real"]["attainment"] < 0.75 and row["diff_pp"] > 20   # the profile alone: far off
+
+
+def test_speed_to_match_finds_how_much_slower_the_machine_ran_than_the_simulator_was_told():
+    entry = ProfileEntry((10.0, 0.1, 0.0), (20.0, 0.0, 0.5), (20.0, 0.0, 0.5))
+    rng = np.random.default_rng(2)
+    n = 200
+    trace = Trace(np.sort(rng.uniform(0, 40, n)), rng.integers(50, 300, n), rng.integers(2, 80, n))
+    told = {"prefill": 1.0, "decode": 1.0}
+    reality = simulate(trace, sim_deployment("disagg", scaled(entry, 1.1), 10 ** 6))   # 10% slower
+    slo = {"ttft": float(np.percentile(reality.ttft, 50)), "tpot": float(np.percentile(reality.tpot, 50))}
+    real = stats(reality.ttft, reality.tpot, slo)["attainment"]
+    found = speed_to_match(trace, "disagg", entry, 10 ** 6, told, 0.0, slo, real)
+    assert found["factor"] == pytest.approx(1.1, abs=0.015) and found["diff_pp"] <= 100 / n
+    assert found["pp_per_pct"] > 0   # slower steps: fewer requests within the SLOs
+    same = speed_to_match(trace, "disagg", entry, 10 ** 6, {"prefill": 1.1, "decode": 1.1}, 0.0, slo, real)
+    assert same["factor"] == 1.0 and same["diff_pp"] == 0.0
