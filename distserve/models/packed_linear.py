@@ -40,7 +40,7 @@ def amx_pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def amx_usable(in_features: int) -> bool:
-    return (in_features % _AMX_BLOCK == 0 and paged_kernel.kernel_available()
+    return (in_features > 0 and in_features % _AMX_BLOCK == 0 and paged_kernel.kernel_available()
             and torch.ops.distserve_cpu.amx_available())
 
 

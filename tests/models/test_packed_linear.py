@@ -93,3 +93,7 @@ def test_amx_linear_rejects_mismatched_shapes_by_name():
                                            torch.zeros(2, 32, dtype=torch.bfloat16), packed, None)
     with pytest.raises(RuntimeError, match="bf16 tensors only"):
         torch.ops.distserve_cpu.amx_linear(torch.empty(2, 64), torch.zeros(2, 64), packed, None)
+
+
+def test_a_layer_without_inputs_is_not_given_to_the_amx_kernel():
+    assert not amx_usable(0)   # its block loop reads at least one block of weights
