@@ -1,5 +1,5 @@
 """Engine throughput against Hugging Face transformers, and the decode step against the
-memory-bandwidth floor, measured side by side in one run.
+memory-bandwidth and compute floors, measured side by side in one run.
 
     python benchmarks/engine.py [--quick] [--out benchmarks/results/engine.json]
 
@@ -12,7 +12,9 @@ waits for a quiet moment (Linux CPU pressure), runs of the two engines alternate
 engine keeps its best run: noise from other processes only ever slows a run down. Decode
 tokens/s = batch / median step; prefill tokens/s = prompt tokens / prefill time. The floor
 of a decode step is weight bytes / read bandwidth, the fastest streaming read of a buffer
-far larger than the caches, measured in the same run.
+far larger than the caches, measured in the same run; at batch 32 also its FLOPs / the
+fastest large bf16 matmul measured in the same run (oneDNN's or ours): a batch-32 step is
+as much compute as memory on two cores.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import transformers
 from transformers.generation.streamers import BaseStreamer
 
 from distserve import LLM, SamplingParams
-from distserve.models.packed_linear import amx_usable
+from distserve.models.packed_linear import amx_pack, block_kernel
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -41,18 +43,20 @@ def read_bandwidth(gib: float = 2.0, passes: int = 5) -> float:
 
     Kernels that read every byte once, on every thread torch uses: a sum, a matrix-vector
     product over the same bytes (MKL's gemv streams faster than torch's reduction on some
-    CPUs) and, where it is built, our AMX linear kernel at one row over the buffer taken as
-    a packed weight (it prefetches, and outran both on this machine). The floor is meant
-    to be unbeatable, so the best pass of any counts.
+    CPUs) and, where it is built, our linear kernel (AMX or AVX512-BF16) at one row over the
+    buffer taken as a packed weight (it prefetches, and outran both on an AMX machine). The
+    floor is meant to be unbeatable, so the best pass of any counts.
     """
     buf = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
     mat, vec = buf.view(-1, 1024), torch.ones(1024)
     readers = [buf.sum, lambda: torch.mv(mat, vec)]
-    if amx_usable(2048):
+    kernel = block_kernel(2048)
+    if kernel:
         blocks = buf.numel() * 4 // (32 * 2048 * 2)
         packed = buf[: blocks * 32 * 1024].view(torch.bfloat16).view(blocks, 64, 16, 32, 2)
         x, out = torch.zeros(1, 2048, dtype=torch.bfloat16), torch.empty(1, blocks * 32, dtype=torch.bfloat16)
-        readers.append(lambda: torch.ops.distserve_cpu.amx_linear(out, x, packed, None))
+        op = getattr(torch.ops.distserve_cpu, f"{kernel}_linear")
+        readers.append(lambda: op(out, x, packed, None))
     best = float("inf")
     for _ in range(passes):
         for read in readers:
@@ -60,6 +64,28 @@ def read_bandwidth(gib: float = 2.0, passes: int = 5) -> float:
             read()
             best = min(best, time.perf_counter() - t)
     return buf.numel() * 4 / best
+
+
+def matmul_peak(rows: int = 1024, passes: int = 5) -> float:
+    """bf16 FLOP/s of the fastest of a few large matmuls ([rows, 2048] x [2048, 4096]), by
+    oneDNN (on its own weight layout) and by our linear kernel where it is built: the rate no
+    decode step can beat, since a step's FLOPs are at least 2 x batch x parameters."""
+    x = torch.randn(rows, 2048, dtype=torch.bfloat16)
+    w = torch.randn(4096, 2048, dtype=torch.bfloat16) * 0.02
+    onednn = torch.ops.mkldnn._reorder_linear_weight(w, 32)
+    runs = [lambda: torch.ops.mkldnn._linear_pointwise(x, onednn, None, "none", [], "")]
+    kernel = block_kernel(2048)
+    if kernel:
+        packed, out = amx_pack(w), torch.empty(rows, 4096, dtype=torch.bfloat16)
+        op = getattr(torch.ops.distserve_cpu, f"{kernel}_linear")
+        runs.append(lambda: op(out, x, packed, None))
+    best = float("inf")
+    for _ in range(passes):
+        for run in runs:
+            t = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - t)
+    return 2 * rows * 2048 * 4096 / best
 
 
 def wait_for_quiet(limit_s: float = 30.0, threshold: float = 5.0) -> float:
@@ -173,7 +199,8 @@ def bench_model(label: str, ours: LLM, hf, batches: list[int], prompt_len: int,
                   f" {r['prefill_tokens_per_s']:8.1f} tok/s", flush=True)
     step1 = next(r["decode_step_ms"] for r in rows if r["engine"] == "distserve" and r["batch"] == 1)
     return {"model": label, "weight_bytes": weight_bytes, "rows": rows,
-            "kv_bytes_per_token": kv_bytes_per_token, "prompt_len": prompt_len,
+            "kv_bytes_per_token": kv_bytes_per_token,
+            "attention_width": c.num_hidden_layers * c.num_attention_heads * (c.hidden_size // c.num_attention_heads), "prompt_len": prompt_len,
             "new_tokens": new_tokens, "decode_step_b1_ms": step1,
             "decode_speedup_vs_transformers": {b: _ratio(rows, b) for b in batches}}
 
@@ -194,13 +221,14 @@ def main(argv=None) -> int:
     new_tokens, repeats = (8, 2) if args.quick else (32, 4)
     batches = [1, 8, 32]
     results = []
-    bandwidths = []
+    bandwidths, peaks = [], []
 
     def measure_bandwidth() -> None:  # before each model; the best of the run is the floor
         wait_for_quiet()
         bandwidths.append(read_bandwidth())
-        print(f"read bandwidth {bandwidths[-1] / 1e9:.1f} GB/s, {torch.get_num_threads()} threads",
-              flush=True)
+        peaks.append(matmul_peak())
+        print(f"read bandwidth {bandwidths[-1] / 1e9:.1f} GB/s, bf16 matmul {peaks[-1] / 1e9:.0f} GFLOP/s, "
+              f"{torch.get_num_threads()} threads", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         measure_bandwidth()
@@ -220,15 +248,17 @@ def main(argv=None) -> int:
         measure_bandwidth()
         results.append(bench_model("random Llama 1.1 GB", big, hf_big, batches, 64,
                                    new_tokens, repeats))
-    best_bw = max(bandwidths)
+    best_bw, peak = max(bandwidths), max(peaks)
     for m in results:
         m["bandwidth_floor_ms"] = m["weight_bytes"] / best_bw * 1e3
         m["step_over_floor"] = m["decode_step_b1_ms"] / m["bandwidth_floor_ms"]
-        m["batch32"] = batch32_floor(m, best_bw)
+        m["batch32"] = batch32_floor(m, best_bw, peak)
     report = {"machine": _cpu_name(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "transformers": transformers.__version__,
               "read_bandwidth_GBps": best_bw / 1e9,
               "read_bandwidth_GBps_per_measurement": [round(b / 1e9, 2) for b in bandwidths],
+              "matmul_peak_GFLOPs": peak / 1e9, "matmul_peak_GFLOPs_per_measurement": [round(p / 1e9) for p in peaks],
+              "linear_kernel": block_kernel(2048) or "onednn",
               "quick": args.quick, "new_tokens": new_tokens, "repeats": repeats, "models": results}
     print()
     for m in results:
@@ -239,8 +269,10 @@ def main(argv=None) -> int:
               f"bandwidth floor ({m['bandwidth_floor_ms']:.1f} ms at {best_bw / 1e9:.1f} GB/s)")
         b32 = m["batch32"]
         print(f"  batch 32: step {b32['step_ms']:.1f} ms, floor {b32['floor_ms']:.1f} ms (weights + "
-              f"mean context K/V at {best_bw / 1e9:.1f} GB/s); 3x transformers needs "
-              f"{b32['step_for_3x_ms']:.1f} ms = {b32['step_for_3x_over_floor']:.2f}x the floor")
+              f"mean context K/V at {best_bw / 1e9:.1f} GB/s); compute floor {b32['compute_floor_ms']:.1f} ms "
+              f"({b32['gflop']:.1f} GFLOP at {peak / 1e9:.0f} GFLOP/s); 3x transformers needs "
+              f"{b32['step_for_3x_ms']:.1f} ms = {b32['step_for_3x_over_floor']:.2f}x the bandwidth floor, "
+              f"{b32['step_for_3x_over_compute_floor']:.2f}x the compute floor")
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
@@ -248,16 +280,23 @@ def main(argv=None) -> int:
     return 0
 
 
-def batch32_floor(m: dict, bandwidth: float) -> dict:
-    """What a batch-32 decode step must read at least: every weight once and every request's
-    K/V (mean context over the run), and the step that 3x transformers' throughput needs."""
+def batch32_floor(m: dict, bandwidth: float, peak_flops: float) -> dict:
+    """What a batch-32 decode step must read at least (every weight once and every request's
+    K/V, mean context over the run) and compute at least (2 FLOPs per weight per request,
+    the tied embedding once as the output layer, and attention's q.k and p.v over the
+    context), and the step that 3x transformers' throughput needs."""
     row = lambda e: next(r for r in m["rows"] if r["engine"] == e and r["batch"] == 32)
     context = m["prompt_len"] + m["new_tokens"] / 2
     floor_s = (m["weight_bytes"] + 32 * context * m["kv_bytes_per_token"]) / bandwidth
+    flops = 32 * (2 * m["weight_bytes"] / 2 + 4 * context * m["attention_width"])
+    compute_s = flops / peak_flops
     target_ms = row("transformers")["decode_step_ms"] / 3
     return {"step_ms": row("distserve")["decode_step_ms"], "floor_ms": floor_s * 1e3,
+            "gflop": flops / 1e9, "compute_floor_ms": compute_s * 1e3,
             "step_for_3x_ms": target_ms, "step_for_3x_over_floor": target_ms / (floor_s * 1e3),
-            "step_over_floor": row("distserve")["decode_step_ms"] / (floor_s * 1e3)}
+            "step_for_3x_over_compute_floor": target_ms / (compute_s * 1e3),
+            "step_over_floor": row("distserve")["decode_step_ms"] / (floor_s * 1e3),
+            "step_over_compute_floor": row("distserve")["decode_step_ms"] / (compute_s * 1e3)}
 
 
 def _cpu_name() -> str:

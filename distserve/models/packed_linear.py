@@ -1,4 +1,5 @@
-"""bf16 linear layers on CPU with their weights re-laid out once, for AMX or for oneDNN.
+"""bf16 linear layers on CPU with their weights re-laid out once, for our own kernels (AMX
+tiles, or AVX512-BF16 dot products on CPUs without AMX) or for oneDNN.
 
 Why: a decode step is a chain of small-M GEMMs that must stream every weight. Over the
 1.1 GB benchmark model's matrices, one pass at M = 1 took 63 ms with `F.linear` on the
@@ -7,7 +8,8 @@ vs 53 ms. On CPUs with AMX our own kernel (csrc/amx_linear.cpp) does better agai
 less per call, and every thread streams its share of the weight in memory order with
 prefetching; measured side by side it took 0.45-0.6x oneDNN's time over SmolLM2's matrices
 at M = 1-32, and 0.8-0.9x over the 1.1 GB model's at prefill sizes (M = 512-2048). Results
-agree with `F.linear` to bf16 rounding.
+agree with `F.linear` to bf16 rounding. CPUs with AVX512-BF16 but no AMX (AMD Zen 4) run
+the same packed blocks through csrc/dpbf16_linear.cpp.
 Only bf16 on CPUs with native bf16 is packed: float32 stays on `F.linear`, so float32 runs
 match transformers exactly.
 """
@@ -40,34 +42,47 @@ def amx_pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def amx_usable(in_features: int) -> bool:
-    return (in_features > 0 and in_features % _AMX_BLOCK == 0 and paged_kernel.kernel_available()
-            and torch.ops.distserve_cpu.amx_available())
+    return block_kernel(in_features) == "amx"
+
+
+def block_kernel(in_features: int) -> str | None:
+    """Which of our kernels takes a layer with this many inputs on this CPU: "amx",
+    "dpbf16" (AVX512-BF16), or None (oneDNN's)."""
+    if not (in_features > 0 and in_features % _AMX_BLOCK == 0 and paged_kernel.kernel_available()):
+        return None   # the kernels' block loops read at least one whole block of inputs
+    if torch.ops.distserve_cpu.amx_available():
+        return "amx"
+    if torch.ops.distserve_cpu.dpbf16_available():
+        return "dpbf16"
+    return None
 
 
 class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.uses_amx = amx_usable(self.in_features)
+        self.kernel = block_kernel(self.in_features)
+        self.uses_amx = self.kernel == "amx"
         weight = linear.weight.detach()
-        self.packed_weight = (amx_pack(weight) if self.uses_amx
+        self.packed_weight = (amx_pack(weight) if self.kernel
                               else torch.ops.mkldnn._reorder_linear_weight(weight, _ROWS_HINT))
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.uses_amx:
+        if not self.kernel:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
         rows = x.reshape(-1, self.in_features)
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
         out = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype)
         bias = None if self.bias is None else self.bias.detach()
-        torch.ops.distserve_cpu.amx_linear(out, rows, self.packed_weight, bias)
+        op = torch.ops.distserve_cpu.amx_linear if self.uses_amx else torch.ops.distserve_cpu.dpbf16_linear
+        op(out, rows, self.packed_weight, bias)
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, amx={self.uses_amx}")
+                f"bias={self.bias is not None}, kernel={self.kernel or 'onednn'}")
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:

@@ -1,7 +1,8 @@
 """Builds and loads the C++ kernels for CPUs, once per machine: paged decode attention, the
 Llama layer's fused elementwise steps (csrc/fused_ops.cpp, used through models/fused.py) and
-the bf16 linear layer on AMX tiles (csrc/amx_linear.cpp, used through models/packed_linear.py)
-and greedy sampling's argmax (csrc/argmax.cpp, used by engine/sampler.py).
+the bf16 linear layer on AMX tiles (csrc/amx_linear.cpp) or AVX512-BF16 dot products
+(csrc/dpbf16_linear.cpp), both used through models/packed_linear.py, and greedy sampling's
+argmax (csrc/argmax.cpp, used by engine/sampler.py).
 
 The attention kernel (csrc/paged_attention.cpp) reads each request's K/V from the cache
 blocks in place; the torch path copies them into a padded tensor first. It is compiled on first use
@@ -22,7 +23,7 @@ import torch
 log = logging.getLogger(__name__)
 _CSRC = pathlib.Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / "paged_attention.cpp", _CSRC / "fused_ops.cpp", _CSRC / "amx_linear.cpp",
-            _CSRC / "argmax.cpp"]
+            _CSRC / "dpbf16_linear.cpp", _CSRC / "argmax.cpp"]
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 
@@ -41,18 +42,31 @@ def _load() -> bool:
         return False
     try:
         from torch.utils import cpp_extension
-        # torch rebuilds when a source changes, not a header: the digest of all of them does
-        digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(_CSRC.iterdir()))).hexdigest()[:12]
+        # torch rebuilds when a source changes, not a header or the CPU (-march=native): the
+        # digest of all of them and of the CPU's feature flags does
+        sources = b"".join(p.read_bytes() for p in sorted(_CSRC.iterdir()))
+        digest = hashlib.sha256(sources + _cpu_flags()).hexdigest()[:12]
         cpp_extension.load(
             name="distserve_cpu_kernels", sources=[str(p) for p in _SOURCES], is_python_module=False,
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-fopenmp-simd", f"-DDISTSERVE_CSRC={digest}"],
             extra_ldflags=["-fopenmp"], verbose=False)
         return all(hasattr(torch.ops.distserve_cpu, op) for op in
                    ("paged_decode_attention", "add_rms_norm_", "silu_mul", "rotary_cache_write",
-                    "amx_linear", "argmax_rows"))
+                    "amx_linear", "dpbf16_linear", "argmax_rows"))
     except Exception as exc:  # no compiler, no ninja, or a build error: the torch path works
         log.warning("CPU kernels unavailable, using the torch path: %s", exc)
         return False
+
+
+def _cpu_flags() -> bytes:
+    """The CPU's feature flags (Linux): a build for one CPU may not run on another."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.encode()
+    except OSError:
+        pass
+    return b""
 
 
 def paged_decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, block_tables: torch.Tensor,

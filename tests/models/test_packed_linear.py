@@ -1,11 +1,13 @@
-"""Packed bf16 linears (AMX kernel or oneDNN): same results as F.linear, and tied weights
-survive packing."""
+"""Packed bf16 linears (our AMX or AVX512-BF16 kernel, or oneDNN): same results as F.linear,
+and tied weights survive packing."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distserve.models.packed_linear import PackedLinear, amx_pack, amx_usable, can_pack, pack_linears
+from distserve.models import paged_kernel
+from distserve.models.packed_linear import (PackedLinear, amx_pack, amx_usable, block_kernel, can_pack,
+                                            pack_linears)
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.bfloat16, torch.device("cpu")),
                                 reason="this CPU has no native bf16 for oneDNN")
@@ -39,19 +41,54 @@ def test_pack_linears_swaps_every_linear_and_keeps_a_tied_embedding():
 amx = pytest.mark.skipif(not amx_usable(32), reason="this CPU or kernel build has no AMX")
 
 
-@amx
-@pytest.mark.parametrize("rows", [0, 1, 15, 16, 17, 32, 33, 70])
+def _kernels() -> list:
+    """Our block kernels this CPU runs, each called directly (whichever PackedLinear picks)."""
+    if not paged_kernel.kernel_available():
+        return []
+    ops = torch.ops.distserve_cpu
+    return [k for k, ok in (("amx_linear", ops.amx_available()), ("dpbf16_linear", ops.dpbf16_available())) if ok]
+
+
+KERNELS = _kernels()
+each_kernel = pytest.mark.parametrize("kernel", KERNELS or [pytest.param(None, marks=pytest.mark.skip(
+    reason="this CPU or kernel build has neither AMX nor AVX512-BF16"))])
+
+
+def run_kernel(kernel: str, x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    out = torch.full((x.shape[0], weight.shape[0]), float("nan"), dtype=torch.bfloat16)
+    getattr(torch.ops.distserve_cpu, kernel)(out, x, amx_pack(weight), bias)
+    return out
+
+
+@each_kernel
+@pytest.mark.parametrize("rows", [0, 1, 11, 12, 13, 15, 16, 17, 25, 32, 33, 70])
 @pytest.mark.parametrize("outputs", [32, 80, 1000])
 @pytest.mark.parametrize("inputs", [32, 96])  # one block of inputs, or several
-def test_amx_linear_matches_f_linear_at_every_row_and_column_tail(rows, outputs, inputs):
+def test_block_kernels_match_f_linear_at_every_row_and_column_tail(kernel, rows, outputs, inputs):
     torch.manual_seed(rows * 1000 + outputs + inputs)
     linear = nn.Linear(inputs, outputs, bias=True, dtype=torch.bfloat16)
     x = torch.randn(rows, inputs, dtype=torch.bfloat16)
-    packed = PackedLinear(linear)
-    assert packed.uses_amx
     expected = F.linear(x.float(), linear.weight.float(), linear.bias.float())
     # float32 sums of the same bf16 products, rounded once to bf16
-    torch.testing.assert_close(packed(x).float(), expected, rtol=1e-2, atol=2e-2)
+    got = run_kernel(kernel, x, linear.weight.detach(), linear.bias.detach())
+    torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=2e-2)
+
+
+def test_packed_linear_uses_the_best_kernel_this_cpu_has():
+    linear = nn.Linear(64, 48, bias=False, dtype=torch.bfloat16)
+    expected = {"amx_linear": "amx", "dpbf16_linear": "dpbf16"}[KERNELS[0]] if KERNELS else None
+    assert block_kernel(64) == expected and PackedLinear(linear).kernel == expected
+    assert block_kernel(40) is None   # not whole blocks of 32 inputs: oneDNN's kernel
+
+
+@each_kernel
+def test_block_kernels_take_strided_rows(kernel):
+    torch.manual_seed(1)
+    weight = torch.randn(48, 64, dtype=torch.bfloat16)
+    wide = torch.randn(20, 128, dtype=torch.bfloat16)
+    x = wide[:, 32:96]  # rows 128 apart, each row contiguous
+    torch.testing.assert_close(run_kernel(kernel, x, weight), run_kernel(kernel, x.contiguous(), weight),
+                               rtol=0, atol=0)
 
 
 @amx
@@ -72,7 +109,6 @@ def test_amx_linear_takes_strided_rows_and_leading_dims_and_survives_onednn_betw
     torch.testing.assert_close(first.float(), x.float() @ linear.weight.float().T, rtol=1e-2, atol=2e-2)
 
 
-@amx
 def test_amx_pack_lays_blocks_out_as_the_kernel_reads_them():
     weight = torch.arange(40 * 64, dtype=torch.float32).view(40, 64).to(torch.bfloat16)
     packed = amx_pack(weight)
@@ -85,15 +121,17 @@ def test_amx_pack_lays_blocks_out_as_the_kernel_reads_them():
         amx_pack(torch.zeros(8, 40, dtype=torch.bfloat16))
 
 
-@amx
-def test_amx_linear_rejects_mismatched_shapes_by_name():
+@each_kernel
+def test_block_kernels_reject_mismatched_shapes_by_name(kernel):
     packed = amx_pack(torch.zeros(64, 64, dtype=torch.bfloat16))
+    op = getattr(torch.ops.distserve_cpu, kernel)
     with pytest.raises(RuntimeError, match="x has 32 inputs, the weight 64"):
-        torch.ops.distserve_cpu.amx_linear(torch.empty(2, 64, dtype=torch.bfloat16),
-                                           torch.zeros(2, 32, dtype=torch.bfloat16), packed, None)
+        op(torch.empty(2, 64, dtype=torch.bfloat16), torch.zeros(2, 32, dtype=torch.bfloat16), packed, None)
     with pytest.raises(RuntimeError, match="bf16 tensors only"):
-        torch.ops.distserve_cpu.amx_linear(torch.empty(2, 64), torch.zeros(2, 64), packed, None)
+        op(torch.empty(2, 64), torch.zeros(2, 64), packed, None)
+    with pytest.raises(RuntimeError, match="out has the wrong shape"):
+        op(torch.empty(2, 100, dtype=torch.bfloat16), torch.zeros(2, 64, dtype=torch.bfloat16), packed, None)
 
 
-def test_a_layer_without_inputs_is_not_given_to_the_amx_kernel():
-    assert not amx_usable(0)   # its block loop reads at least one block of weights
+def test_a_layer_without_inputs_is_not_given_to_our_kernels():
+    assert block_kernel(0) is None   # its block loop reads at least one block of weights
