@@ -5,6 +5,7 @@ simulated, by rate) for our engine and our planner's simulator.
     python benchmarks/sim_vs_real.py --quick    # smoke: 2 rates x 30 requests (~4 min)
     python benchmarks/sim_vs_real.py --reuse-profile        # skip profiling (same engine code)
     python benchmarks/sim_vs_real.py --reuse-real           # re-simulate the saved real runs only
+    python benchmarks/sim_vs_real.py --repeats 2            # each rate's real run twice, back to back
     options: --workload humaneval|sharegpt, --rates 2,3,4, --num-prompts, --num-rates,
              --ttft-factor, --tpot-factor, --no-host-model, --deployments colocated,disagg
 
@@ -137,6 +138,7 @@ def print_tables(report: dict) -> None:
         if warped:
             print(f"largest difference with the slow spells replayed too: {max(warped):.1f} pp")
         print_speed_to_match(timed)
+    print_repeats(deps)
     print("\nProbe (requests one at a time): serving-path latency added to simulated TTFTs; "
           "real single-request TPOT / the profile's decode step (1.00: the profile holds)")
     for n in names:
@@ -185,6 +187,26 @@ def print_speed_to_match(timed: list[tuple[str, dict]]) -> None:
     print(f"largest speed error needed: {100 * max(factors):.0f}%")
 
 
+def print_repeats(deps: dict) -> None:
+    """Reality against itself: each rate run again straight after, same arrivals and prompts.
+    No prediction can be closer to both runs than half their difference."""
+    rows = [(n, r) for n, r in _rows_having(deps, "repeats")]
+    if not rows:
+        return
+    print("\nThe same run again straight after (same arrivals and prompts, same server): real attainment "
+          "run 1 -> run 2, and each simulated at its own speed with its slow spells replayed:")
+    for n, r in rows:
+        for k, again in enumerate(r["repeats"], 1):
+            a1, a2 = r.get("at_run_speed") or {}, again.get("at_run_speed") or {}
+            print(f"  {n:<9} {r['rate']:6g} req/s: real {pct(r['real']['attainment'])} -> "
+                  f"{pct(again['real']['attainment'])} (diff {again['diff_vs_first_pp']:5.1f} pp); at run speed "
+                  f"{pct(a1.get('sim_warped', {}).get('attainment'))} -> {pct(a2.get('sim_warped', {}).get('attainment'))}"
+                  + (f"; {_steps(a1['speed'])} -> {_steps(a2['speed'])}" if a1 and a2 else ""))
+    diffs = [again["diff_vs_first_pp"] for _, r in rows for again in r["repeats"]]
+    print(f"largest difference between two real runs of the same trace: {max(diffs):.1f} pp "
+          f"(mean {sum(diffs) / len(diffs):.1f}; over 3 at {sum(d > 3 for d in diffs)} of {len(diffs)})")
+
+
 def _rows_having(deps: dict, key: str) -> list[tuple[str, dict]]:
     return [(n, r) for n, d in deps.items() for r in d["rows"] if r.get(key)]
 
@@ -212,6 +234,9 @@ def plot(report: dict, path: pathlib.Path) -> None:
         if all(r.get("calibrated") for r in rows):
             ax.plot(x, [100 * r["calibrated"]["sim"]["attainment"] for r in rows], "s-.", color=color,
                     markerfacecolor="none", label=f"{n} sim calibrated just before")
+        for k in range(min(len(r["repeats"]) for r in rows)):
+            ax.plot(x, [100 * r["repeats"][k]["real"]["attainment"] for r in rows], "o:", color=color,
+                    markerfacecolor="none", label=f"{n} real, run {k + 2} of the same trace")
         warped = [r.get("at_run_speed") or {} for r in rows]
         if all("sim_warped" in a for a in warped):
             ax.plot(x, [100 * a["sim_warped"]["attainment"] for a in warped], "+:", color=color,
@@ -247,6 +272,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse-profile", action="store_true", help="reuse the cached profile if the "
                     "engine code is unchanged")
     ap.add_argument("--reuse-real", action="store_true", help="re-simulate the saved real runs only")
+    ap.add_argument("--repeats", type=int, default=1, help="real runs per rate, the same trace each "
+                    "time, back to back (2 or more: how far this machine alone moves the attainment)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 30 prompts, 2 rates")
     ap.add_argument("--out", default=str(RESULTS / "sim_vs_real.json"))
     args = ap.parse_args(argv)
@@ -296,18 +323,18 @@ def main(argv=None) -> int:
         n_dep = len(names)
         fixed = n_dep * (len(rates) * 2 * RUN_OVERHEAD_S + PROBE_S + SERVER_START_S
                          + sum(CALIBRATION_REQUESTS / r for r in rates))
-        fit = int((args.budget_min * 60 - fixed) / (n_dep * sum(1 / r for r in rates)))
+        fit = int((args.budget_min * 60 - fixed) / (n_dep * args.repeats * sum(1 / r for r in rates)))
         if fit < args.num_prompts:
             print(f"{args.num_prompts} requests per rate would take longer than --budget-min "
                   f"{args.budget_min:g}: {max(fit, 30)} each", flush=True)
             args.num_prompts = max(fit, 30)
-        estimate = fixed + n_dep * sum(args.num_prompts / r for r in rates)
+        estimate = fixed + n_dep * args.repeats * sum(args.num_prompts / r for r in rates)
         print(f"rates {rates} req/s, {args.num_prompts} requests each: about {estimate / 60:.0f} min "
               "of real runs", flush=True)
         tmp = pathlib.Path(tempfile.mkdtemp(prefix="sim_vs_real-"))
         for n in names:
             docs[n] = run_real(n, args.workload, rates, slo, args.num_prompts, args.seed, real_path[n], tmp,
-                               entry)
+                               entry, args.repeats)
 
     report = {"workload": args.workload, "slo": slo, "rates": rates, "num_prompts": args.num_prompts,
               "profile": {"path": str(PROFILE.relative_to(ROOT)), "entry": entry.to_dict(),
@@ -321,6 +348,8 @@ def main(argv=None) -> int:
     report["max_diff_pp"] = max(r["diff_pp"] for d in report["deployments"].values() for r in d["rows"])
     cal = [r["calibrated"]["diff_pp"] for d in report["deployments"].values() for r in d["rows"] if r.get("calibrated")]
     report["max_diff_calibrated_pp"] = max(cal) if cal else None
+    rep = [a["diff_vs_first_pp"] for d in report["deployments"].values() for r in d["rows"] for a in r["repeats"]]
+    report["max_repeat_diff_pp"] = max(rep) if rep else None
     report["seconds"] = time.monotonic() - t_start
     print_tables(report)
     out = pathlib.Path(args.out)

@@ -93,10 +93,56 @@ def calibrate(base_cmd: list[str], path: pathlib.Path, seed: int, traces: pathli
                       for phase in ("prefill", "decode")}}
 
 
+def measure(cmd: list[str], path: pathlib.Path, name: str, rate: float, server_pid: int,
+            roles: dict[int, str], traces: pathlib.Path, entry, label: str = "") -> dict:
+    """One `distserve bench` run: its result, the instances' model steps over it against the
+    profile (step traces), and the CPU seconds of the server, the bench client, each instance
+    and every other process on the machine over it."""
+    instances = sorted(roles)
+    cpu0 = {pid: cpu_seconds(pid) for pid in [server_pid, *instances]}
+    machine0 = machine_busy_seconds()
+    t = time.monotonic()
+    bench = subprocess.Popen([*cmd, "--save-result", str(path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines, bench0 = [], None
+    for line in bench.stdout:   # its CPU from here on is the load's, not its start-up's
+        lines.append(line)
+        if bench0 is None and "Sending a test request" in line:
+            bench0 = cpu_seconds(bench.pid)
+    _, status, usage = os.wait4(bench.pid, 0)
+    bench.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.monotonic() - t
+    cpu1 = {pid: cpu_seconds(pid) for pid in cpu0}
+    machine = machine_busy_seconds() - machine0
+    if bench.returncode != 0 or not path.exists():
+        print("".join(lines)[-4000:])
+        raise RuntimeError(f"[{name}] bench at {rate:g} req/s failed (exit {bench.returncode})")
+    run = json.loads(path.read_text())
+    window = read_traces(traces, t, t + wall)
+    run["_trace"] = summarise(window, entry, wall)
+    run["_speed_timeline"] = speed_timeline(window, entry, run["num_requests"],
+                                            run_speed(run["_trace"]))
+    ours = sum(cpu1[p] - cpu0[p] for p in cpu0) + usage.ru_utime + usage.ru_stime
+    run["_cpu"] = {"bench_s": usage.ru_utime + usage.ru_stime - (bench0 or 0.0),
+                   "others_cores": max(machine - ours, 0.0) / wall,
+                   "server_s": cpu1[server_pid] - cpu0[server_pid],
+                   "instances_s": [cpu1[p] - cpu0[p] for p in instances],
+                   "roles": [roles[p] for p in instances], "wall_s": wall}
+    c = run["_cpu"]
+    print(f"[{name}] {rate:g} req/s{label and f' ({label})'}: attainment {100 * run['slo_attainment']:.1f}%, "
+          f"{run['duration']:.0f} s; "
+          f"CPU s: server {c['server_s']:.1f}, bench {c['bench_s']:.1f}, instances "
+          f"{', '.join(f'{x:.1f}' for x in c['instances_s'])}; other processes: "
+          f"{c['others_cores']:.2f} cores" + ("  << NOT A QUIET MACHINE" if c["others_cores"] > 0.1 else ""),
+          flush=True)
+    return run
+
+
 def run_real(name: str, workload: str, rates: list[float], slo: dict, n: int, seed: int,
-             out: pathlib.Path, tmp: pathlib.Path, entry) -> dict:
+             out: pathlib.Path, tmp: pathlib.Path, entry, repeats: int = 1) -> dict:
     """One server; one `distserve bench` per rate (seed + i at the i-th rate, as a sweep
-    would), with the CPU time of the server process (HTTP, controller), of the bench client
+    would; `repeats` > 1 runs it again with the same seed straight after: the same arrivals
+    and prompts, to see how far the machine alone moves the attainment), with the CPU time of the server process (HTTP, controller), of the bench client
     and of each instance process over the run, and the instances' model steps over the run
     against the profile `entry` (their step traces)."""
     port = free_port()
@@ -109,7 +155,6 @@ def run_real(name: str, workload: str, rates: list[float], slo: dict, n: int, se
     runs = []
     try:
         roles = instance_pids(proc.pid)
-        instances = sorted(roles)
         # the probe: requests one at a time, to check the profile against the served path
         path = tmp / f"{name}-probe.json"
         bench_cmd = [sys.executable, "-m", "distserve.cli", "bench", "--base-url", f"http://127.0.0.1:{port}",
@@ -118,51 +163,19 @@ def run_real(name: str, workload: str, rates: list[float], slo: dict, n: int, se
                         "--save-result", str(path)], capture_output=True, check=True)
         probe = json.loads(path.read_text())
         for i, rate in enumerate(rates):
-            path = tmp / f"{name}-{i}.json"
             base = [*bench_cmd, "--request-rate", f"{rate:g}"]
             if WORKLOADS[workload]["max_total_len"]:
                 base += ["--max-total-len", str(WORKLOADS[workload]["max_total_len"])]
             calibration = calibrate(base, tmp / f"{name}-{i}-calibration.json", seed + 5000 + i, traces, entry)
             cmd = [*base, "--num-prompts", str(n), "--seed", str(seed + i), "--num-gpus", "2",
-                   "--ttft-slo", f"{slo['ttft']:.6g}", "--tpot-slo", f"{slo['tpot']:.6g}",
-                   "--save-result", str(path)]
-            cpu0 = {pid: cpu_seconds(pid) for pid in [proc.pid, *instances]}
-            machine0 = machine_busy_seconds()
-            t = time.monotonic()
-            bench = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            lines, bench0 = [], None
-            for line in bench.stdout:   # its CPU from here on is the load's, not its start-up's
-                lines.append(line)
-                if bench0 is None and "Sending a test request" in line:
-                    bench0 = cpu_seconds(bench.pid)
-            _, status, usage = os.wait4(bench.pid, 0)
-            bench.returncode = os.waitstatus_to_exitcode(status)
-            wall = time.monotonic() - t
-            cpu1 = {pid: cpu_seconds(pid) for pid in cpu0}
-            machine = machine_busy_seconds() - machine0
-            if bench.returncode != 0 or not path.exists():
-                print("".join(lines)[-4000:])
-                raise RuntimeError(f"[{name}] bench at {rate:g} req/s failed (exit {bench.returncode})")
-            run = json.loads(path.read_text())
-            window = read_traces(traces, t, t + wall)
-            run["_trace"] = summarise(window, entry, wall)
-            run["_speed_timeline"] = speed_timeline(window, entry, run["num_requests"],
-                                                    run_speed(run["_trace"]))
+                   "--ttft-slo", f"{slo['ttft']:.6g}", "--tpot-slo", f"{slo['tpot']:.6g}"]
+            run = measure(cmd, tmp / f"{name}-{i}.json", name, rate, proc.pid, roles, traces, entry)
             run["_calibration"] = calibration
-            ours = sum(cpu1[p] - cpu0[p] for p in cpu0) + usage.ru_utime + usage.ru_stime
-            run["_cpu"] = {"bench_s": usage.ru_utime + usage.ru_stime - (bench0 or 0.0),
-                           "others_cores": max(machine - ours, 0.0) / wall,
-                           "server_s": cpu1[proc.pid] - cpu0[proc.pid],
-                           "instances_s": [cpu1[p] - cpu0[p] for p in instances],
-                           "roles": [roles[p] for p in instances], "wall_s": wall}
             runs.append(run)
-            c = run["_cpu"]
-            print(f"[{name}] {rate:g} req/s: attainment {100 * run['slo_attainment']:.1f}%, {run['duration']:.0f} s; "
-                  f"CPU s: server {c['server_s']:.1f}, bench {c['bench_s']:.1f}, instances "
-                  f"{', '.join(f'{x:.1f}' for x in c['instances_s'])}; other processes: "
-                  f"{c['others_cores']:.2f} cores" + ("  << NOT A QUIET MACHINE" if c["others_cores"] > 0.1 else ""),
-                  flush=True)
+            for k in range(1, repeats):   # the same arrivals and prompts again, straight after
+                again = measure(cmd, tmp / f"{name}-{i}-repeat{k}.json", name, rate, proc.pid, roles,
+                                traces, entry, label=f"repeat {k}")
+                run.setdefault("_repeats", []).append(again)
     finally:
         stop_server(proc)
     doc = {"deployment": name, "serve_flags": DEPLOYMENTS[name], "runs": runs, "probe": probe,

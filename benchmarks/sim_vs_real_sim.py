@@ -232,6 +232,31 @@ def probe_check(doc: dict, entry: ProfileEntry) -> dict | None:
             "ttft_extra_all_s": extra, "tpot_over_profile": float(np.median(ratio)) if ratio else None}
 
 
+def simulate_at_run_speed(name: str, entry: ProfileEntry, kv: int, run: dict, trace: Trace, slo: dict,
+                          real_attainment: float) -> dict | None:
+    """The run simulated at its own measured speed (None without step traces), with its slow
+    spells replayed when it has a speed timeline, and the speed error that would explain
+    what is left."""
+    if not run.get("_trace"):
+        return None
+    dep_s, speed, d_run = at_run_speed(name, entry, kv, run)
+    sim_s2 = simulate(trace, dep_s)
+    s2 = stats(sim_s2.ttft + d_run, sim_s2.tpot, slo)
+    at_speed = {"speed": speed, "serving_latency_s": d_run, "sim": s2,
+                "diff_pp": 100 * abs(real_attainment - s2["attainment"])}
+    timeline = run.get("_speed_timeline")
+    warp = TimeWarp(timeline["warp"], timeline["bin_s"]) if timeline else None
+    if warp is not None:
+        ttft_w, tpot_w = simulate_warped(trace, dep_s, warp)
+        s3 = stats(ttft_w + d_run, tpot_w, slo)
+        at_speed.update(sim_warped=s3, diff_warped_pp=100 * abs(real_attainment - s3["attainment"]),
+                        slow_share=float(np.mean(np.asarray(timeline["warp"]) > 1.3)),
+                        within_run_speed_std=float(np.std(timeline["warp"])))
+    at_speed["to_match"] = speed_to_match(trace, name, entry, kv, speed, d_run, slo,
+                                          real_attainment, warp)
+    return at_speed
+
+
 def compare(name: str, doc: dict, entry, slo: dict, lengths: Lengths, seeds: int,
             host_model: bool = True, serving_latency: bool = True) -> list[dict]:
     kv = doc.get("_server", {}).get("kv_tokens_per_instance") or default_kv_tokens()
@@ -259,23 +284,14 @@ def compare(name: str, doc: dict, entry, slo: dict, lengths: Lengths, seeds: int
             sim_c = simulate(trace, sim_deployment(name, scaled(entry, speed["prefill"], speed["decode"]), kv))
             s_c = stats(sim_c.ttft + d0, sim_c.tpot, slo)
             calibrated = {"speed": speed, "sim": s_c, "diff_pp": 100 * abs(real["attainment"] - s_c["attainment"])}
-        at_speed = None
-        if run.get("_trace"):
-            dep_s, speed, d_run = at_run_speed(name, entry, kv, run)
-            sim_s2 = simulate(trace, dep_s)
-            s2 = stats(sim_s2.ttft + d_run, sim_s2.tpot, slo)
-            at_speed = {"speed": speed, "serving_latency_s": d_run, "sim": s2,
-                        "diff_pp": 100 * abs(real["attainment"] - s2["attainment"])}
-            timeline = run.get("_speed_timeline")
-            warp = TimeWarp(timeline["warp"], timeline["bin_s"]) if timeline else None
-            if warp is not None:
-                ttft_w, tpot_w = simulate_warped(trace, dep_s, warp)
-                s3 = stats(ttft_w + d_run, tpot_w, slo)
-                at_speed.update(sim_warped=s3, diff_warped_pp=100 * abs(real["attainment"] - s3["attainment"]),
-                                slow_share=float(np.mean(np.asarray(timeline["warp"]) > 1.3)),
-                                within_run_speed_std=float(np.std(timeline["warp"])))
-            at_speed["to_match"] = speed_to_match(trace, name, entry, kv, speed, d_run, slo,
-                                                  real["attainment"], warp)
+        at_speed = simulate_at_run_speed(name, entry, kv, run, trace, slo, real["attainment"])
+        repeats = []
+        for again in run.get("_repeats", []):   # the same arrivals once more: reality against itself
+            trace_r, order_r = trace_of(again)
+            real_r = stats(*real_latencies(again, order_r), slo)
+            sim_r = simulate_at_run_speed(name, entry, kv, again, trace_r, slo, real_r["attainment"])
+            repeats.append({"real": real_r, "diff_vs_first_pp": 100 * abs(real["attainment"] - real_r["attainment"]),
+                            "at_run_speed": sim_r})
         tokens = sum(r["output_len"] for r in run["requests"] if r["success"])
         cpu = run.get("_cpu") or {}
         rows.append({"rate": run["request_rate"], "n": len(trace), "failed": run.get("num_failed", 0),
@@ -283,6 +299,7 @@ def compare(name: str, doc: dict, entry, slo: dict, lengths: Lengths, seeds: int
                      "host_ms_per_token": 1e3 * (cpu.get("server_s", 0) + cpu.get("bench_s", 0)) / tokens
                      if cpu and tokens else None,
                      "real": real, "sim": simd, "sim_without_host": stats(bare.ttft, bare.tpot, slo),
-                     "sim_seconds": sim_s, "calibrated": calibrated, "at_run_speed": at_speed, "fresh_mean": float(np.mean(fresh)), "fresh_std": float(np.std(fresh)),
+                     "sim_seconds": sim_s, "calibrated": calibrated, "at_run_speed": at_speed, "repeats": repeats,
+                     "fresh_mean": float(np.mean(fresh)), "fresh_std": float(np.std(fresh)),
                      "diff_pp": 100 * abs(real["attainment"] - simd["attainment"])})
     return rows

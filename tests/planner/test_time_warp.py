@@ -78,3 +78,31 @@ def test_speed_to_match_finds_how_much_slower_the_machine_ran_than_the_simulator
     assert found["pp_per_pct"] > 0   # slower steps: fewer requests within the SLOs
     same = speed_to_match(trace, "disagg", entry, 10 ** 6, {"prefill": 1.1, "decode": 1.1}, 0.0, slo, real)
     assert same["factor"] == 1.0 and same["diff_pp"] == 0.0
+
+
+def test_a_repeat_of_the_same_trace_is_compared_with_the_first_run_not_with_the_simulator():
+    entry = ProfileEntry((10.0, 0.1, 0.0), (20.0, 0.0, 0.5), (20.0, 0.0, 0.5))
+    rng = np.random.default_rng(3)
+    n = 120
+    trace = Trace(np.sort(rng.uniform(0, 30, n)), rng.integers(50, 300, n), rng.integers(2, 80, n))
+
+    def real_run(k: float) -> dict:   # the deployment on a machine whose steps take k times as long
+        sim = simulate(trace, sim_deployment("disagg", scaled(entry, k), 10 ** 6))
+        return {"request_rate": 4.0, "requests": [
+            {"send_time": 100 + float(a), "input_len": int(i), "output_len": int(o), "expected_output_len": int(o),
+             "success": True, "ttft": float(t), "tpot": float(p)}
+            for a, i, o, t, p in zip(trace.arrival, trace.input_len, trace.output_len, sim.ttft, sim.tpot)]}
+
+    first, again = real_run(1.0), real_run(1.5)
+    first["_repeats"] = [again]
+    slo = {"ttft": 0.2, "tpot": 0.035}
+    [row] = compare("disagg", {"runs": [first], "_server": {"kv_tokens_per_instance": 10 ** 6}}, entry, slo,
+                    Lengths("humaneval-trace"), seeds=1, host_model=False)
+    [rep] = row["repeats"]
+    a1 = stats(np.array([r["ttft"] for r in first["requests"]]), np.array([r["tpot"] for r in first["requests"]]), slo)
+    a2 = stats(np.array([r["ttft"] for r in again["requests"]]), np.array([r["tpot"] for r in again["requests"]]), slo)
+    assert rep["real"]["attainment"] == pytest.approx(a2["attainment"])
+    assert rep["diff_vs_first_pp"] == pytest.approx(100 * abs(a1["attainment"] - a2["attainment"]))
+    assert rep["diff_vs_first_pp"] > 10   # 1.5x slower steps: visibly fewer requests within the SLOs
+    assert row["diff_pp"] == pytest.approx(0.0)   # the first run is exactly what the profile predicts
+    assert rep["at_run_speed"] is None   # no step traces in these runs: no speed to simulate at
