@@ -225,7 +225,7 @@ def plot(report: dict, path: pathlib.Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 5.5))
     for (n, d), color in zip(report["deployments"].items(), ("tab:blue", "tab:orange")):
         rows = d["rows"]
         x = [r["rate"] for r in rows]
@@ -246,7 +246,7 @@ def plot(report: dict, path: pathlib.Path) -> None:
     ax.set_ylabel("SLO attainment (%)")
     s = report["slo"]
     ax.set_title(f"{report['workload']}: TTFT {s['ttft'] * 1e3:.0f} ms, TPOT {s['tpot'] * 1e3:.0f} ms")
-    ax.legend()
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.13))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -302,7 +302,10 @@ def main(argv=None) -> int:
     entry, prof_doc = load_entry()
     lengths = Lengths(WORKLOADS[args.workload]["lengths"])
     slo = slos(entry, lengths, args.ttft_factor, args.tpot_factor)
-    print(f"profile: prefill {entry.prefill}, decode {entry.decode_small} (ms); mean prompt "
+    fit = prof_doc.get("_fit_error", {}).get(MODEL_KEY, {})
+    print(f"profile: prefill {entry.prefill}, decode {entry.decode_small} below batch {entry.threshold}, "
+          f"{entry.decode_large} from it (ms; mean fit error prefill {fit.get('prefill', {}).get('mean', 0):.1%}, "
+          f"decode {fit.get('decode', {}).get('mean', 0):.1%}); mean prompt "
           f"{slo['mean_input_len']:.0f} tokens prefills in {slo['mean_prefill_s'] * 1e3:.0f} ms, decode step "
           f"{slo['decode_step_s'] * 1e3:.1f} ms -> TTFT SLO {slo['ttft'] * 1e3:.0f} ms, TPOT SLO "
           f"{slo['tpot'] * 1e3:.1f} ms", flush=True)

@@ -67,29 +67,31 @@ def fit_entry(prefill: list[tuple[list[int], float]], decode: list[tuple[list[in
     """Fit the three forms on measurements [(lengths, ms)] and report their relative errors.
     The decode context term is sum(ctx + 1), or batch * (max ctx + 1) when that fits the
     measurements clearly better (an engine that pads decode attention; only mixed-context
-    batches can tell them apart). `overhead` [(batch, ms)], what an engine step adds to the
-    model runner, is fitted as oa + oc * batch and added to the decode fits' a and c and to
-    the prefill fit's a (as oa + oc: one prompt)."""
+    batches can tell them apart). The decode batch threshold (where the artifact's "largebs"
+    coefficients take over) is `threshold`, or the measured batch size that splits the
+    measurements into two pieces that fit clearly better: a step that streams the weights
+    costs the same for a few requests and grows with the batch only once it is bound by
+    compute (one CPU core: from about 16 requests of SmolLM2 on). `overhead` [(batch, ms)],
+    what an engine step adds to the model runner, is fitted as oa + oc * batch and added to
+    the decode fits' a and c and to the prefill fit's a (as oa + oc: one prompt)."""
     if len(prefill) < 3 or len(decode) < 3:
         raise ValueError("need at least 3 prefill and 3 decode measurements to fit")
     pf = fit_prefill([x for x, _ in prefill], [t for _, t in prefill])
-    fits = {}
-    for form in ("sum", "max"):
-        small = [(c, t) for c, t in decode if len(c) < threshold]
-        large = [(c, t) for c, t in decode if len(c) >= threshold]
-        ds = fit_decode([c for c, _ in small], [t for _, t in small], form) if len(small) >= 3 else None
-        dl = fit_decode([c for c, _ in large], [t for _, t in large], form) if len(large) >= 3 else None
-        ds, dl = ds or dl, dl or ds
-        if ds is None:
-            raise ValueError("need at least 3 decode measurements on one side of the batch threshold")
-        entry = ProfileEntry(pf, ds, dl, threshold, form)
-        err = [abs(entry.decode_ms(c) / t - 1) for c, t in decode]
-        fits[form] = (sum(err) / len(err), entry)
-    entry = fits["max"][1] if fits["max"][0] < 0.8 * fits["sum"][0] else fits["sum"][1]
+    fits = {form: _fit_decode_pieces(pf, decode, threshold, form) for form in ("sum", "max")}
+    if fits["sum"] is None:
+        raise ValueError("need at least 3 decode measurements on one side of the batch threshold")
+    single = fits["max"] if fits["max"][0] < 0.8 * fits["sum"][0] else fits["sum"]
+    best = single
+    for b in sorted({len(c) for c, _ in decode}):   # a knee in the batch size?
+        split = _fit_decode_pieces(pf, decode, b, single[1].decode_context, both=True)
+        if split is not None and split[0] < min(0.8 * single[0], best[0]):
+            best = split
+    entry = best[1]
     errors = {"prefill": [abs(entry.prefill_ms(x) / t - 1) for x, t in prefill],
               "decode": [abs(entry.decode_ms(c) / t - 1) for c, t in decode]}
     report = {k: {"mean": sum(v) / len(v), "max": max(v)} for k, v in errors.items()}
-    report["decode_mean_by_context_form"] = {form: f[0] for form, f in fits.items()}
+    report["decode_mean_by_context_form"] = {form: fit[0] for form, fit in fits.items()}
+    report["decode_threshold"] = entry.threshold
     if overhead:
         x = np.array([[1.0, float(b)] for b, _ in overhead])
         oa, oc = (float(v) for v in np.linalg.lstsq(x, np.array([ms for _, ms in overhead]), rcond=None)[0])
@@ -97,9 +99,34 @@ def fit_entry(prefill: list[tuple[list[int], float]], decode: list[tuple[list[in
             oa, oc = overhead[0][1], 0.0
         pf, ds, dl = entry.prefill, entry.decode_small, entry.decode_large
         entry = ProfileEntry((pf[0] + oa + oc, pf[1], pf[2]), (ds[0] + oa, ds[1], ds[2] + oc),
-                             (dl[0] + oa, dl[1], dl[2] + oc), threshold, entry.decode_context)
+                             (dl[0] + oa, dl[1], dl[2] + oc), entry.threshold, entry.decode_context)
         report["engine_overhead_ms"] = {"per_step": oa, "per_request": oc}
     return entry, report
+
+
+def _fit_decode_pieces(pf, decode, threshold: int, form: str, both: bool = False
+                       ) -> tuple[float, ProfileEntry] | None:
+    """(mean relative error, entry) of decode fitted below and from `threshold` separately
+    (one piece serves both when a side has fewer than 3 measurements; `both`: each side
+    must have 3, over at least 2 batch sizes, and no negative per-token or per-request
+    cost), or None."""
+    small = [(c, t) for c, t in decode if len(c) < threshold]
+    large = [(c, t) for c, t in decode if len(c) >= threshold]
+    if both and any(len(side) < 3 or len({len(c) for c, _ in side}) < 2 for side in (small, large)):
+        return None
+    ds = fit_decode([c for c, _ in small], [t for _, t in small], form) if len(small) >= 3 else None
+    dl = fit_decode([c for c, _ in large], [t for _, t in large], form) if len(large) >= 3 else None
+    if both and min(ds[1:] + dl[1:]) < 0:
+        return None   # a piece in which more context or more requests cost less: fitting noise
+    ds, dl = ds or dl, dl or ds
+    if ds is None:
+        return None
+    entry = ProfileEntry(pf, ds, dl, threshold, form)
+    return _decode_error(entry, decode), entry
+
+
+def _decode_error(entry: ProfileEntry, decode) -> float:
+    return sum(abs(entry.decode_ms(c) / t - 1) for c, t in decode) / len(decode)
 
 
 def run_profile(args: argparse.Namespace) -> int:
@@ -146,14 +173,15 @@ def run_profile(args: argparse.Namespace) -> int:
     print(f"  prefill_ms = {entry.prefill[0]:.4g} + {entry.prefill[1]:.4g} * sum(len) + "
           f"{entry.prefill[2]:.4g} * sum(len^2)")
     term = "sum(ctx + 1)" if entry.decode_context == "sum" else "batch * (max ctx + 1)"
-    for label, c in (("decode (batch < 95)", entry.decode_small), ("decode (batch >= 95)", entry.decode_large)):
+    th = entry.threshold
+    for label, c in ((f"decode (batch < {th})", entry.decode_small), (f"decode (batch >= {th})", entry.decode_large)):
         print(f"  {label}: {c[0]:.4g} + {c[1]:.4g} * {term} + {c[2]:.4g} * batch")
     for phase in ("prefill", "decode"):
         e = errors[phase]
         print(f"  fit error {phase}: mean {e['mean']:.1%}, max {e['max']:.1%}")
     forms = errors["decode_mean_by_context_form"]
     print(f"  decode context term: {entry.decode_context} (mean error with sum(ctx + 1) "
-          f"{forms['sum']:.1%}, with batch * max ctx {forms['max']:.1%})")
+          f"{forms['sum']:.1%}, with batch * max ctx {forms['max']:.1%}, one piece below batch 95)")
     if "engine_overhead_ms" in errors:
         o = errors["engine_overhead_ms"]
         print(f"  engine step overhead (included above): {o['per_step']:.3g} ms + "

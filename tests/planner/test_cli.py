@@ -8,6 +8,7 @@ import pytest
 
 from distserve.planner.cli import main
 from distserve.planner.plan import Plan
+from distserve.planner.latency import ProfileEntry, fit_decode
 from distserve.planner.profile_cli import fit_entry
 
 SHARED = "/work/shared/reference/a100-profiles/profiler-a100-80g.distserve.json"
@@ -106,3 +107,22 @@ def test_profile_measures_the_engine(tiny_llama, tmp_path, capsys):
     assert doc["_hardware"] == "cpu" and set(doc["tiny"]["1"]) >= {"prefill", "decoding_smallbs"}
     from distserve.planner.latency import Profile
     assert Profile.load(str(out)).get("tiny", 1) is not None
+
+
+def test_profile_fit_finds_the_batch_where_decode_turns_compute_bound():
+    """A step that streams the weights costs the same up to some batch, then grows with it:
+    two pieces split at a measured batch size fit it, one line does not."""
+    prefill = [([n] * k, 5 + 0.02 * n * k + 1e-5 * k * n * n) for n in (16, 64, 256) for k in (1, 2)]
+
+    def step(ctxs):   # flat (memory-bound) below 16 requests, 0.8 ms per request from there on
+        b = len(ctxs)
+        return 10 + 2e-3 * sum(c + 1 for c in ctxs) + (0.8 * b - 2.0 if b >= 16 else 0.05 * b)
+
+    decode = [([c] * b, step([c] * b)) for b in (1, 2, 4, 8, 16, 32, 64) for c in (64, 256, 512)]
+    entry, errors = fit_entry(prefill, decode)
+    assert entry.threshold == 16 and errors["decode_threshold"] == 16
+    assert entry.decode_small == pytest.approx((10, 2e-3, 0.05), rel=1e-6)
+    assert entry.decode_large == pytest.approx((8, 2e-3, 0.8), rel=1e-6)
+    assert errors["decode"]["max"] < 1e-9
+    line = fit_decode([c for c, _ in decode], [t for _, t in decode])   # one piece instead
+    assert max(abs(ProfileEntry(entry.prefill, line, line).decode_ms(c) / t - 1) for c, t in decode) > 0.1
