@@ -159,7 +159,9 @@ def print_tables(report: dict) -> None:
                   f"  fresh {100 * r['fresh_mean']:.1f}+-{100 * r['fresh_std']:.1f}"
                   + (f"  failed {r['failed']}" if r["failed"] else "")
                   + (f"\n{'':12}host CPU {r['host']['host_cores']:.2f} cores ({r['host_ms_per_token']:.2f} ms/token), "
-                     f"instances busy {_fmt(r['host']['utilisation'])}: steps x {_fmt(r['host']['k'], 3)}; "
+                     f"instances busy {_fmt(r['host']['utilisation'])}: steps x {_fmt(r['host']['k'], 3)}"
+                     + (f" (measured: preempted x {_fmt(r['host']['k_measured'], 3)})" if "k_measured" in r["host"] else "")
+                     + "; "
                      f"simulated without the host: {pct(r['sim_without_host']['attainment']).strip()}%"
                      + (f"; other jobs used {r['cpu']['others_cores']:.2f} cores" if "others_cores" in r["cpu"] else "")
                      if r.get("host") else ""))

@@ -51,6 +51,18 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def runqueue_wait_seconds(pid: int) -> float:
+    """Seconds the threads of a live process have spent runnable but waiting for a core: the
+    time other processes preempted it (/proc/<pid>/task/*/schedstat, Linux)."""
+    total = 0
+    for task in pathlib.Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
 def machine_busy_seconds() -> float:
     """CPU-seconds every process on the machine has used (from /proc/stat; steal included)."""
     try:
@@ -100,6 +112,7 @@ def measure(cmd: list[str], path: pathlib.Path, name: str, rate: float, server_p
     and every other process on the machine over it."""
     instances = sorted(roles)
     cpu0 = {pid: cpu_seconds(pid) for pid in [server_pid, *instances]}
+    wait0 = {pid: runqueue_wait_seconds(pid) for pid in instances}
     machine0 = machine_busy_seconds()
     t = time.monotonic()
     bench = subprocess.Popen([*cmd, "--save-result", str(path)], stdout=subprocess.PIPE,
@@ -113,6 +126,7 @@ def measure(cmd: list[str], path: pathlib.Path, name: str, rate: float, server_p
     bench.returncode = os.waitstatus_to_exitcode(status)
     wall = time.monotonic() - t
     cpu1 = {pid: cpu_seconds(pid) for pid in cpu0}
+    waits = [runqueue_wait_seconds(pid) - wait0[pid] for pid in instances]
     machine = machine_busy_seconds() - machine0
     if bench.returncode != 0 or not path.exists():
         print("".join(lines)[-4000:])
@@ -127,12 +141,14 @@ def measure(cmd: list[str], path: pathlib.Path, name: str, rate: float, server_p
                    "others_cores": max(machine - ours, 0.0) / wall,
                    "server_s": cpu1[server_pid] - cpu0[server_pid],
                    "instances_s": [cpu1[p] - cpu0[p] for p in instances],
+                   "instances_wait_s": waits,
                    "roles": [roles[p] for p in instances], "wall_s": wall}
     c = run["_cpu"]
     print(f"[{name}] {rate:g} req/s{label and f' ({label})'}: attainment {100 * run['slo_attainment']:.1f}%, "
           f"{run['duration']:.0f} s; "
           f"CPU s: server {c['server_s']:.1f}, bench {c['bench_s']:.1f}, instances "
-          f"{', '.join(f'{x:.1f}' for x in c['instances_s'])}; other processes: "
+          f"{', '.join(f'{x:.1f}' for x in c['instances_s'])} (waiting for their core "
+          f"{', '.join(f'{w:.1f}' for w in waits)}); other processes: "
           f"{c['others_cores']:.2f} cores" + ("  << NOT A QUIET MACHINE" if c["others_cores"] > 0.1 else ""),
           flush=True)
     return run

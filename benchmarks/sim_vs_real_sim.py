@@ -200,8 +200,13 @@ def host_slowdown(run: dict, cores: int = 2) -> dict | None:
     h = (c["server_s"] + c["bench_s"]) / dur
     u = [min(max(x / dur, 0.0), 1.0) for x in c["instances_s"]]
     ks = [1 + h * float(np.prod([v for j, v in enumerate(u) if j != i])) / cores for i in range(len(u))]
-    return {"host_cores": h, "utilisation": dict(zip(c["roles"], u)) if len(set(c["roles"])) == len(u) else u,
-            "k": dict(zip(c["roles"], ks)) if len(set(c["roles"])) == len(u) else {"colocated": float(np.mean(ks))}}
+    named = len(set(c["roles"])) == len(u)
+    out = {"host_cores": h, "utilisation": dict(zip(c["roles"], u)) if named else u,
+           "k": dict(zip(c["roles"], ks)) if named else {"colocated": float(np.mean(ks))}}
+    if c.get("instances_wait_s"):   # what the model estimates, as measured: waiting / running
+        measured = [1 + w / max(x, 1e-9) for w, x in zip(c["instances_wait_s"], c["instances_s"])]
+        out["k_measured"] = dict(zip(c["roles"], measured)) if named else {"colocated": float(np.mean(measured))}
+    return out
 
 
 def sim_deployment_k(name: str, entry: ProfileEntry, kv: int, k: dict | None):
