@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
-from sim_vs_real_sim import (TimeWarp, compare, scaled, sim_deployment, simulate_warped,  # noqa: E402
+from sim_vs_real_sim import (TimeWarp, compare, host_slowdown, scaled, sim_deployment, simulate_warped,  # noqa: E402
                              speed_to_match, stats)
 
 from distserve.planner.latency import InstanceLatency, ProfileEntry  # noqa: E402
@@ -106,3 +106,18 @@ def test_a_repeat_of_the_same_trace_is_compared_with_the_first_run_not_with_the_
     assert rep["diff_vs_first_pp"] > 10   # 1.5x slower steps: visibly fewer requests within the SLOs
     assert row["diff_pp"] == pytest.approx(0.0)   # the first run is exactly what the profile predicts
     assert rep["at_run_speed"] is None   # no step traces in these runs: no speed to simulate at
+
+
+def test_host_work_displaces_the_instances_evenly_and_the_measured_waits_ride_along():
+    # 10 s: server + bench used 2 CPU-seconds (H = 0.2 cores); prefill busy 40%, decode 100%
+    run = {"duration": 10.0, "_cpu": {"server_s": 1.5, "bench_s": 0.5, "instances_s": [4.0, 10.0],
+                                      "instances_wait_s": [0.6, 0.5], "roles": ["prefill", "decode"]}}
+    h = host_slowdown(run)
+    assert h["host_cores"] == pytest.approx(0.2)
+    # each core gives up H / 2 = 0.1 s a second: 0.1 / 0.4 to prefill's steps, 0.1 / 1.0 to decode's
+    assert h["k"] == pytest.approx({"prefill": 1.25, "decode": 1.1})
+    assert h["k_measured"] == pytest.approx({"prefill": 1.15, "decode": 1.05})
+    colocated = {"duration": 10.0, "_cpu": {"server_s": 2.0, "bench_s": 0.0, "instances_s": [5.0, 10.0],
+                                            "roles": ["colocated", "colocated"]}}
+    assert host_slowdown(colocated)["k"] == pytest.approx({"colocated": (1.2 + 1.1) / 2})
+    assert "k_measured" not in host_slowdown(colocated)   # a run recorded before the waits were
