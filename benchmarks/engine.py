@@ -57,13 +57,7 @@ def read_bandwidth(gib: float = 2.0, passes: int = 5) -> float:
         x, out = torch.zeros(1, 2048, dtype=torch.bfloat16), torch.empty(1, blocks * 32, dtype=torch.bfloat16)
         op = getattr(torch.ops.distserve_cpu, f"{kernel}_linear")
         readers.append(lambda: op(out, x, packed, None))
-    best = float("inf")
-    for _ in range(passes):
-        for read in readers:
-            t = time.perf_counter()
-            read()
-            best = min(best, time.perf_counter() - t)
-    return buf.numel() * 4 / best
+    return buf.numel() * 4 / fastest(readers, passes)
 
 
 def matmul_peak(rows: int = 1024, passes: int = 5) -> float:
@@ -79,13 +73,18 @@ def matmul_peak(rows: int = 1024, passes: int = 5) -> float:
         packed, out = amx_pack(w), torch.empty(rows, 4096, dtype=torch.bfloat16)
         op = getattr(torch.ops.distserve_cpu, f"{kernel}_linear")
         runs.append(lambda: op(out, x, packed, None))
+    return 2 * rows * 2048 * 4096 / fastest(runs, passes)
+
+
+def fastest(fns: list, passes: int) -> float:
+    """Seconds of the fastest call of any of `fns`, each called `passes` times, in turn."""
     best = float("inf")
     for _ in range(passes):
-        for run in runs:
+        for fn in fns:
             t = time.perf_counter()
-            run()
+            fn()
             best = min(best, time.perf_counter() - t)
-    return 2 * rows * 2048 * 4096 / best
+    return best
 
 
 def wait_for_quiet(limit_s: float = 30.0, threshold: float = 5.0) -> float:

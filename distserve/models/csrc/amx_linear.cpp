@@ -18,7 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "cpu_math.h"
+#include "packed_blocks.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__)
 #define DISTSERVE_HAVE_AMX 1
@@ -28,8 +28,6 @@
 
 namespace {
 
-constexpr int64_t kBlock = 32;                         // rows, columns and inputs per block
-constexpr int64_t kBlockBytes = kBlock * kBlock * 2;   // one packed 32 x 32 bf16 block
 // how far ahead of its tile loads each thread asks for weight blocks (8 KB): 2 to 16 blocks,
 // into L1 or L2, all measured within noise of each other; none at all was ~1.3x slower at 32
 // rows (each against oneDNN in the same run)
@@ -133,22 +131,6 @@ inline void block_product_32(const c10::BFloat16* a, int64_t lda, const char* w,
   _tile_stored(3, c + 16 * kBlock + 16, 128);
 }
 
-// out[r, n0:n0+cols] = round(c[r, :cols] + bias), bf16 rounded to nearest even.
-inline void write_block(const float* c, int64_t rows, int64_t cols, const c10::BFloat16* bias,
-                        c10::BFloat16* out, int64_t ldo) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* cr = c + r * kBlock;
-    c10::BFloat16* orow = out + r * ldo;
-    int64_t j = 0;
-    for (; j + 16 <= cols; j += 16) {
-      __m512 v = _mm512_loadu_ps(cr + j);
-      if (bias) v = _mm512_add_ps(v, load16(bias + j));
-      store16(orow + j, v);
-    }
-    for (; j < cols; ++j) orow[j] = static_cast<c10::BFloat16>(cr[j] + (bias ? to_float(bias[j]) : 0.f));
-  }
-}
-
 void amx_linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
                      const c10::BFloat16* bias) {
   const int64_t m = x.size(0), n = out.size(1);
@@ -172,7 +154,7 @@ void amx_linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& pac
           if (rows > 16) block_product_32(a, lda, w, kblocks, c);
           else block_product_16(a, lda, w, kblocks, c);
           const int64_t n0 = nb * kBlock;
-          write_block(c, rows, std::min(kBlock, n - n0), bias ? bias + n0 : nullptr,
+          store_rows_bf16(c, kBlock, rows, std::min(kBlock, n - n0), bias ? bias + n0 : nullptr,
                       op + m0 * ldo + n0, ldo);
         }
       }
@@ -195,25 +177,7 @@ bool amx_available() {
 void amx_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
                 const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(amx_available(), "amx_linear: this CPU or kernel does not allow AMX");
-  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && packed.dim() == 5, "amx_linear: x and out must be 2-D, "
-              "the packed weight 5-D");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16 &&
-              packed.scalar_type() == at::kBFloat16, "amx_linear: bf16 tensors only");
-  TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1 && packed.is_contiguous(),
-              "amx_linear: rows of x and out must be contiguous, the packed weight contiguous");
-  TORCH_CHECK(packed.size(2) == 16 && packed.size(3) == kBlock && packed.size(4) == 2,
-              "amx_linear: the weight is not packed in 32 x 32 blocks");
-  TORCH_CHECK(packed.size(1) > 0, "amx_linear: the weight has no inputs");
-  TORCH_CHECK(x.size(1) == packed.size(1) * kBlock, "amx_linear: x has ", x.size(1),
-              " inputs, the weight ", packed.size(1) * kBlock);
-  TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) <= packed.size(0) * kBlock &&
-              out.size(1) > (packed.size(0) - 1) * kBlock, "amx_linear: out has the wrong shape");
-  const c10::BFloat16* bias_ptr = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() &&
-                bias->numel() == out.size(1), "amx_linear: bias must be bf16 of size N");
-    bias_ptr = bias->data_ptr<c10::BFloat16>();
-  }
+  const c10::BFloat16* bias_ptr = check_packed_linear("amx_linear", out, x, packed, bias);
 #ifdef DISTSERVE_HAVE_AMX
   if (x.size(0) > 0) amx_linear_impl(out, x, packed, bias_ptr);
 #endif

@@ -11,16 +11,19 @@
 // x 2 inputs (128 bytes), i.e. two zmm vectors of 16 columns x (input 2p, input 2p + 1) - the
 // operand VDPBF16PS multiplies pairwise with a broadcast pair of x and adds into 16 float32
 // sums. A column block is kept in registers for up to kMaxRows rows of x (2 accumulators a
-// row, 2 weight vectors, 1 broadcast: 31 of the 32 zmm registers at 14 rows).
+// row, 2 weight vectors, 1 broadcast: 27 of the 32 zmm registers at 12 rows; 14 would fit,
+// but 12 splits 32 rows into 3 passes as well and leaves the compiler room).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
-#include "cpu_math.h"
+#include "packed_blocks.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #define DISTSERVE_HAVE_DPBF16 1
@@ -28,8 +31,6 @@
 
 namespace {
 
-constexpr int64_t kBlock = 32;                        // columns and inputs per block
-constexpr int64_t kBlockBytes = kBlock * kBlock * 2;  // one packed 32 x 32 bf16 block
 constexpr int kMaxRows = 12;                          // rows of x per pass over a column block
 constexpr int64_t kPrefetchBlocks = 4;                // weight blocks asked for ahead (8 KB)
 
@@ -80,22 +81,6 @@ constexpr auto make_table(std::integer_sequence<int, R...>) {
 // kernels for 1..kMaxRows rows, fully unrolled over the rows
 constexpr auto kColumnBlock = make_table(std::make_integer_sequence<int, kMaxRows>{});
 
-// out[r, n0:n0+cols] = round(c[r, :cols] + bias), bf16 rounded to nearest even.
-inline void write_block(const float* c, int64_t rows, int64_t cols, const c10::BFloat16* bias,
-                        c10::BFloat16* out, int64_t ldo) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* cr = c + r * kBlock;
-    c10::BFloat16* orow = out + r * ldo;
-    int64_t j = 0;
-    for (; j + 16 <= cols; j += 16) {
-      __m512 v = _mm512_loadu_ps(cr + j);
-      if (bias) v = _mm512_add_ps(v, load16(bias + j));
-      store16(orow + j, v);
-    }
-    for (; j < cols; ++j) orow[j] = static_cast<c10::BFloat16>(cr[j] + (bias ? to_float(bias[j]) : 0.f));
-  }
-}
-
 void dpbf16_linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
                         const c10::BFloat16* bias) {
   const int64_t m = x.size(0), n = out.size(1);
@@ -120,7 +105,8 @@ void dpbf16_linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& 
       for (int64_t m0 = 0; m0 < m; m0 += chunk) {
         const int64_t rows = std::min(chunk, m - m0);
         (rows == chunk ? kernel : last)(xp + m0 * lda, lda, w, kblocks, c);
-        write_block(c, rows, std::min(kBlock, n - n0), bias ? bias + n0 : nullptr, op + m0 * ldo + n0, ldo);
+        store_rows_bf16(c, kBlock, rows, std::min(kBlock, n - n0), bias ? bias + n0 : nullptr,
+                        op + m0 * ldo + n0, ldo);
       }
     }
   });
@@ -140,24 +126,7 @@ bool dpbf16_available() {
 void dpbf16_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
                    const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(dpbf16_available(), "dpbf16_linear: this CPU or kernel build has no AVX512-BF16");
-  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && packed.dim() == 5, "dpbf16_linear: x and out must be "
-              "2-D, the packed weight 5-D");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16 &&
-              packed.scalar_type() == at::kBFloat16, "dpbf16_linear: bf16 tensors only");
-  TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1 && packed.is_contiguous(),
-              "dpbf16_linear: rows of x and out must be contiguous, the packed weight contiguous");
-  TORCH_CHECK(packed.size(2) == 16 && packed.size(3) == kBlock && packed.size(4) == 2,
-              "dpbf16_linear: the weight is not packed in 32 x 32 blocks");
-  TORCH_CHECK(x.size(1) == packed.size(1) * kBlock, "dpbf16_linear: x has ", x.size(1),
-              " inputs, the weight ", packed.size(1) * kBlock);
-  TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) <= packed.size(0) * kBlock &&
-              out.size(1) > (packed.size(0) - 1) * kBlock, "dpbf16_linear: out has the wrong shape");
-  const c10::BFloat16* bias_ptr = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() &&
-                bias->numel() == out.size(1), "dpbf16_linear: bias must be bf16 of size N");
-    bias_ptr = bias->data_ptr<c10::BFloat16>();
-  }
+  const c10::BFloat16* bias_ptr = check_packed_linear("dpbf16_linear", out, x, packed, bias);
 #ifdef DISTSERVE_HAVE_DPBF16
   if (x.size(0) > 0) dpbf16_linear_impl(out, x, packed, bias_ptr);
 #endif

@@ -1,0 +1,56 @@
+// The packed weight both bf16 linear kernels read (csrc/amx_linear.cpp on AMX tiles,
+// csrc/dpbf16_linear.cpp on AVX512-BF16; amx_pack in models/packed_linear.py writes it):
+// w [N, K] as [N/32][K/32][16][32][2], blocks of 32 output columns x 32 inputs, each as 16
+// rows of input pairs. Their shared argument checks and epilogue.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+#include "cpu_math.h"
+
+constexpr int64_t kBlock = 32;                         // columns and inputs per block
+constexpr int64_t kBlockBytes = kBlock * kBlock * 2;   // one packed 32 x 32 bf16 block
+
+// Checks out [M, N] = x [M, K] @ w.T + bias against the packed w; the bias pointer or null.
+inline const c10::BFloat16* check_packed_linear(const char* op, const at::Tensor& out, const at::Tensor& x,
+                                                const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && packed.dim() == 5, op, ": x and out must be 2-D, "
+              "the packed weight 5-D");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16 &&
+              packed.scalar_type() == at::kBFloat16, op, ": bf16 tensors only");
+  TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1 && packed.is_contiguous(),
+              op, ": rows of x and out must be contiguous, the packed weight contiguous");
+  TORCH_CHECK(packed.size(2) == 16 && packed.size(3) == kBlock && packed.size(4) == 2,
+              op, ": the weight is not packed in 32 x 32 blocks");
+  TORCH_CHECK(packed.size(1) > 0, op, ": the weight has no inputs");
+  TORCH_CHECK(x.size(1) == packed.size(1) * kBlock, op, ": x has ", x.size(1),
+              " inputs, the weight ", packed.size(1) * kBlock);
+  TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) <= packed.size(0) * kBlock &&
+              out.size(1) > (packed.size(0) - 1) * kBlock, op, ": out has the wrong shape");
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() &&
+              bias->numel() == out.size(1), op, ": bias must be bf16 of size N");
+  return bias->data_ptr<c10::BFloat16>();
+}
+
+#ifdef __AVX512F__
+// out[r, 0:cols] = round(c[r, 0:cols] + bias) for r < rows: the epilogue of the bf16 linear
+// kernels (float32 sums, row stride ldc, into bf16 rows of stride ldo; bias may be null).
+inline void store_rows_bf16(const float* c, int64_t ldc, int64_t rows, int64_t cols,
+                            const c10::BFloat16* bias, c10::BFloat16* out, int64_t ldo) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* cr = c + r * ldc;
+    c10::BFloat16* orow = out + r * ldo;
+    int64_t j = 0;
+    for (; j + 16 <= cols; j += 16) {
+      __m512 v = _mm512_loadu_ps(cr + j);
+      if (bias) v = _mm512_add_ps(v, load16(bias + j));
+      store16(orow + j, v);
+    }
+    for (; j < cols; ++j) orow[j] = static_cast<c10::BFloat16>(cr[j] + (bias ? to_float(bias[j]) : 0.f));
+  }
+}
+
+#endif  // __AVX512F__
