@@ -134,6 +134,7 @@ def print_tables(report: dict) -> None:
                   f"+{1e3 * a['serving_latency_s']:.0f} ms" + warped)
         worst_t = max(r["at_run_speed"]["diff_pp"] for _, r in timed)
         print(f"largest difference at the runs' own speed: {worst_t:.1f} pp")
+        print_speed_breakdown(timed)
         warped = [r["at_run_speed"]["diff_warped_pp"] for _, r in timed if "diff_warped_pp" in r["at_run_speed"]]
         if warped:
             print(f"largest difference with the slow spells replayed too: {max(warped):.1f} pp")
@@ -165,6 +166,23 @@ def print_tables(report: dict) -> None:
                      f"simulated without the host: {pct(r['sim_without_host']['attainment']).strip()}%"
                      + (f"; other jobs used {r['cpu']['others_cores']:.2f} cores" if "others_cores" in r["cpu"] else "")
                      if r.get("host") else ""))
+
+
+def print_speed_breakdown(timed: list[tuple[str, dict]]) -> None:
+    """The served steps' speed against the profile, split into the part the instances spent
+    preempted (their measured run-queue waits) and what is left: what an a-priori model of
+    this machine must still explain (contention for memory between the instances, ...)."""
+    rows = [(n, r) for n, r in timed if (r.get("host") or {}).get("k_measured")]
+    if not rows:
+        return
+    print("\nServed step speed / profile = preempted (run-queue waits) x the rest, per phase:")
+    for n, r in rows:
+        speed, k = r["at_run_speed"]["speed"], r["host"]["k_measured"]
+        parts = []
+        for phase in ("prefill", "decode"):
+            pre = k.get(phase, k.get("colocated", 1.0))
+            parts.append(f"{phase} {speed[phase]:.2f} = {pre:.3f} x {speed[phase] / pre:.3f}")
+        print(f"  {n:<9} {r['rate']:6g} req/s: " + "; ".join(parts))
 
 
 def print_speed_to_match(timed: list[tuple[str, dict]]) -> None:
