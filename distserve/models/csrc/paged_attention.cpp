@@ -188,12 +188,15 @@ void softmax_avx512(float* s, int64_t len) {
   for (int64_t t = 0; t < whole; t += 16) _mm512_storeu_ps(s + t, _mm512_mul_ps(_mm512_loadu_ps(s + t), vinv));
   for (int64_t t = whole; t < len; ++t) s[t] *= inv;
 }
-// --- AVX-512 with the query heads of one KV head in registers (head_dim 64) -------------
+// --- AVX-512 with the query heads of one KV head in registers (head_dim 64 and 128) -----
 // Why: at short contexts the loops above spend more on reductions and on accumulators in
 // memory than on the K/V bytes (SmolLM2, batch 32, ~80 tokens, K/V in cache: this path
 // takes 0.6x the time, 0.75x at 300 tokens; in a decode step, where K/V come from memory,
-// it gained little until the LineFeed prefetch above). At head_dim 128 only 2 query
-// heads fit the registers; the extra passes over K/V made it up to 8% slower at 500 tokens.
+// it gained little until the LineFeed prefetch above). At head_dim 128, 2 query heads at a
+// time (4 spill at 300+ tokens): on the AMD EPYC host 0.40-0.47x the time of the loops
+// above at 80-500 tokens (1.1 GB model's shapes, batch 32, K/V in cache), and 190-205 us
+// a layer instead of 440 in its batch-32 decode step (the step 0.95x); on the Intel host
+// of session 4 the same 2-head pass measured up to 8% slower at 500 tokens.
 // Here, per KV head and per group of G query heads: q (G x CH vectors) stays in registers;
 // scores of 16 tokens are reduced together (sum16: 45 ops for 16 dot products instead of
 // ~9 each); and the weighted sum of V accumulates in registers across all tokens.
@@ -266,18 +269,18 @@ void values_heads(const Item<T>& it, int64_t h, int64_t j0, const float* p, floa
     for (int c = 0; c < CH; ++c) _mm512_storeu_ps(acc + (j0 + g) * it.dim + 16 * c, a[g][c]);
 }
 
-// For each KV head: its query heads, at most 4 at a time (4 x CH <= 16 registers at CH = 4).
-template <typename T, int CH>
+// For each KV head: its query heads, at most GMAX at a time (GMAX x CH = 16 registers of q).
+template <typename T, int CH, int GMAX>
 void attend_in_registers(const Item<T>& it, const float* q, float* scores, float* acc, LineFeed& next) {
   for (int pass = 0; pass < 2; ++pass) {
     for (int64_t h = 0; h < it.kv_heads; ++h)
-      for (int64_t g0 = 0; g0 < it.group; g0 += 4) {
+      for (int64_t g0 = 0; g0 < it.group; g0 += GMAX) {
         const int64_t j0 = h * it.group + g0;
 #define DISTSERVE_HEADS(G) (pass == 0 ? scores_heads<T, CH, G>(it, h, j0, q, scores, next) \
                                       : values_heads<T, CH, G>(it, h, j0, scores, acc, next))
-        switch (std::min<int64_t>(4, it.group - g0)) {
-          case 4: DISTSERVE_HEADS(4); break;
-          case 3: DISTSERVE_HEADS(3); break;
+        switch (std::min<int64_t>(GMAX, it.group - g0)) {
+          case 4: if constexpr (GMAX >= 4) DISTSERVE_HEADS(4); break;
+          case 3: if constexpr (GMAX >= 3) DISTSERVE_HEADS(3); break;
           case 2: DISTSERVE_HEADS(2); break;
           default: DISTSERVE_HEADS(1);
         }
@@ -336,8 +339,10 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& ca
       scores.resize(nq * it.len);
       for (int64_t i = 0; i < nq * dim; ++i) qf[i] = to_float(qrow[i]) * fscale;
 #ifdef __AVX512F__
-      if (dim == 64) {  // at 128, two passes per KV head over K/V cost more than they save
-        attend_in_registers<T, 4>(it, qf.data(), scores.data(), acc.data(), next);
+      if (dim == 64) {
+        attend_in_registers<T, 4, 4>(it, qf.data(), scores.data(), acc.data(), next);
+      } else if (dim == 128) {
+        attend_in_registers<T, 8, 2>(it, qf.data(), scores.data(), acc.data(), next);
       } else if (vector) {
         scores_avx512(it, qf.data(), scores.data());
         for (int64_t j = 0; j < nq; ++j) softmax_avx512(scores.data() + j * it.len, it.len);
