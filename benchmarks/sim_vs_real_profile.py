@@ -18,12 +18,14 @@ from distserve.planner.latency import Profile
 
 
 def code_fingerprint() -> str:
-    """Hash of the engine and model code (committed or not): a cached profile is reused only
-    when the code that produced it is the code being served."""
+    """Hash of the engine and model code, the C++ kernels included (committed or not): a
+    cached profile is reused only when the code that produced it is the code being served."""
     h = hashlib.sha256()
     for sub in ("distserve/engine", "distserve/models", "distserve/kv", "distserve/planner/profile_engine.py",
                 "distserve/planner/profile_cli.py"):
-        for p in sorted((ROOT / sub).rglob("*.py")) if (ROOT / sub).is_dir() else [ROOT / sub]:
+        files = [f for f in (ROOT / sub).rglob("*") if f.suffix in (".py", ".cpp", ".h")] \
+            if (ROOT / sub).is_dir() else [ROOT / sub]
+        for p in sorted(files):
             h.update(p.name.encode())
             h.update(p.read_bytes())
     return h.hexdigest()[:16]
