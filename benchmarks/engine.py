@@ -33,7 +33,7 @@ import transformers
 from transformers.generation.streamers import BaseStreamer
 
 from distserve import LLM, SamplingParams
-from distserve.models.packed_linear import amx_pack, block_kernel
+from distserve.models.packed_linear import amx_pack, block_kernel, block_linear_op
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -55,7 +55,7 @@ def read_bandwidth(gib: float = 2.0, passes: int = 5) -> float:
         blocks = buf.numel() * 4 // (32 * 2048 * 2)
         packed = buf[: blocks * 32 * 1024].view(torch.bfloat16).view(blocks, 64, 16, 32, 2)
         x, out = torch.zeros(1, 2048, dtype=torch.bfloat16), torch.empty(1, blocks * 32, dtype=torch.bfloat16)
-        op = getattr(torch.ops.distserve_cpu, f"{kernel}_linear")
+        op = block_linear_op(kernel)
         readers.append(lambda: op(out, x, packed, None))
     return buf.numel() * 4 / fastest(readers, passes)
 
@@ -71,7 +71,7 @@ def matmul_peak(rows: int = 1024, passes: int = 5) -> float:
     kernel = block_kernel(2048)
     if kernel:
         packed, out = amx_pack(w), torch.empty(rows, 4096, dtype=torch.bfloat16)
-        op = getattr(torch.ops.distserve_cpu, f"{kernel}_linear")
+        op = block_linear_op(kernel)
         runs.append(lambda: op(out, x, packed, None))
     return 2 * rows * 2048 * 4096 / fastest(runs, passes)
 

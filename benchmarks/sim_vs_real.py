@@ -210,7 +210,7 @@ def print_speed_to_match(timed: list[tuple[str, dict]]) -> None:
 def print_repeats(deps: dict) -> None:
     """Reality against itself: each rate run again straight after, same arrivals and prompts.
     No prediction can be closer to both runs than half their difference."""
-    rows = [(n, r) for n, r in _rows_having(deps, "repeats")]
+    rows = _rows_having(deps, "repeats")
     if not rows:
         return
     print("\nThe same run again straight after (same arrivals and prompts, same server): real attainment "

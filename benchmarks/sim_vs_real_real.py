@@ -158,9 +158,8 @@ def run_real(name: str, workload: str, rates: list[float], slo: dict, n: int, se
              out: pathlib.Path, tmp: pathlib.Path, entry, repeats: int = 1) -> dict:
     """One server; one `distserve bench` per rate (seed + i at the i-th rate, as a sweep
     would; `repeats` > 1 runs it again with the same seed straight after: the same arrivals
-    and prompts, to see how far the machine alone moves the attainment), with the CPU time of the server process (HTTP, controller), of the bench client
-    and of each instance process over the run, and the instances' model steps over the run
-    against the profile `entry` (their step traces)."""
+    and prompts, to see how far the machine alone moves the attainment), each measured by
+    measure()."""
     port = free_port()
     traces = tmp / f"traces-{name}"
     os.environ[STEP_TRACE] = str(traces)   # the instances log their steps (inherited)

@@ -203,13 +203,15 @@ def host_slowdown(run: dict, cores: int = 2) -> dict | None:
         return None
     h = (c["server_s"] + c["bench_s"]) / dur
     u = [min(max(x / dur, 0.0), 1.0) for x in c["instances_s"]]
-    ks = [1 + h / (cores * max(ui, 1e-3)) for ui in u]
     named = len(set(c["roles"])) == len(u)
+
+    def by_role(xs: list[float]) -> dict:   # colocated instances share a role: their mean
+        return dict(zip(c["roles"], xs)) if named else {"colocated": float(np.mean(xs))}
+
     out = {"host_cores": h, "utilisation": dict(zip(c["roles"], u)) if named else u,
-           "k": dict(zip(c["roles"], ks)) if named else {"colocated": float(np.mean(ks))}}
+           "k": by_role([1 + h / (cores * max(ui, 1e-3)) for ui in u])}
     if c.get("instances_wait_s"):   # what the model estimates, as measured: waiting / running
-        measured = [1 + w / max(x, 1e-9) for w, x in zip(c["instances_wait_s"], c["instances_s"])]
-        out["k_measured"] = dict(zip(c["roles"], measured)) if named else {"colocated": float(np.mean(measured))}
+        out["k_measured"] = by_role([1 + w / max(x, 1e-9) for w, x in zip(c["instances_wait_s"], c["instances_s"])])
     return out
 
 

@@ -57,12 +57,17 @@ def block_kernel(in_features: int) -> str | None:
     return None
 
 
+def block_linear_op(kernel: str):
+    """The op of a kernel block_kernel named: op(out, x, packed, bias) with x [M, K], the weight
+    packed by amx_pack, out [M, N] written."""
+    return getattr(torch.ops.distserve_cpu, f"{kernel}_linear")
+
+
 class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.kernel = block_kernel(self.in_features)
-        self.uses_amx = self.kernel == "amx"
         weight = linear.weight.detach()
         self.packed_weight = (amx_pack(weight) if self.kernel
                               else torch.ops.mkldnn._reorder_linear_weight(weight, _ROWS_HINT))
@@ -76,8 +81,7 @@ class PackedLinear(nn.Module):
             rows = rows.contiguous()
         out = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype)
         bias = None if self.bias is None else self.bias.detach()
-        op = torch.ops.distserve_cpu.amx_linear if self.uses_amx else torch.ops.distserve_cpu.dpbf16_linear
-        op(out, rows, self.packed_weight, bias)
+        block_linear_op(self.kernel)(out, rows, self.packed_weight, bias)
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

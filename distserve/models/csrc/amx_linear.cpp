@@ -155,7 +155,7 @@ void amx_linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& pac
           else block_product_16(a, lda, w, kblocks, c);
           const int64_t n0 = nb * kBlock;
           store_rows_bf16(c, kBlock, rows, std::min(kBlock, n - n0), bias ? bias + n0 : nullptr,
-                      op + m0 * ldo + n0, ldo);
+                          op + m0 * ldo + n0, ldo);
         }
       }
     }
