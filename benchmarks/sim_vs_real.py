@@ -1,7 +1,7 @@
 """Simulator vs reality on this machine: the paper's Table 2 (SLO attainment, real vs
 simulated, by rate) for our engine and our planner's simulator.
 
-    python benchmarks/sim_vs_real.py            # full: 5 rates x 200 requests (~16 min on 2 cores)
+    python benchmarks/sim_vs_real.py            # full: 5 rates x ~190 requests (~17 min on 2 cores)
     python benchmarks/sim_vs_real.py --quick    # smoke: 2 rates x 30 requests (~4 min)
     python benchmarks/sim_vs_real.py --reuse-profile        # skip profiling (same engine code)
     python benchmarks/sim_vs_real.py --reuse-real           # re-simulate the saved real runs only
@@ -30,8 +30,11 @@ simulated, by rate) for our engine and our planner's simulator.
 4. Simulated: the planner's simulator on exactly the arrivals (send times) and lengths each
    real run sent, the instances' batching limits (256 requests, 2048 prefill tokens) and KV
    capacity (from the server's KV blocks). The server and the bench client share the
-   instances' cores: their measured CPU stretches the instances' steps (host_slowdown;
-   --no-host-model leaves it out; the diagnostics show both). Also the simulator on fresh
+   instances' cores: their measured CPU stretches the instances' steps, by what a host
+   CPU-second costs a step, and the instances slow each other down by contending for memory
+   and cache, both measured once with the profile by benchmarks/interference.py and cached
+   with it (host_slowdown; --no-host-model leaves all of it out; the diagnostics show both
+   parts). Also the simulator on fresh
    traces of the same lengths over several seeds (the spread a different sample gives).
    "Calibrated just before": before each rate, a calibration load of 30 other prompts at that
    rate; the profile rescaled per phase to the speed the instances' steps ran at in it
@@ -67,7 +70,7 @@ from sim_vs_real_config import (
     SERVER_START_S,
     WORKLOADS,
 )
-from sim_vs_real_profile import code_fingerprint, load_entry, run_profile
+from sim_vs_real_profile import code_fingerprint, load_entry, measure_interference, run_profile
 from sim_vs_real_real import run_real
 from sim_vs_real_sim import (
     compare,
@@ -161,6 +164,8 @@ def print_tables(report: dict) -> None:
                   + (f"  failed {r['failed']}" if r["failed"] else "")
                   + (f"\n{'':12}host CPU {r['host']['host_cores']:.2f} cores ({r['host_ms_per_token']:.2f} ms/token), "
                      f"instances busy {_fmt(r['host']['utilisation'])}: steps x {_fmt(r['host']['k'], 3)}"
+                     + (f" = host x {_fmt(r['host']['k_host'], 3)} . neighbour x {_fmt(r['host']['k_neighbour'], 3)}"
+                        if "k_host" in r["host"] else "")
                      + (f" (measured: preempted x {_fmt(r['host']['k_measured'], 3)})" if "k_measured" in r["host"] else "")
                      + "; "
                      f"simulated without the host: {pct(r['sim_without_host']['attainment']).strip()}%"
@@ -320,6 +325,7 @@ def main(argv=None) -> int:
     if not reuse:
         run_profile(args.workload, args.quick)
     entry, prof_doc = load_entry()
+    interference = None if args.no_host_model else measure_interference(prof_doc, args.quick)
     lengths = Lengths(WORKLOADS[args.workload]["lengths"])
     slo = slos(entry, lengths, args.ttft_factor, args.tpot_factor)
     fit = prof_doc.get("_fit_error", {}).get(MODEL_KEY, {})
@@ -360,6 +366,7 @@ def main(argv=None) -> int:
                                entry, args.repeats)
 
     report = {"workload": args.workload, "slo": slo, "rates": rates, "num_prompts": args.num_prompts,
+              "interference": interference,
               "profile": {"path": str(PROFILE.relative_to(ROOT)), "entry": entry.to_dict(),
                           "fit_error": prof_doc.get("_fit_error", {}).get(MODEL_KEY), "code": prof_doc.get("_code")},
               "deployments": {}}
@@ -367,7 +374,8 @@ def main(argv=None) -> int:
         report["deployments"][n] = {"serve_flags": DEPLOYMENTS[n], "server": docs[n].get("_server"),
                                     "probe": probe_check(docs[n], entry),
                                     "rows": compare(n, docs[n], entry, slo, lengths, args.fresh_seeds,
-                                                    not args.no_host_model, not args.no_serving_latency)}
+                                                    not args.no_host_model, not args.no_serving_latency,
+                                                    interference)}
     report["max_diff_pp"] = max(r["diff_pp"] for d in report["deployments"].values() for r in d["rows"])
     cal = [r["calibrated"]["diff_pp"] for d in report["deployments"].values() for r in d["rows"] if r.get("calibrated")]
     report["max_diff_calibrated_pp"] = max(cal) if cal else None

@@ -16,6 +16,7 @@ MAX_BATCHED_TOKENS = 2048
 KV_GIB = 1.0
 PROBE_REQUESTS = 8
 CALIBRATION_REQUESTS = 30   # before each rate: the machine's speed right then
+INTERFERENCE_ROUNDS = 20    # benchmarks/interference.py, with the profile
 RUN_OVERHEAD_S, PROBE_S, SERVER_START_S = 12, 30, 15   # for the time estimate
 DEPLOYMENTS = {
     "colocated": ["--mode", "colocated", "--instances", "2", "--num-threads", "1"],
