@@ -18,7 +18,7 @@ the simulator's instances do not see by themselves.
 One thread per engine, as the instances of benchmarks/sim_vs_real.py run, at the shapes they
 run most: prompts of 128 tokens, decode batches of 4 (in its runs 79-85% of the decode steps
 had 1-4 requests). The batch matters: a small decode batch streams the weights hardest, and a
-prefill step next to one slowed x1.07, against x1.03-1.05 next to a batch of 16. Linux only.
+prefill step next to one slowed x1.06-1.07, against x1.03-1.05 next to a batch of 16. Linux only.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PREFILL_LEN, DECODE_BATCH, CONTEXT = 128, 4, 128   # the victim's and the neighbour's steps
@@ -72,24 +73,36 @@ def host_loop(core: int, burst_ms: float, period_ms: float) -> None:
 
 
 class DecodeBatch:
-    """`batch` requests decoding together from `context`-token prompts; refilled (untimed) when
+    """`batch` requests decoding together from `context`-token prompts, refilled (untimed) when
     they finish, so every timed step is a decode step of the full batch."""
 
-    def __init__(self, llm, ids: list[int], batch: int, context: int, max_tokens: int = 64) -> None:
+    def __init__(self, llm, ids: list[int], batch: int, context: int, max_tokens: int = 256) -> None:
         from distserve import SamplingParams
         self.engine, self.batch = llm.engine, batch
         self.prompts = [ids[i:i + context] for i in range(batch)]
         self.params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        self.requests, self.left = [], 0
+
+    def refill_unless(self, steps: int) -> None:
+        """A fresh batch (its prefill untimed) unless the running one has `steps` steps left:
+        a window then times decode steps only, not a refill's prefill."""
+        if self.left >= steps:
+            return
+        for req in self.requests:
+            self.engine.abort(req.request_id)
+        self.requests = [self.engine.add_request(p, self.params) for p in self.prompts]
+        while self.engine.scheduler.waiting:
+            self.engine.step()
+        self.left = self.params.max_tokens - 1
 
     def step(self) -> float | None:
         """One step; its seconds when it was a decode step of the whole batch."""
+        self.refill_unless(1)
         sched = self.engine.scheduler
-        if not self.engine.has_unfinished:
-            for p in self.prompts:
-                self.engine.add_request(p, self.params)
         decoding = not sched.waiting and len(sched.running) == self.batch
         t = time.perf_counter()
         self.engine.step()
+        self.left -= 1
         return time.perf_counter() - t if decoding else None
 
 
@@ -118,13 +131,22 @@ class Victim:
             pass
         return took
 
-    def window(self, phase: str, seconds: float) -> tuple[float, int]:
-        """Mean step time of `phase` over at least `seconds` (at least 2 steps), and the steps."""
+    def window(self, phase: str, seconds: float) -> Window:
+        """`phase` steps for at least `seconds` (and at least 2 steps)."""
         step = self.prefill_s if phase == "prefill" else self.decode_s
-        times, end = [], time.perf_counter() + seconds
-        while len(times) < 2 or time.perf_counter() < end:
+        if phase == "decode":
+            self.decode.refill_unless(self.decode.params.max_tokens // 2)
+        times, start = [], time.perf_counter()
+        while len(times) < 2 or time.perf_counter() < start + seconds:
             times.append(step())
-        return statistics.fmean(times), len(times)
+        return Window(statistics.fmean(times), len(times), time.perf_counter() - start)
+
+
+@dataclass
+class Window:
+    step_s: float   # mean time of the timed steps
+    steps: int
+    wall_s: float   # the whole window: the steps and the untimed work between them (a refill)
 
 
 def _spawn(args: list[str]) -> subprocess.Popen:
@@ -141,21 +163,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _alternate(victim: Victim, other: subprocess.Popen, phase: str, rounds: int, window_s: float):
-    """Per round, one window with `other` stopped and one with it running (the order flips
-    each round): (mean step off, mean step on, steps on, other's CPU seconds while on)."""
+def _alternate(victim: Victim, other: subprocess.Popen, phase: str, rounds: int,
+               window_s: float) -> list[dict]:
+    """Per round, one window with `other` stopped ("off") and one with it running ("on"; the
+    order flips each round), and `other`'s CPU seconds in the "on" window ("cpu")."""
     out = []
     for r in range(rounds):
-        res = {}
+        row = {}
         for running in ((False, True) if r % 2 == 0 else (True, False)):
             os.kill(other.pid, signal.SIGCONT if running else signal.SIGSTOP)
             time.sleep(0.05)
             c0 = cpu_seconds(other.pid)
-            mean, steps = victim.window(phase, window_s)
-            res[running] = (mean, steps, cpu_seconds(other.pid) - c0)
-        out.append((res[False][0], res[True][0], res[True][1], res[True][2]))
+            row["on" if running else "off"] = victim.window(phase, window_s)
+            if running:
+                row["cpu"] = cpu_seconds(other.pid) - c0
+        out.append(row)
     os.kill(other.pid, signal.SIGSTOP)
     return out
+
+
+def _host_cost(row: dict) -> float:
+    """The victim's extra wall time over the window per CPU-second the host process took,
+    both over the whole window (the host's CPU cannot be split between timed and untimed work)."""
+    on, off = row["on"], row["off"]
+    return (on.wall_s / on.steps - off.wall_s / off.steps) * on.steps / max(row["cpu"], 1e-3)
 
 
 def _summary(xs: list[float]) -> dict:
@@ -192,7 +223,7 @@ def _measure(model, rounds, window_s, prefill_len, batch, context, burst_ms, per
         try:
             for phase in ("prefill", "decode"):
                 rows = _alternate(victim, proc, phase, rounds, window_s)
-                doc["contention"][phase][neighbour] = s = _summary([on / off for off, on, _, _ in rows])
+                doc["contention"][phase][neighbour] = s = _summary([r["on"].step_s / r["off"].step_s for r in rows])
                 log(f"victim {phase:7s} next to a {neighbour:7s} neighbour: x{s['median']:.3f} "
                     f"(quartiles {s['q1']:.3f}-{s['q3']:.3f})")
         finally:
@@ -202,9 +233,8 @@ def _measure(model, rounds, window_s, prefill_len, batch, context, burst_ms, per
     try:
         for phase in ("prefill", "decode"):
             rows = _alternate(victim, proc, phase, rounds, window_s)
-            cost = [(on - off) * n / max(cpu, 1e-3) for off, on, n, cpu in rows]
-            doc["host_cost"][phase] = s = _summary(cost)
-            doc["host_share"][phase] = statistics.median(cpu / (on * n) for _, on, n, cpu in rows)
+            doc["host_cost"][phase] = s = _summary([_host_cost(r) for r in rows])
+            doc["host_share"][phase] = statistics.median(r["cpu"] / r["on"].wall_s for r in rows)
             log(f"victim {phase:7s} under host work ({doc['host_share'][phase]:.0%} of its core): "
                 f"{s['median']:.2f} s lost per host CPU-second (quartiles {s['q1']:.2f}-{s['q3']:.2f})")
     finally:
