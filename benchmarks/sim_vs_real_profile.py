@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from interference import DECODE_BATCH, PREFILL_LEN, measure
+from interference import measure
 from sim_vs_real_config import INTERFERENCE_ROUNDS, MAX_BATCHED_TOKENS, MODEL_KEY, PROFILE, ROOT, WORKLOADS
 from sim_vs_real_real import machine_busy_seconds
 
@@ -65,14 +65,16 @@ def run_profile(workload: str, quick: bool, clock: str = "cpu") -> None:
 
 def measure_interference(doc: dict, quick: bool) -> dict:
     """benchmarks/interference.py on this machine (the built-in model, one thread a core),
-    measured once beside the profile and cached in its file."""
+    measured once beside the profile and cached in its file while interference.py is unchanged."""
+    code = hashlib.sha256((ROOT / "benchmarks/interference.py").read_bytes()).hexdigest()[:16]
     cached = doc.get("_interference")
-    if not cached or (cached["prefill_len"], cached["decode_batch"]) != (PREFILL_LEN, DECODE_BATCH) or (
+    if not cached or doc.get("_interference_code") != code or (
             cached["rounds"] < INTERFERENCE_ROUNDS and not quick):
         rounds = 3 if quick else INTERFERENCE_ROUNDS
         print(f"measuring interference ({rounds} rounds): a neighbour instance on core 1, host work on core 0",
               flush=True)
         doc["_interference"] = measure(rounds=rounds, log=lambda line: print("  " + line, flush=True))
+        doc["_interference_code"] = code
         PROFILE.write_text(json.dumps(doc, indent=2))
     return doc["_interference"]
 
