@@ -33,6 +33,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from sim_vs_real_real import cpu_seconds
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PREFILL_LEN, DECODE_BATCH, CONTEXT = 128, 4, 128   # the victim's and the neighbour's steps
 PROMPT = "The history of the city begins with a small market by the river. " * 60
@@ -112,9 +114,10 @@ class Victim:
     def __init__(self, model: str | None, prefill_len: int, batch: int, context: int) -> None:
         from distserve import SamplingParams
         self.llm = _engine(model, 0)
-        self.ids = self.llm.tokenizer.encode(PROMPT)[:prefill_len]
+        ids = self.llm.tokenizer.encode(PROMPT)
+        self.ids = ids[:prefill_len]
         self.once = SamplingParams(max_tokens=1, ignore_eos=True)
-        self.decode = DecodeBatch(_engine(model, 0), self.llm.tokenizer.encode(PROMPT), batch, context)
+        self.decode = DecodeBatch(_engine(model, 0), ids, batch, context)
 
     def prefill_s(self) -> float:
         eng = self.llm.engine
@@ -156,11 +159,6 @@ def _spawn(args: list[str]) -> subprocess.Popen:
         proc.kill()
         raise RuntimeError(f"interference: the helper process {args} did not start")
     return proc
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _alternate(victim: Victim, other: subprocess.Popen, phase: str, rounds: int,

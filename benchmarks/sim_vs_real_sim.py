@@ -149,7 +149,7 @@ def at_run_speed(name: str, entry: ProfileEntry, kv: int, run: dict):
     run (client TTFT beyond the instances' arrival-to-first-token time): what is left to
     compare is the simulator's queueing and batching, not the machine's speed of the hour."""
     speed = run_speed(run["_trace"])
-    dep = sim_deployment(name, scaled(entry, speed["prefill"], speed["decode"]), kv)
+    dep = sim_deployment_k(name, entry, kv, speed)
     served = [s["arrival_to_first_token_computed_ms_mean"] for s in run["_trace"].values()
               if s["first_tokens"]]
     weights = [s["first_tokens"] for s in run["_trace"].values() if s["first_tokens"]]
@@ -318,7 +318,7 @@ def compare(name: str, doc: dict, entry, slo: dict, lengths: Lengths, seeds: int
         calibrated = None
         if run.get("_calibration"):   # the profile rescaled to the speed measured just before
             speed = run["_calibration"]["speed"]
-            sim_c = simulate(trace, sim_deployment(name, scaled(entry, speed["prefill"], speed["decode"]), kv))
+            sim_c = simulate(trace, sim_deployment_k(name, entry, kv, speed))
             s_c = stats(sim_c.ttft + d0, sim_c.tpot, slo)
             calibrated = {"speed": speed, "sim": s_c, "diff_pp": 100 * abs(real["attainment"] - s_c["attainment"])}
         at_speed = simulate_at_run_speed(name, entry, kv, run, trace, slo, real["attainment"])
