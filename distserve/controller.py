@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -71,20 +72,23 @@ class Controller:
         self.vocab_size = 0
         self._ctx = zmq.asyncio.Context()
         self._inbox: zmq.asyncio.Socket | None = None
+        self.address = ""   # where instances send to (tcp://host:port), once started
         self._receiver: asyncio.Task | None = None
         self._watchdog: asyncio.Task | None = None
         self._error: str | None = None
         self.transfer_bytes = 0
         self.transfer_seconds = 0.0
         self.num_transfers = 0
+        self.num_dropped_messages = 0
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self._inbox = self._ctx.socket(zmq.PULL)
         port = self._inbox.bind_to_random_port(f"tcp://{self.host}")
-        address = f"tcp://{self.host}:{port}"
+        self.address = f"tcp://{self.host}:{port}"
         for spec in self.specs:
-            self.instances[spec.instance_id] = _Instance(spec, LocalProcess(spec, address, self.transfer))
+            self.instances[spec.instance_id] = _Instance(
+                spec, LocalProcess(spec, self.address, self.transfer))
         await self._wait_ready()
         readies = [i.ready for i in self.instances.values()]
         self.vocab_size = readies[0].vocab_size
@@ -108,7 +112,7 @@ class Controller:
                 raise TimeoutError(f"instances {sorted(pending)} not ready after {self.ready_timeout_s} s")
             if not await self._inbox.poll(200):
                 continue
-            msg = m.decode_for_controller(await self._inbox.recv())
+            msg = self._decode(await self._inbox.recv())
             if isinstance(msg, m.Failed):
                 await self.shutdown()
                 raise RuntimeError(f"instance {msg.instance_id} failed to start: {msg.message}")
@@ -214,11 +218,30 @@ class Controller:
             return
 
     # ------------------------------------------------------------------ messages from instances
+    def _decode(self, data: bytes) -> m.ToController | None:
+        """A message from one of our instances, or None: a frame that does not decode, or
+        that names an instance this deployment does not have, is dropped and counted, so a
+        stray packet on the inbox can never end the receive loop."""
+        try:
+            msg = m.decode_for_controller(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            reason = f"undecodable frame of {len(data)} bytes ({e})"
+        else:
+            unknown = {msg.instance_id} | {d.source for d in getattr(msg, "done", ())}
+            unknown -= set(self.instances)
+            if not unknown:
+                return msg
+            reason = f"{type(msg).__name__} naming unknown instance(s) {sorted(unknown)}"
+        self.num_dropped_messages += 1
+        log.warning("controller dropped a message: %s", reason)
+        return None
+
     async def _receive_loop(self) -> None:
         try:
             while True:
-                msg = m.decode_for_controller(await self._inbox.recv())
-                await self._handle(msg)
+                msg = self._decode(await self._inbox.recv())
+                if msg is not None:
+                    await self._handle(msg)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a bug here must not leave clients hanging
@@ -257,6 +280,11 @@ class Controller:
         tracked = self.requests.get(out.request_id)
         if tracked is None:
             return  # aborted: its stream is gone
+        if instance_id not in (tracked.prefill, tracked.decode):
+            self.num_dropped_messages += 1  # only the instances that hold it speak for it
+            log.warning("controller dropped an output for %s from %s, which does not hold it",
+                        out.request_id, instance_id)
+            return
         if self.disaggregated and not tracked.prefilled:
             self.instances[instance_id].queued_tokens -= tracked.prompt_len
             tracked.prefilled = True

@@ -6,8 +6,18 @@ optional sampling generator, and never talks to the network.
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field
+
+# Below this a temperature is greedy, as in vLLM: dividing logits by 1e-40 in float32 gives
+# inf and NaN, and sampling from those would fail the whole batch.
+GREEDY_TEMPERATURE = 1e-5
+INT64 = (-2**63, 2**63 - 1)   # seeds: what torch.Generator and msgpack both carry
+INT32_MAX = 2**31 - 1         # token ids and top_k: more than any vocabulary
+MAX_STOP_STRINGS = 64         # each is searched for after every token
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 256
 
 
 @dataclass
@@ -33,24 +43,41 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        if not (self.temperature >= 0.0):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        """Every value an engine, a generator or the wire could not carry is refused here,
+        by name: nothing out of range may reach an instance."""
+        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k is None or self.top_k == 0:
             self.top_k = -1
-        if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
+        if not (self.top_k == -1 or 1 <= self.top_k <= INT32_MAX):
+            raise ValueError(f"top_k must be -1 (disabled) or between 1 and {INT32_MAX}, "
+                             f"got {self.top_k}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.logprobs is not None and not (0 <= self.logprobs <= 20):
             raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
+        if self.seed is not None and not INT64[0] <= self.seed <= INT64[1]:
+            raise ValueError(f"seed must be between {INT64[0]} and {INT64[1]}, got {self.seed}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        for s in self.stop:
+            if not s:
+                raise ValueError("stop strings must not be empty")
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise ValueError(f"a stop string may have at most {MAX_STOP_STRING_CHARS} "
+                                 f"characters, got one of {len(s)}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop token ids, "
+                             f"got {len(self.stop_token_ids)}")
+        for t in self.stop_token_ids:
+            if not 0 <= t <= INT32_MAX:
+                raise ValueError(f"stop token id {t} is not a token id (0 to {INT32_MAX})")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 class RequestStatus(enum.Enum):
@@ -148,6 +175,10 @@ def fit_to_context(prompt_token_ids: list[int], params: SamplingParams, max_mode
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {vocab_size})")
+        bad = [t for t in params.stop_token_ids if t >= vocab_size]
+        if bad:
+            raise ValueError(f"stop token id {bad[0]} is outside the vocabulary "
+                             f"(size {vocab_size})")
     if params.max_tokens is None:
         return dataclasses.replace(params, max_tokens=max_model_len - n)
     if n + params.max_tokens > max_model_len:

@@ -66,6 +66,7 @@ class InstanceLoop:
         self.endpoints: dict[str, KVEndpoint] = {}
         self.transfer_bytes, self.transfer_seconds, self.num_transfers = 0, 0.0, 0
         self._last_stats = 0.0
+        self.num_dropped_messages = 0
         self._send(m.Ready(instance_id, role, self.command_address, worker.num_kv_blocks,
                            config.block_size, worker.max_model_len,
                            worker.model.args.vocab_size, endpoint))
@@ -102,7 +103,14 @@ class InstanceLoop:
                 data = self.commands.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return True
-            cmd = m.decode_for_instance(data)
+            try:
+                cmd = m.decode_for_instance(data)
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                # a stray packet on the command port must not end the instance
+                self.num_dropped_messages += 1
+                log.warning("%s: dropped an undecodable command of %d bytes (%s)",
+                            self.instance_id, len(data), e)
+                continue
             if isinstance(cmd, m.Shutdown):
                 return False
             self._apply(cmd)
@@ -122,7 +130,12 @@ class InstanceLoop:
                 self._send(m.Rejected(self.instance_id, cmd.request_id, str(err)))
         elif isinstance(cmd, m.AddMigration):
             if cmd.source not in self.endpoints:
-                self.endpoints[cmd.source] = msgspec.convert(cmd.endpoint, KVEndpoint)
+                try:
+                    self.endpoints[cmd.source] = msgspec.convert(cmd.endpoint, KVEndpoint)
+                except msgspec.ValidationError as err:
+                    self._send(m.Rejected(self.instance_id, cmd.ticket.request_id,
+                                          f"bad KV endpoint for {cmd.source}: {err}"))
+                    return
             e.add_migration(Migration(cmd.ticket, cmd.params, cmd.source))
         elif isinstance(cmd, m.Release):
             e.release(cmd.request_id)

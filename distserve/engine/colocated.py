@@ -37,6 +37,10 @@ class ColocatedEngine:
     def model_name(self) -> str:
         return self.worker.model_name
 
+    @property
+    def vocab_size(self) -> int:
+        return self.worker.model.args.vocab_size
+
     def add_request(self, prompt: str | list[int], params: SamplingParams,
                     request_id: str | None = None, arrival_time: float | None = None) -> Request:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -57,7 +61,7 @@ class ColocatedEngine:
             raise ValueError(f"the prompt has {len(ids)} tokens; the context (the model's, or the "
                              f"whole KV cache's) is {self.max_model_len} tokens, including at "
                              "least one generated")
-        vocab = self.worker.model.args.vocab_size
+        vocab = self.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {vocab})")

@@ -38,8 +38,14 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> SampleResult:
             chosen[greedy] = _argmax(logits[greedy])
         idx = (~greedy).nonzero()[:, 0]
         probs = _filtered_probs(logits[idx], [params[i] for i in idx.tolist()])
+        # a row with NaN or inf (the model's numbers, not the request's settings) would make
+        # torch.multinomial raise and fail the whole batch: that request alone picks greedily
+        usable = (torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)).tolist()
         for row, i in enumerate(idx.tolist()):
-            chosen[i] = torch.multinomial(probs[row], 1, generator=requests[i].generator)[0]
+            if usable[row]:
+                chosen[i] = torch.multinomial(probs[row], 1, generator=requests[i].generator)[0]
+            else:
+                chosen[i] = _argmax(logits[i:i + 1])[0]
     if all(w is None for w in want):
         return SampleResult(chosen.tolist(), None, None)
     logprobs = torch.log_softmax(logits, dim=-1)

@@ -14,33 +14,39 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from distserve.engine.async_engine import EngineClient
 from distserve.server.errors import APIError, error_body, install_error_handlers
 from distserve.server.generation import ClientGone, cancel_on_disconnect
 from distserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from distserve.server.prompts import PromptEncoder
 from distserve.server.protocol import ChatCompletionRequest, CompletionRequest, model_card
 from distserve.server.serving_chat import ChatService
 from distserve.server.slo import SLOWindow
 from distserve.server.serving_completion import CompletionService
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+DEFAULT_MAX_BODY_BYTES = 4 << 20  # nginx's default is 1 MiB; a full 128k-token prompt fits
 
 
 def build_app(client: EngineClient, served_model_name: str | None = None,
-              api_key: str | None = None, slo: SLOWindow | None = None) -> FastAPI:
+              api_key: str | None = None, slo: SLOWindow | None = None,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     name = served_model_name or client.model_name
     created = int(time.time())
     metrics = ServerMetrics(name, slo)
-    completion = CompletionService(client, name, metrics)
-    chat = ChatService(client, name, metrics)
+    encoder = PromptEncoder(client.tokenizer, client.max_model_len)
+    completion = CompletionService(client, name, metrics, encoder)
+    chat = ChatService(client, name, metrics, encoder)
     seq = itertools.count()  # keeps engine ids unique when clients reuse an X-Request-Id
 
     app = FastAPI(title="distserve", docs_url=None, redoc_url=None)
     app.state.client = client
     app.state.metrics = metrics
+    app.state.encoder = encoder
     install_error_handlers(app)
-    app.add_middleware(RequestContext, api_key=api_key)
+    app.add_middleware(RequestContext, api_key=api_key, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(ClientGone)
     async def _gone(request: Request, exc: ClientGone):
@@ -110,9 +116,11 @@ class RequestContext:
     BaseHTTPMiddleware) leaves streaming and disconnect notices untouched.
     """
 
-    def __init__(self, app, api_key: str | None = None) -> None:
+    def __init__(self, app, api_key: str | None = None,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         self.app = app
         self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -130,8 +138,24 @@ class RequestContext:
                 return await _reply(send, 401, "missing or wrong API key (send "
                                     "'Authorization: Bearer KEY')", "invalid_api_key",
                                     [(b"www-authenticate", b"Bearer")])
+        too_large = APIError(413, f"the request body is larger than this server's limit of "
+                             f"{self.max_body_bytes} bytes", "request_too_large")
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return await _reply(send, too_large.status, too_large.message, too_large.code)
         request_id = given or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        received = 0
+
+        async def capped_receive():
+            """Counts what arrives, for bodies sent without (or under) a Content-Length."""
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise HTTPException(413, too_large.message)  # FastAPI re-raises these
+            return message
 
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
@@ -139,7 +163,7 @@ class RequestContext:
                                       (b"x-request-id", request_id.encode())]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        await self.app(scope, capped_receive, send_with_id)
 
 
 async def _reply(send, status: int, message: str, code: str, extra=()) -> None:

@@ -13,6 +13,8 @@ import argparse
 import asyncio
 import os
 
+from distserve.server.app import DEFAULT_MAX_BODY_BYTES
+
 
 def register(sub) -> None:
     from distserve.cli import add_engine_args
@@ -27,6 +29,8 @@ def register(sub) -> None:
     p.add_argument("--api-key", default=os.environ.get("DISTSERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes "
                         "(default: $DISTSERVE_API_KEY, which keeps the key out of `ps`)")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="largest request body accepted (default 4 MiB); larger ones get 413")
     p.add_argument("--log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(p)
@@ -121,6 +125,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.max_request_bytes < 1:
+        raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     config = engine_config_from_args(args, args.model)
     deployment = deployment_from_args(args, config)
     slo = slo_from_args(args)
@@ -143,7 +149,8 @@ async def _serve(args, config, deployment, slo) -> int:
         client = Controller(deployment.specs, args.model, transfer=deployment.transfer)
         await client.start()
         what = ", ".join(f"{s.instance_id} (cpus {s.cpus or 'any'})" for s in deployment.specs)
-    app = build_app(client, args.served_model_name, args.api_key, slo)
+    app = build_app(client, args.served_model_name, args.api_key, slo,
+                    max_body_bytes=args.max_request_bytes)
     name = args.served_model_name or client.model_name
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 with {what} "
           f"(context {client.max_model_len} tokens, {client.stats().num_blocks} KV blocks)",

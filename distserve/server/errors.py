@@ -116,7 +116,8 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
-        return error_response(APIError(exc.status_code, message, None, None,
+        code = "request_too_large" if exc.status_code == 413 else None
+        return error_response(APIError(exc.status_code, message, code, None,
                                        dict(exc.headers) if exc.headers else None))
 
     @app.exception_handler(Exception)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
-from distserve.request import SamplingParams
+from distserve.request import INT64, SamplingParams
 from distserve.server.errors import bad_request
 
 MAX_CHOICES = 64  # prompts x n in one body: each becomes its own request in the engine
@@ -31,8 +31,38 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _first_unencodable(value, path: str = "body") -> str | None:
+    """Where the body holds text that is not Unicode (a lone UTF-16 surrogate such as
+    "\\ud800", which JSON allows): no tokenizer or response encoder can take it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _first_unencodable(key, path) or _first_unencodable(item, f"{path}.{key}")
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _first_unencodable(item, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
 class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data):
+        where = _first_unencodable(data)
+        if where:
+            raise ValueError(f"{where} holds text that is not valid Unicode "
+                             "(a lone UTF-16 surrogate)")
+        return data
 
     model: str | None = None
     max_tokens: int | None = None
@@ -72,7 +102,8 @@ class _SamplingFields(BaseModel):
                 top_k=-1 if self.top_k is None else self.top_k,
                 max_tokens=max_tokens, stop=self.stop or [],
                 stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
-                seed=None if self.seed is None else self.seed + choice, logprobs=logprobs,
+                seed=None if self.seed is None else _shifted_seed(self.seed, choice),
+                logprobs=logprobs,
                 include_stop_str_in_output=self.include_stop_str_in_output)
         except ValueError as e:
             raise bad_request(str(e)) from e
@@ -87,6 +118,14 @@ class _SamplingFields(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def _shifted_seed(seed: int, choice: int) -> int:
+    """seed + choice, wrapped within int64 so that the largest valid seed stays valid;
+    an out-of-range seed is left as it is, for SamplingParams to refuse by name."""
+    if not INT64[0] <= seed <= INT64[1]:
+        return seed
+    return (seed + choice - INT64[0]) % 2**64 + INT64[0]
 
 
 # StrictInt keeps a list of numbers from being read as text (or text as token ids).

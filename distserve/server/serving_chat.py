@@ -7,36 +7,26 @@ from contextlib import aclosing
 from fastapi.responses import JSONResponse
 
 from distserve.engine.async_engine import EngineClient
-from distserve.server.errors import bad_request
 from distserve.server.generation import (SSE_DONE, Choices, ChoiceState, SSEResponse,
                                          sse, sse_guard)
 from distserve.server.metrics import ServerMetrics
+from distserve.server.prompts import PromptEncoder
 from distserve.server.protocol import ChatCompletionRequest, now
 
 
 class ChatService:
-    def __init__(self, client: EngineClient, model_name: str, metrics: ServerMetrics) -> None:
+    def __init__(self, client: EngineClient, model_name: str, metrics: ServerMetrics,
+                 encoder: PromptEncoder) -> None:
         self.client = client
         self.model_name = model_name
         self.metrics = metrics
-
-    def _encode(self, body: ChatCompletionRequest) -> list[int]:
-        tok = self.client.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise bad_request("this model has no chat template; use /v1/completions")
-        messages = [m.as_template_dict() for m in body.messages]
-        try:
-            text = tok.apply_chat_template(messages, tokenize=False,
-                                           add_generation_prompt=body.add_generation_prompt)
-        except Exception as e:  # the template rejects the conversation (jinja raise_exception)
-            raise bad_request(f"the chat template rejected the messages: {e}", "messages") from e
-        # The template already wrote the special tokens it wants; do not add a second BOS.
-        return tok.encode(text, add_special_tokens=False)
+        self.encoder = encoder
 
     async def start(self, body: ChatCompletionRequest, request_id: str) -> tuple[Choices, int]:
         """Validates everything, then submits every choice (or none: 400 before any work)."""
         body.check_n()
-        ids = self._encode(body)
+        ids = await self.encoder.encode_chat([m.as_template_dict() for m in body.messages],
+                                             body.add_generation_prompt)
         logprobs = body.engine_logprobs()
         params = [body.sampling_params(body.requested_max_tokens(), logprobs, i)
                   for i in range(body.n)]

@@ -12,6 +12,7 @@ from distserve.server.errors import bad_request
 from distserve.server.generation import (SSE_DONE, Choices, ChoiceState, SSEResponse,
                                          sse, sse_guard)
 from distserve.server.metrics import ServerMetrics
+from distserve.server.prompts import PromptEncoder
 from distserve.server.protocol import CompletionRequest, now
 
 
@@ -22,16 +23,18 @@ class PromptInfo:
 
 
 class CompletionService:
-    def __init__(self, client: EngineClient, model_name: str, metrics: ServerMetrics) -> None:
+    def __init__(self, client: EngineClient, model_name: str, metrics: ServerMetrics,
+                 encoder: PromptEncoder) -> None:
         self.client = client
         self.model_name = model_name
         self.metrics = metrics
+        self.encoder = encoder
 
-    def _encode(self, prompt: str | list[int]) -> list[int]:
+    async def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
                 raise bad_request("prompt must not be empty", "prompt")
-            return self.client.tokenizer.encode(prompt)
+            return await self.encoder.encode(prompt)
         return list(prompt)
 
     def _token_str(self, token_id: int) -> str:
@@ -42,7 +45,10 @@ class CompletionService:
         """Validates everything, then submits every choice (or none: 400 before any work)."""
         prompts = body.prompts()
         body.check_n(len(prompts))
-        ids = [self._encode(p) for p in prompts]
+        for p in prompts:  # all refused at once, before any is tokenised
+            if isinstance(p, str):
+                self.encoder.check_length(len(p), "prompt")
+        ids = [await self._encode(p) for p in prompts]
         params = [body.sampling_params(body.max_tokens, body.logprobs, i)
                   for i in range(body.n)]
         choices = Choices(self.metrics)

@@ -80,3 +80,43 @@ def test_greedy_sampling_reads_bf16_logits_as_they_are_and_widens_for_logprobs()
     assert with_lp.token_ids == greedy.token_ids
     expected = torch.log_softmax(logits.float(), -1).max(-1).values.tolist()
     assert with_lp.logprobs == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_tiny_temperature_is_greedy_not_a_crash():
+    """1e-40 in float32 divides logits to inf/NaN; it must sample like temperature 0."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, 64)
+    reqs = _reqs(*[SamplingParams(temperature=t, seed=7) for t in (1e-40, 1e-6, 5e-324)])
+    assert all(r.sampling_params.greedy for r in reqs)
+    assert sample(logits, reqs).token_ids == logits.argmax(-1).tolist()
+
+
+def test_a_row_of_nan_logits_fails_no_other_request():
+    """Bad numbers in one request's row: that request picks greedily, the batch samples on."""
+    torch.manual_seed(2)
+    logits = torch.randn(3, 64)
+    logits[1] = float("nan")
+    logits[2, 5] = float("inf")
+    reqs = _reqs(*[SamplingParams(temperature=1.0, seed=i) for i in range(3)])
+    res = sample(logits, reqs)
+    assert len(res.token_ids) == 3 and all(0 <= t < 64 for t in res.token_ids)
+    assert res.token_ids[2] == 5
+    alone = sample(logits[:1], _reqs(SamplingParams(temperature=1.0, seed=0)))
+    assert res.token_ids[0] == alone.token_ids[0]  # the good row's draw is unchanged
+
+
+@pytest.mark.parametrize("fields,needle", [
+    ({"temperature": float("inf")}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+    ({"seed": 2**63}, "seed"), ({"seed": -2**63 - 1}, "seed"), ({"top_k": 2**64}, "top_k"),
+    ({"stop_token_ids": [-1]}, "stop token id"), ({"stop_token_ids": [2**70]}, "stop token id"),
+    ({"stop_token_ids": list(range(257))}, "stop token ids"),
+    ({"stop": ["x"] * 65}, "stop strings"), ({"stop": ["x" * 1025]}, "stop string")])
+def test_out_of_range_settings_are_refused_by_name(fields, needle):
+    with pytest.raises(ValueError, match=needle):
+        SamplingParams(**fields)
+
+
+def test_the_extreme_valid_settings_are_accepted():
+    for fields in ({"seed": 2**63 - 1}, {"seed": -2**63}, {"top_k": 2**31 - 1},
+                   {"stop_token_ids": [0, 2**31 - 1]}, {"stop": ["x" * 1024] * 64}):
+        SamplingParams(**fields)

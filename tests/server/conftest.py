@@ -24,6 +24,7 @@ MODEL = "tiny"
 class Served:
     url: str
     client: AsyncEngine
+    app: object
 
     @property
     def allocator(self):
@@ -59,7 +60,7 @@ def _serve(model_dir, num_kv_blocks: int, api_key: str | None = None):
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
-    return Served(f"http://127.0.0.1:{port}", client), server, thread
+    return Served(f"http://127.0.0.1:{port}", client, app), server, thread
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,98 @@
+"""A disaggregated deployment (real instance processes) outlives what once ended it: stray
+frames on its internal ports, forged messages, and a tiny temperature."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import zmq
+
+from distserve import SamplingParams
+from distserve.cluster import messages as m
+from distserve.cluster.deployment import Deployment, PhaseSettings
+from distserve.config import EngineConfig
+from distserve.controller import Controller
+from distserve.engine.outputs import RequestOutput
+
+pytestmark = pytest.mark.slow
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def _push(address: str, frames: list[bytes]) -> None:
+    """A local stranger that connects to a port and sends what it likes."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(address)
+    for frame in frames:
+        sock.send(frame)
+    sock.close()
+    ctx.term()
+
+
+async def _text(controller, rid, params=GREEDY, prompt="Once upon a time"):
+    tokens = []
+    async for out in await controller.generate(prompt, params, rid):
+        tokens += out.new_token_ids
+    return tokens
+
+
+async def _all_free(controller, timeout=10.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        stats = controller.instance_stats()
+        if all(s.num_free_blocks == s.num_blocks and s.num_running == 0 for s in stats):
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+def test_stray_frames_forged_messages_and_tiny_temperatures_end_nothing(tiny_llama):
+    base = EngineConfig(model=str(tiny_llama), dtype="float32", num_kv_blocks=64)
+    deployment = Deployment(base, "disaggregated", prefill=PhaseSettings(1),
+                            decode=PhaseSettings(2))
+
+    async def run():
+        c = Controller(deployment.specs, str(tiny_llama))
+        await c.start()
+        try:
+            expected = await _text(c, "before")
+            garbage = [b"\x00", b"\xc1", b"not msgpack at all", b""]
+            forged = [m.encode(m.Stats("stranger", "decode", 1, 1, 1, 0.5, 0, 1)),
+                      m.encode(m.Migrated("prefill-0", [m.MigrationDone("x", "nobody", 1, 0.1)]))]
+            _push(c.address, garbage + forged)
+            for inst in c.instances.values():
+                _push(inst.ready.command_address, garbage)
+
+            # an output for a live request, in the name of the decode instance that does not
+            # hold it (a stranger who names the holder needs the secret: see the auth tests)
+            long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+            stream = await c.generate("Once upon a time", long, "victim")
+            first = await stream.__anext__()
+            while c.requests["victim"].decode is None:
+                await asyncio.sleep(0.001)
+            wrong = ({"decode-0", "decode-1"} - {c.requests["victim"].decode}).pop()
+            _push(c.address, [m.encode(m.Outputs(wrong, [RequestOutput(
+                "victim", [1], "INJECTED", True, "stop")]))])
+            rest = [out async for out in stream]
+            victim = first.new_token_ids + [t for out in rest for t in out.new_token_ids]
+            assert "INJECTED" not in "".join(out.new_text for out in rest)
+
+            tiny = [await _text(c, f"tiny-{i}", SamplingParams(
+                temperature=t, max_tokens=12, ignore_eos=True, seed=i))
+                for i, t in enumerate((1e-40, 5e-324))]
+            after = await _text(c, "after")
+            assert c.is_healthy
+            assert await _all_free(c), c.instance_stats()
+            return expected, victim, tiny, after, c.num_dropped_messages
+        finally:
+            await c.shutdown()
+
+    expected, victim, tiny, after, dropped = asyncio.run(asyncio.wait_for(run(), 120))
+    assert len(victim) == 200 and victim[:12] == expected and after == expected
+    assert tiny == [expected, expected]  # below the greedy threshold: the greedy tokens
+    # 4 frames of garbage and 2 forged messages; the forged output too, unless it came
+    # after the victim had finished (then there is nobody to deliver it to)
+    assert dropped in (6, 7)
