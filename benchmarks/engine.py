@@ -123,9 +123,9 @@ def clock_ours(llm: LLM, prompts: list[list[int]], new_tokens: int) -> list[floa
     engine = llm.engine
     marks = [time.perf_counter()]
     for p in prompts:
-        engine.add_request(p, params)
+        engine.add(p, params)
     while engine.has_unfinished:
-        if engine.step():
+        if engine.step().outputs:
             marks.append(time.perf_counter())
     return marks
 
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         measure_bandwidth()
         small = LLM(None, dtype="bfloat16", num_kv_blocks=1024)
-        from distserve.models.gguf_loader import find_default_gguf
+        from distserve.models.locate import find_default_gguf
         gguf = find_default_gguf()
         # dequantised to bf16 as ours is (else transformers may keep the GGUF blocks)
         hf_small = transformers.AutoModelForCausalLM.from_pretrained(

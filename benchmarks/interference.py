@@ -57,7 +57,7 @@ def neighbour_loop(model: str | None, phase: str, core: int, prefill_len: int, b
         if steps is not None:
             steps.step()
         else:
-            llm.engine.add_request(ids[:prefill_len], SamplingParams(max_tokens=1, ignore_eos=True))
+            llm.engine.add(ids[:prefill_len], SamplingParams(max_tokens=1, ignore_eos=True))
             while llm.engine.has_unfinished:
                 llm.engine.step()
 
@@ -92,7 +92,7 @@ class DecodeBatch:
             return
         for req in self.requests:
             self.engine.abort(req.request_id)
-        self.requests = [self.engine.add_request(p, self.params) for p in self.prompts]
+        self.requests = [self.engine.add(p, self.params) for p in self.prompts]
         while self.engine.scheduler.waiting:
             self.engine.step()
         self.left = self.params.max_tokens - 1
@@ -121,7 +121,7 @@ class Victim:
 
     def prefill_s(self) -> float:
         eng = self.llm.engine
-        eng.add_request(self.ids, self.once)
+        eng.add(self.ids, self.once)
         t = time.perf_counter()
         eng.step()
         took = time.perf_counter() - t

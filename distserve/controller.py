@@ -19,11 +19,13 @@ import zmq
 import zmq.asyncio
 
 from distserve.cluster import messages as m
-from distserve.cluster.local import InstanceSpec, LocalProcess
-from distserve.engine.async_engine import EngineDeadError, EngineStats, RequestStream
-from distserve.engine.outputs import RequestOutput
-from distserve.models.loader import load_tokenizer, locate_model
+from distserve.cluster.launcher import InstanceHandle, InstanceSpec, Launcher
+from distserve.cluster.messages import EngineStats
+from distserve.engine.async_engine import EngineDeadError, RequestStream
+from distserve.cluster.messages import RequestOutput
+from distserve.models.locate import locate_model
 from distserve.request import SamplingParams, fit_to_context
+from distserve.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ class _Tracked:
 @dataclass
 class _Instance:
     spec: InstanceSpec
-    process: LocalProcess
+    process: InstanceHandle
     ready: m.Ready | None = None
     socket: zmq.asyncio.Socket | None = None
     stats: m.Stats | None = None
@@ -53,16 +55,19 @@ class _Instance:
 
 
 class Controller:
-    def __init__(self, specs: list[InstanceSpec], model: str | None, transfer: str = "shm",
-                 host: str = "127.0.0.1", ready_timeout_s: float = 600.0) -> None:
+    def __init__(self, specs: list[InstanceSpec], model: str | None, launcher: Launcher,
+                 transfer: str = "shm", host: str = "127.0.0.1",
+                 ready_timeout_s: float = 600.0) -> None:
         roles = {s.role for s in specs}
         if roles not in ({"prefill", "decode"}, {"colocated"}):
             raise ValueError("a deployment is prefill + decode instances, or colocated ones; "
                              f"got roles {sorted(roles)}")
         self.specs = specs
+        self.launcher = launcher
         self.disaggregated = "prefill" in roles
+        self.model = model
         self.model_name = locate_model(model)[0]
-        self.tokenizer = load_tokenizer(model)
+        self.tokenizer = None  # loaded by start(), while the instances load their models
         self.transfer = transfer
         self.host = host
         self.ready_timeout_s = ready_timeout_s
@@ -88,8 +93,10 @@ class Controller:
         self.address = f"tcp://{self.host}:{port}"
         for spec in self.specs:
             self.instances[spec.instance_id] = _Instance(
-                spec, LocalProcess(spec, self.address, self.transfer))
+                spec, self.launcher.start(spec, self.address, self.transfer))
+        tokenizer = asyncio.create_task(asyncio.to_thread(load_tokenizer, self.model))
         await self._wait_ready()
+        self.tokenizer = await tokenizer
         readies = [i.ready for i in self.instances.values()]
         self.vocab_size = readies[0].vocab_size
         # a request must fit each instance's KV cache on its own, and the model's context

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 from tqdm import tqdm
 
 from distserve.config import EngineConfig
-from distserve.engine.colocated import ColocatedEngine
+from distserve.engine.engine import Engine
 from distserve.request import SamplingParams
 
 
@@ -29,7 +29,7 @@ class LLM:
         unknown = set(options) - known
         if unknown:
             raise TypeError(f"unknown LLM option(s) {sorted(unknown)}; known: {sorted(known)}")
-        self.engine = ColocatedEngine(EngineConfig(model=model, **options))
+        self.engine = Engine(EngineConfig(model=model, **options))
         self.tokenizer = self.engine.tokenizer
 
     @classmethod
@@ -45,12 +45,12 @@ class LLM:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        reqs = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        reqs = [self.engine.add(p, sp) for p, sp in zip(prompts, params)]
         results: dict[str, CompletionResult] = {}
         texts = {r.request_id: [] for r in reqs}
         bar = tqdm(total=len(reqs), desc="generate", disable=not use_tqdm)
         while self.engine.has_unfinished:
-            for out in self.engine.step():
+            for out in self.engine.step().outputs:
                 texts[out.request_id].append(out.new_text)
                 if out.finished:
                     bar.update(1)

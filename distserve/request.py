@@ -82,6 +82,7 @@ class SamplingParams:
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_KV = "waiting_for_kv"  # decode: first token out elsewhere, KV not pulled yet
     RUNNING = "running"
     FINISHED = "finished"
 

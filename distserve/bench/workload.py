@@ -63,7 +63,7 @@ def load_tokenizer(spec: str | None = None):
     """The tokenizer named by `spec` (a local folder, a .gguf file, or a hub name already in
     the local cache); None or "default" is the project's built-in SmolLM2 tokenizer. Cached:
     loading takes seconds."""
-    from distserve.models.loader import load_tokenizer as project_loader
+    from distserve.tokenizer import load_tokenizer as project_loader
 
     try:
         if spec in (None, "default") or os.path.exists(spec):

@@ -10,7 +10,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from distserve.cluster.local import InstanceSpec
+from distserve.cluster.launcher import InstanceSpec
 from distserve.config import EngineConfig
 
 

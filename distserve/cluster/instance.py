@@ -21,9 +21,7 @@ import zmq
 from distserve.cluster import messages as m
 from distserve.cluster.step_trace import StepTrace
 from distserve.config import EngineConfig
-from distserve.engine.colocated import ColocatedEngine
-from distserve.engine.decode import DecodeEngine, Migration
-from distserve.engine.prefill import PrefillEngine
+from distserve.engine.engine import Engine, Migration
 from distserve.engine.worker import load_worker
 from distserve.transfer import KVEndpoint, make_puller, make_source
 
@@ -43,23 +41,8 @@ class InstanceLoop:
         self.commands = self.ctx.socket(zmq.PULL)
         port = self.commands.bind_to_random_port(f"tcp://{host}")
         self.command_address = f"tcp://{host}:{port}"
-        self.source = self.puller = None
-        endpoint = None
-        if role == "prefill":
-            def allocate(shape, num_blocks, dtype, device):  # the cache lives where decode can pull it
-                cache, self.source = make_source(transfer, shape, num_blocks, dtype, host=host)
-                return cache
-            worker = load_worker(config, allocate_cache=allocate)
-            endpoint = msgspec.to_builtins(self.source.endpoint)
-            self.engine = PrefillEngine(config, worker)
-        elif role == "decode":
-            self.puller = make_puller(transfer)
-            worker = load_worker(config)
-            self.engine = DecodeEngine(config, worker, self._pull)
-        else:
-            worker = load_worker(config)
-            self.engine = ColocatedEngine(config, worker)
-        self.worker = worker
+        self.engine, self.source, self.puller = self._build_engine(role, config, transfer, host)
+        worker = self.engine.worker
         self.trace = StepTrace.from_env(instance_id)
         if self.trace is not None:
             worker.runner.on_step = self.trace.step
@@ -67,16 +50,34 @@ class InstanceLoop:
         self.transfer_bytes, self.transfer_seconds, self.num_transfers = 0, 0.0, 0
         self._last_stats = 0.0
         self.num_dropped_messages = 0
+        endpoint = msgspec.to_builtins(self.source.endpoint) if self.source else None
         self._send(m.Ready(instance_id, role, self.command_address, worker.num_kv_blocks,
                            config.block_size, worker.max_model_len,
                            worker.model.args.vocab_size, endpoint))
+
+    def _build_engine(self, role: str, config: EngineConfig, transfer: str, host: str):
+        """(engine, KV source, KV puller): a prefill instance's cache lives where decode
+        instances can pull from it; a decode instance pulls."""
+        if role == "prefill":
+            sources = []
+
+            def allocate(shape, num_blocks, dtype, device):
+                cache, source = make_source(transfer, shape, num_blocks, dtype, host=host)
+                sources.append(source)
+                return cache
+            return Engine(config, load_worker(config, allocate_cache=allocate), role), \
+                sources[0], None
+        if role == "decode":
+            return Engine(config, load_worker(config), role, self._pull), None, \
+                make_puller(transfer)
+        return Engine(config, load_worker(config), role), None, None
 
     def _send(self, msg) -> None:
         self.out.send(m.encode(msg))
 
     def _pull(self, source: str, src_blocks: list[int], dst_blocks: list[int]) -> tuple[int, float]:
         stats = self.puller.pull(self.endpoints[source], src_blocks,
-                                 self.worker.runner.kv_cache, dst_blocks)
+                                 self.engine.worker.runner.kv_cache, dst_blocks)
         self.transfer_bytes += stats.nbytes
         self.transfer_seconds += stats.seconds
         self.num_transfers += 1
@@ -118,25 +119,22 @@ class InstanceLoop:
 
     def _apply(self, cmd) -> None:
         e = self.engine
-        if isinstance(cmd, m.AddRequest):
-            if self.trace is not None:
-                self.trace.received(cmd.request_id, cmd.arrival_time, len(cmd.prompt_token_ids))
+        if isinstance(cmd, (m.AddRequest, m.AddMigration)):
             try:
-                if self.role == "prefill":
-                    e.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.arrival_time)
+                if isinstance(cmd, m.AddRequest):
+                    if self.trace is not None:
+                        self.trace.received(cmd.request_id, cmd.arrival_time,
+                                            len(cmd.prompt_token_ids))
+                    e.add(cmd.prompt_token_ids, cmd.params, cmd.request_id, cmd.arrival_time)
                 else:
-                    e.add_request(cmd.prompt_token_ids, cmd.params, cmd.request_id, cmd.arrival_time)
-            except ValueError as err:
-                self._send(m.Rejected(self.instance_id, cmd.request_id, str(err)))
-        elif isinstance(cmd, m.AddMigration):
-            if cmd.source not in self.endpoints:
-                try:
-                    self.endpoints[cmd.source] = msgspec.convert(cmd.endpoint, KVEndpoint)
-                except msgspec.ValidationError as err:
-                    self._send(m.Rejected(self.instance_id, cmd.ticket.request_id,
-                                          f"bad KV endpoint for {cmd.source}: {err}"))
-                    return
-            e.add_migration(Migration(cmd.ticket, cmd.params, cmd.source))
+                    t = cmd.ticket
+                    if cmd.source not in self.endpoints:
+                        self.endpoints[cmd.source] = msgspec.convert(cmd.endpoint, KVEndpoint)
+                    e.add(t.prompt_token_ids, cmd.params, t.request_id, t.arrival_time,
+                          Migration(t, cmd.source))
+            except (ValueError, msgspec.ValidationError) as err:
+                rid = cmd.request_id if isinstance(cmd, m.AddRequest) else cmd.ticket.request_id
+                self._send(m.Rejected(self.instance_id, rid, str(err)))
         elif isinstance(cmd, m.Release):
             e.release(cmd.request_id)
         elif isinstance(cmd, m.Abort):
@@ -145,34 +143,24 @@ class InstanceLoop:
                 self._send(m.Outputs(self.instance_id, [out]))
 
     def _step(self) -> None:
-        if self.role == "prefill":
-            outputs, tickets = self.engine.step()
-            if outputs:
-                self._send(m.Outputs(self.instance_id, outputs))
-                if self.trace is not None:
-                    self.trace.sent([o.request_id for o in outputs])
-            if tickets:
-                self._send(m.Tickets(self.instance_id, tickets))
-            return
-        if self.role == "decode":
-            done = self.engine.admit_migrations()
-            if done:
-                self._send(m.Migrated(self.instance_id, done))
-        outputs = self.engine.step()
-        if outputs:
-            self._send(m.Outputs(self.instance_id, outputs))
+        step = self.engine.step()
+        if step.kv_pulled:
+            self._send(m.Migrated(self.instance_id, step.kv_pulled))
+        if step.outputs:
+            self._send(m.Outputs(self.instance_id, step.outputs))
+            if self.trace is not None and self.role == "prefill":
+                self.trace.sent([o.request_id for o in step.outputs])
+        if step.kv_ready:
+            self._send(m.Tickets(self.instance_id, step.kv_ready))
 
     def _maybe_send_stats(self, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self._last_stats < _STATS_INTERVAL_S:
             return
         self._last_stats = now
-        e = self.engine
-        queued = e.num_queued_tokens if self.role == "prefill" else 0
-        running = len(e.holding) if self.role == "prefill" else e.num_running
-        waiting = len(e.queue.waiting) if self.role == "prefill" else e.num_waiting
-        self._send(m.Stats(self.instance_id, self.role, running, waiting, queued, e.kv.usage,
-                           e.kv.num_free_blocks, e.kv.allocator.num_blocks,
+        s = self.engine.stats()
+        self._send(m.Stats(self.instance_id, self.role, s.num_running, s.num_waiting,
+                           s.queued_tokens, s.kv_usage, s.num_free_blocks, s.num_blocks,
                            self.transfer_bytes, self.transfer_seconds, self.num_transfers))
 
     def close(self) -> None:

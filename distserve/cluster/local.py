@@ -1,8 +1,7 @@
 """Starts instance processes on this machine (the default launcher).
 
 Each instance is a fresh interpreter (`python -m distserve.cluster.instance`), optionally
-pinned to given CPU cores, so phases never share a thread pool. A launcher for other
-machines (Ray actors) only has to start the same command there.
+pinned to given CPU cores, so phases never share a thread pool.
 """
 from __future__ import annotations
 
@@ -11,17 +10,20 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
-from distserve.config import EngineConfig
+from distserve.cluster.launcher import InstanceSpec
 
 
-@dataclass
-class InstanceSpec:
-    role: str                      # prefill | decode | colocated
-    instance_id: str
-    config: EngineConfig
-    cpus: list[int] = field(default_factory=list)  # pin to these cores (empty: no pinning)
+class LocalLauncher:
+    """Instances as local processes, one device each (TP and PP come with the parallel
+    executor; a spec that asks for them is refused by name)."""
+
+    def start(self, spec: InstanceSpec, controller: str, transfer: str) -> LocalProcess:
+        if spec.tp * spec.pp > 1:
+            raise ValueError(f"instance {spec.instance_id} asks for TP {spec.tp} x PP {spec.pp}; "
+                             "the local launcher runs one worker per instance")
+        return LocalProcess(spec, controller, transfer)
 
 
 class LocalProcess:
@@ -33,12 +35,13 @@ class LocalProcess:
             env["OMP_NUM_THREADS"] = str(spec.config.num_threads)
         cmd = [sys.executable, "-m", "distserve.cluster.instance", "--role", spec.role,
                "--instance-id", spec.instance_id, "--controller", controller,
-               "--config-json", json.dumps(asdict(spec.config)), "--transfer", transfer]
+               "--config-json", json.dumps(asdict(spec.config)), "--transfer", transfer,
+               "--host", spec.host]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      stdin=subprocess.DEVNULL)
-        if spec.cpus:
+        if spec.devices:
             try:
-                os.sched_setaffinity(self.proc.pid, spec.cpus)
+                os.sched_setaffinity(self.proc.pid, spec.devices)
             except OSError:
                 pass  # fewer cores than asked for: run unpinned
 

@@ -1,18 +1,70 @@
-"""Typed control messages between the controller and instance processes (msgspec msgpack).
+"""The wire contract between the controller and instance processes (msgspec msgpack): the
+records an engine step produces (request outputs, migration tickets and their completions)
+and the tagged messages that carry them and the commands.
 
 Nothing on these sockets is ever unpickled: every message is one of the tagged structs
-below, and decoding anything else fails.
+below, and decoding anything else fails. It imports no torch: the controller and the HTTP
+server use it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 import msgspec
 
-from distserve.engine.decode import MigrationDone
-from distserve.engine.outputs import RequestOutput
-from distserve.engine.prefill import MigrationTicket
 from distserve.request import SamplingParams
+
+
+# ---- what engine steps report
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0          # fraction of KV blocks in use, 0..1
+    num_free_blocks: int = 0
+    num_blocks: int = 0
+    queued_tokens: int = 0         # prefill: prompt tokens waiting to run
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None          # "stop" | "length" | "abort"
+    new_logprobs: list[float] | None = None
+    new_top_logprobs: list[dict[int, float]] | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    # timestamps (time.monotonic) for metrics
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class MigrationTicket:
+    """What a decode instance needs to take a request over after its first token."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    first_token_id: int
+    first_text: str
+    first_logprob: float | None
+    block_ids: list[int]
+    arrival_time: float
+    first_token_time: float
+
+
+@dataclass
+class MigrationDone:
+    request_id: str
+    source: str
+    nbytes: int
+    seconds: float
 
 
 # ---- controller -> instance

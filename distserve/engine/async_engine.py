@@ -16,10 +16,9 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from distserve.engine.outputs import RequestOutput
+from distserve.cluster.messages import EngineStats, RequestOutput
 from distserve.request import SamplingParams, fit_to_context
 
 log = logging.getLogger(__name__)
@@ -27,15 +26,6 @@ log = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     """The engine loop has stopped (shut down, or a step raised); no request can run."""
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_usage: float = 0.0          # fraction of KV blocks in use, 0..1
-    num_free_blocks: int = 0
-    num_blocks: int = 0
 
 
 @runtime_checkable
@@ -117,7 +107,7 @@ _STOP = ("stop",)
 
 
 class AsyncEngine:
-    """Runs a `ColocatedEngine` (or anything with its add_request/abort/step API) in a thread."""
+    """Runs an `Engine` (anything with its add/abort/step/stats contract) in a thread."""
 
     def __init__(self, engine, idle_poll_s: float = 0.05) -> None:
         self.engine = engine
@@ -125,10 +115,8 @@ class AsyncEngine:
         # The loop thread encodes prompts while the engine thread decodes outputs: give each
         # thread its own tokenizer object so the Rust tokenizer is never shared between them.
         self.tokenizer = copy.deepcopy(engine.tokenizer)
-        # A request must fit in the KV cache on its own, or it would wait (or be preempted)
-        # forever; so the usable context is the smaller of the model's and the cache's.
-        kv_tokens = engine.kv.allocator.num_blocks * engine.kv.block_size
-        self.max_model_len: int = min(engine.max_model_len, kv_tokens)
+        # the smaller of the model's context and the KV cache's (a request must fit alone)
+        self.max_model_len: int = engine.max_model_len
         self._idle_poll_s = idle_poll_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}
@@ -217,10 +205,10 @@ class AsyncEngine:
                     break
                 if not self.engine.has_unfinished:
                     continue
-                outputs = self.engine.step()
+                outputs = self.engine.step().outputs
                 self._send([(o.request_id, o) for o in outputs])
                 self._publish_stats()
-                if not outputs and self.engine.num_running == 0:
+                if not outputs and self._stats.num_running == 0:
                     # Work is waiting but none could be admitted; wait for a command
                     # instead of spinning (check_request makes this unreachable).
                     if not self._apply_commands(block=True, timeout=self._idle_poll_s):
@@ -256,7 +244,7 @@ class AsyncEngine:
         if cmd[0] == "add":
             _, request_id, ids, params, arrival = cmd
             try:
-                self.engine.add_request(ids, params, request_id=request_id, arrival_time=arrival)
+                self.engine.add(ids, params, request_id=request_id, arrival_time=arrival)
             except ValueError as e:
                 replies.append((request_id, e))
         else:
@@ -285,7 +273,4 @@ class AsyncEngine:
             stream.put_nowait(error)
 
     def _publish_stats(self) -> None:
-        e = self.engine
-        alloc = e.kv.allocator
-        self._stats = EngineStats(e.num_running, e.num_waiting, e.kv_usage,
-                                  alloc.num_free, alloc.num_blocks)
+        self._stats = self.engine.stats()

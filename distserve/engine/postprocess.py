@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from distserve.engine.detokenizer import IncrementalDetokenizer
-from distserve.engine.outputs import RequestOutput
+from distserve.cluster.messages import RequestOutput
 from distserve.engine.sampler import SampleResult
 from distserve.request import FinishReason, Request
 

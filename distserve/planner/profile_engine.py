@@ -115,8 +115,8 @@ def step_overhead(config: EngineConfig, worker, batches: list[int], vocab: int, 
                   steps: int = _OVERHEAD_STEPS, now=time.perf_counter) -> list:
     """[(batch, ms)]: median time of a colocated engine's decode step beyond its model-runner
     call, with `batch` greedy requests that ignore EOS (the bench's load)."""
-    from distserve.engine.colocated import ColocatedEngine
-    engine = ColocatedEngine(config, worker)
+    from distserve.engine.engine import Engine
+    engine = Engine(config, worker)
     runner = worker.runner
     inner: list = []
 
@@ -134,8 +134,8 @@ def step_overhead(config: EngineConfig, worker, batches: list[int], vocab: int, 
         for b in batches:
             params = SamplingParams(temperature=0.0, max_tokens=steps + 3, ignore_eos=True)
             for _ in range(b):
-                engine.add_request(torch.randint(0, vocab, (context,), generator=gen).tolist(), params)
-            while engine.scheduler.waiting:
+                engine.add(torch.randint(0, vocab, (context,), generator=gen).tolist(), params)
+            while engine.stats().num_waiting:
                 engine.step()   # the prefills
             extra = []
             for _ in range(steps):

@@ -141,14 +141,16 @@ async def _serve(args, config, deployment, slo) -> int:
     print(f"loading {args.model or 'the built-in SmolLM2-135M-Instruct'} ...", flush=True)
     if deployment is None:
         from distserve.engine.async_engine import AsyncEngine
-        from distserve.engine.colocated import ColocatedEngine
-        client = await asyncio.to_thread(lambda: AsyncEngine(ColocatedEngine(config)))
+        from distserve.engine.engine import Engine
+        client = await asyncio.to_thread(lambda: AsyncEngine(Engine(config)))
         what = "1 colocated engine in-process"
     else:
         from distserve.controller import Controller
-        client = Controller(deployment.specs, args.model, transfer=deployment.transfer)
+        from distserve.cluster.local import LocalLauncher
+        client = Controller(deployment.specs, args.model, LocalLauncher(),
+                            transfer=deployment.transfer)
         await client.start()
-        what = ", ".join(f"{s.instance_id} (cpus {s.cpus or 'any'})" for s in deployment.specs)
+        what = ", ".join(f"{s.instance_id} (cpus {s.devices or 'any'})" for s in deployment.specs)
     app = build_app(client, args.served_model_name, args.api_key, slo,
                     max_body_bytes=args.max_request_bytes)
     name = args.served_model_name or client.model_name

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from starlette.responses import StreamingResponse
 
 from distserve.engine.async_engine import EngineClient, RequestStream
-from distserve.engine.outputs import RequestOutput
+from distserve.cluster.messages import RequestOutput
 from distserve.request import SamplingParams
 from distserve.server.errors import APIError, as_api_error, sse_error
 from distserve.server.metrics import RequestTracker, ServerMetrics

@@ -11,8 +11,8 @@ import time
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
                                Histogram, generate_latest)
 
-from distserve.engine.async_engine import EngineStats
-from distserve.engine.outputs import RequestOutput
+from distserve.cluster.messages import EngineStats
+from distserve.cluster.messages import RequestOutput
 from distserve.server.slo import SLOWindow
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,

@@ -3,7 +3,7 @@ import pytest
 from distserve.cluster import messages as m
 from distserve.cluster.deployment import Deployment, PhaseSettings
 from distserve.config import EngineConfig
-from distserve.engine.prefill import MigrationTicket
+from distserve.cluster.messages import MigrationTicket
 from distserve.request import SamplingParams
 
 
@@ -16,7 +16,7 @@ def test_phase_settings_override_the_base_config():
     assert roles == [("prefill", "prefill-0"), ("prefill", "prefill-1"), ("decode", "decode-0")]
     assert d.specs[0].config.max_num_batched_tokens == 512 and d.specs[0].config.max_num_seqs == 64
     assert d.specs[2].config.max_num_seqs == 8 and d.specs[2].config.kv_cache_memory_gib == 0.5
-    assert all(s.config.num_threads == 1 and s.cpus == [] for s in d.specs)
+    assert all(s.config.num_threads == 1 and s.devices == [] for s in d.specs)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -63,3 +63,13 @@ def test_serve_runs_its_engine_in_its_own_process_by_default():
     assert [s.config.num_threads for s in two.specs] == [max(1, len(os.sched_getaffinity(0)) // 2)] * 2
     with pytest.raises(ValueError, match="--instances"):
         deployment("--instances", "-1")
+
+
+def test_the_local_launcher_refuses_parallel_instances_by_name():
+    from distserve.cluster.launcher import InstanceSpec
+    from distserve.cluster.local import LocalLauncher
+    spec = InstanceSpec("prefill", "prefill-0", EngineConfig(), tp=2)
+    with pytest.raises(ValueError, match="prefill-0 asks for TP 2 x PP 1"):
+        LocalLauncher().start(spec, "tcp://127.0.0.1:1", "shm")
+    with pytest.raises(ValueError, match="TP and PP must be >= 1"):
+        InstanceSpec("decode", "decode-0", EngineConfig(), pp=0)

@@ -11,6 +11,7 @@ import transformers
 from distserve import LLM, SamplingParams
 from distserve.cluster.deployment import Deployment, PhaseSettings
 from distserve.config import EngineConfig
+from distserve.cluster.local import LocalLauncher
 from distserve.controller import Controller
 
 pytestmark = pytest.mark.slow
@@ -71,7 +72,7 @@ def test_disaggregated_matches_colocated_and_transformers(tiny_llama, expected, 
 
     async def run():
         c = Controller(_deployment(tiny_llama, prefill, decode, transfer, decode_blocks).specs,
-                       str(tiny_llama), transfer=transfer)
+                       str(tiny_llama), LocalLauncher(), transfer=transfer)
         await c.start()
         try:
             results = await asyncio.gather(*[_collect(c, p, f"r{i}") for i, p in enumerate(PROMPTS)])
@@ -109,7 +110,7 @@ def test_colocated_instance_processes_match(tiny_llama, expected):
     deployment = Deployment(base, "colocated", colocated=PhaseSettings(2))
 
     async def run():
-        c = Controller(deployment.specs, str(tiny_llama))
+        c = Controller(deployment.specs, str(tiny_llama), LocalLauncher())
         await c.start()
         try:
             results = await asyncio.gather(*[_collect(c, p, f"r{i}") for i, p in enumerate(PROMPTS)])
@@ -126,7 +127,7 @@ def test_a_dead_decode_instance_fails_its_requests_instead_of_hanging(tiny_llama
     from distserve.engine.async_engine import EngineDeadError
 
     async def run():
-        c = Controller(_deployment(tiny_llama, 1, 1, "shm").specs, str(tiny_llama))
+        c = Controller(_deployment(tiny_llama, 1, 1, "shm").specs, str(tiny_llama), LocalLauncher())
         await c.start()
         try:
             stream = await c.generate("Hello there", SamplingParams(temperature=0, max_tokens=480,

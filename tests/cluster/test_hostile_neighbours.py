@@ -11,8 +11,9 @@ from distserve import SamplingParams
 from distserve.cluster import messages as m
 from distserve.cluster.deployment import Deployment, PhaseSettings
 from distserve.config import EngineConfig
+from distserve.cluster.local import LocalLauncher
 from distserve.controller import Controller
-from distserve.engine.outputs import RequestOutput
+from distserve.cluster.messages import RequestOutput
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +56,7 @@ def test_stray_frames_forged_messages_and_tiny_temperatures_end_nothing(tiny_lla
                             decode=PhaseSettings(2))
 
     async def run():
-        c = Controller(deployment.specs, str(tiny_llama))
+        c = Controller(deployment.specs, str(tiny_llama), LocalLauncher())
         await c.start()
         try:
             expected = await _text(c, "before")

@@ -4,7 +4,7 @@ import json
 
 from distserve.cluster.step_trace import ENV, StepTrace
 from distserve.config import EngineConfig
-from distserve.engine.colocated import ColocatedEngine
+from distserve.engine.engine import Engine
 from distserve.request import SamplingParams
 
 
@@ -23,14 +23,14 @@ def test_the_trace_is_off_unless_asked_for(monkeypatch, tmp_path):
 
 
 def test_every_model_step_is_recorded_with_its_shapes(tiny_llama, tmp_path):
-    engine = ColocatedEngine(EngineConfig(model=str(tiny_llama), dtype="float32", num_kv_blocks=32,
+    engine = Engine(EngineConfig(model=str(tiny_llama), dtype="float32", num_kv_blocks=32,
                                           num_threads=1))
     trace = StepTrace(tmp_path / "colocated-0.jsonl")
     engine.worker.runner.on_step = trace.step
     prompts = {"a": list(range(3, 8)), "b": list(range(3, 23))}   # 5 and 20 tokens
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     for rid, ids in prompts.items():
-        engine.add_request(ids, params, request_id=rid)
+        engine.add(ids, params, request_id=rid)
     while engine.has_unfinished:
         engine.step()
     trace.close()

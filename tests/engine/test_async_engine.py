@@ -8,14 +8,14 @@ import pytest
 
 from distserve.config import EngineConfig
 from distserve.engine.async_engine import AsyncEngine, EngineClient, EngineDeadError
-from distserve.engine.colocated import ColocatedEngine
+from distserve.engine.engine import Engine
 from distserve.request import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 
-def _engine(model_dir, num_kv_blocks: int = 24) -> ColocatedEngine:
-    return ColocatedEngine(EngineConfig(model=str(model_dir), dtype="float32",
+def _engine(model_dir, num_kv_blocks: int = 24) -> Engine:
+    return Engine(EngineConfig(model=str(model_dir), dtype="float32",
                                         num_kv_blocks=num_kv_blocks, num_threads=1))
 
 
@@ -54,7 +54,7 @@ def test_matches_the_synchronous_engine(tiny_llama, engine):
     sync = _engine(tiny_llama)
     expected = []
     for p in prompts:
-        req = sync.add_request(p, GREEDY)
+        req = sync.add(p, GREEDY)
         while sync.has_unfinished:
             sync.step()
         expected.append(req.output_token_ids)

@@ -12,7 +12,8 @@ import shutil
 import torch
 import transformers
 
-from distserve.models.gguf_loader import find_default_gguf, load_gguf_tokenizer
+from distserve.models.gguf_loader import load_gguf_tokenizer
+from distserve.models.locate import find_default_gguf
 
 VOCAB = 49152  # SmolLM2's tokenizer
 

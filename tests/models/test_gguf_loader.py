@@ -15,12 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from distserve.models.gguf_loader import (
-    find_default_gguf,
-    load_gguf,
-    load_gguf_tokenizer,
-    read_gguf_config,
-)
+from distserve.models.gguf_loader import load_gguf, load_gguf_tokenizer, read_gguf_config
+from distserve.models.locate import find_default_gguf
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 32, 2, 1, 16, 64
 TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "a", "b", "ab", "Ġ", "Ġa", "1", "2"]

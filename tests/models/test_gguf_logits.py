@@ -4,7 +4,7 @@ import torch
 import transformers
 
 from distserve import LLM, SamplingParams
-from distserve.models.gguf_loader import find_default_gguf
+from distserve.models.locate import find_default_gguf
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def test_prefill_logits_match(both):
     ids = ours.tokenizer.encode("The quick brown fox jumps over the lazy dog. Paris is the capital of")
     with torch.no_grad():
         expected = hf(torch.tensor([ids])).logits[0, -1]
-    req = ours.engine.add_request(ids, SamplingParams(temperature=0, max_tokens=1))
+    req = ours.engine.add(ids, SamplingParams(temperature=0, max_tokens=1))
     batch = ours.engine.scheduler.schedule()
     result = ours.engine.worker.runner.run(batch.prefills, batch.decodes)
     ours.engine.abort(req.request_id)

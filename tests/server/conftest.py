@@ -14,7 +14,7 @@ import uvicorn
 
 from distserve.config import EngineConfig
 from distserve.engine.async_engine import AsyncEngine
-from distserve.engine.colocated import ColocatedEngine
+from distserve.engine.engine import Engine
 from distserve.server.app import build_app
 
 MODEL = "tiny"
@@ -46,7 +46,7 @@ class Served:
 
 
 def _serve(model_dir, num_kv_blocks: int, api_key: str | None = None):
-    client = AsyncEngine(ColocatedEngine(EngineConfig(
+    client = AsyncEngine(Engine(EngineConfig(
         model=str(model_dir), dtype="float32", num_kv_blocks=num_kv_blocks, num_threads=1)))
     app = build_app(client, MODEL, api_key)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -1,0 +1,47 @@
+"""The launcher seam: what the controller knows of how instances are started.
+
+An instance spec says what to start and where (node, host, devices, TP and PP); a launcher
+starts it and hands back a handle the controller can ask whether it is alive, stop, and read
+the log tail of. The local-process launcher (local.py) is the default; one for other machines
+(Ray) implements the same protocol. Imports no torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from distserve.config import EngineConfig
+
+
+@dataclass
+class InstanceSpec:
+    role: str                      # prefill | decode | colocated
+    instance_id: str
+    config: EngineConfig
+    devices: list[int] = field(default_factory=list)  # CPU cores to pin to (empty: any), or
+    #                                                   CUDA device ids on a GPU node
+    node: str = "local"            # which machine (a Ray node id, or "local")
+    host: str = "127.0.0.1"        # the address its sockets bind to on that machine
+    tp: int = 1                    # tensor-parallel workers
+    pp: int = 1                    # pipeline stages
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.pp < 1:
+            raise ValueError(f"instance {self.instance_id}: TP and PP must be >= 1, "
+                             f"got TP {self.tp}, PP {self.pp}")
+
+
+class InstanceHandle(Protocol):
+    @property
+    def alive(self) -> bool: ...
+
+    def output_tail(self, chars: int = 2000) -> str: ...
+
+    def stop(self, timeout: float = 10.0) -> None: ...
+
+
+class Launcher(Protocol):
+    def start(self, spec: InstanceSpec, controller: str, transfer: str) -> InstanceHandle:
+        """Starts `spec`'s instance, which connects to the controller's inbox at
+        `controller` (tcp://host:port) and pulls KV over `transfer`."""
+        ...

@@ -1,0 +1,194 @@
+"""An instance's engine, one contract for all three roles (prefill, decode, colocated):
+
+    add(prompt, params, request_id, arrival_time, migration) -> Request
+    abort(request_id) -> RequestOutput | None
+    release(request_id)                      the decode side has its copy of the KV
+    step() -> StepOutput(outputs, kv_ready, kv_pulled)
+    stats() -> EngineStats
+
+A step reads like the algorithm: schedule -> pull the KV of admitted migrations -> run the
+model -> sample -> postprocess -> finish, or hand over. The roles differ only in whom the
+scheduler admits (scheduler.py's role policies) and in what follows a request's first token
+on a prefill instance: its KV is held until a decode instance has pulled it. The KV memory
+a prefill instance holds is the buffer that absorbs bursts when decoding falls behind.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from distserve.cluster.messages import (EngineStats, MigrationDone, MigrationTicket,
+                                        RequestOutput)
+from distserve.config import EngineConfig
+from distserve.engine.detokenizer import IncrementalDetokenizer
+from distserve.engine.postprocess import StopChecker, apply_samples
+from distserve.engine.sampler import sample
+from distserve.engine.scheduler import ROLES, Scheduler
+from distserve.engine.worker import Worker, load_worker
+from distserve.kv.cache_manager import KVCacheManager
+from distserve.request import FinishReason, Request, RequestStatus, SamplingParams
+
+# pull(source, src_blocks, dst_blocks) -> (bytes moved, seconds)
+PullFn = Callable[[str, list[int], list[int]], tuple[int, float]]
+
+
+@dataclass
+class Migration:
+    """A request a decode instance takes over after its first token: where its KV is."""
+
+    ticket: MigrationTicket
+    source: str  # the prefill instance that holds the KV
+
+
+@dataclass
+class StepOutput:
+    outputs: list[RequestOutput] = field(default_factory=list)
+    kv_ready: list[MigrationTicket] = field(default_factory=list)  # prefill: KV held to pull
+    kv_pulled: list[MigrationDone] = field(default_factory=list)   # decode: the source may free
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, worker: Worker | None = None,
+                 role: str = "colocated", pull: PullFn | None = None) -> None:
+        if role not in ROLES:
+            raise ValueError(f"unknown instance role {role!r}; choose one of {ROLES}")
+        if (pull is not None) != (role == "decode"):
+            raise ValueError("a decode engine needs a pull function, and only a decode engine")
+        self.config = config or EngineConfig()
+        self.role = role
+        self.worker = worker or load_worker(self.config)
+        self.tokenizer = self.worker.tokenizer
+        self.pull = pull
+        # a request must fit the KV cache on its own, or it would be preempted forever
+        self.max_model_len = min(self.worker.max_model_len,
+                                 self.worker.num_kv_blocks * self.config.block_size)
+        self.kv = KVCacheManager(self.worker.num_kv_blocks, self.config.block_size)
+        self.scheduler = Scheduler(self.config, self.kv, role)
+        self.stop = StopChecker(self.worker.eos_token_ids, self.max_model_len)
+        self.requests: dict[str, Request] = {}
+        self.detoks: dict[str, IncrementalDetokenizer] = {}
+        self.migrations: dict[str, Migration] = {}  # decode: waiting for its KV
+        self.held: dict[str, Request] = {}          # prefill: first token out, KV not pulled
+        self._ids = itertools.count()
+
+    @property
+    def model_name(self) -> str:
+        return self.worker.model_name
+
+    @property
+    def vocab_size(self) -> int:
+        return self.worker.model.args.vocab_size
+
+    # ---------------------------------------------------------------- the contract
+    def add(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+            arrival_time: float | None = None, migration: Migration | None = None) -> Request:
+        """Queues a request; a decode engine takes each one with the migration that says
+        where its KV is. Raises ValueError for one that can never run here."""
+        if (migration is not None) != (self.role == "decode"):
+            raise ValueError(f"a {self.role} instance takes "
+                             f"{'migrations only' if self.role == 'decode' else 'no migrations'}")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.check_prompt(ids)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        req = Request(rid, ids, params, arrival_time)
+        detok = IncrementalDetokenizer(self.tokenizer, ids)
+        if migration is not None:
+            t = migration.ticket
+            req.append_token(t.first_token_id, t.first_logprob, t.first_token_time)
+            req.status = RequestStatus.WAITING_FOR_KV
+            detok.add(t.first_token_id)  # its text was streamed by the prefill instance
+            self.migrations[rid] = migration
+        self.requests[rid] = req
+        self.detoks[rid] = detok
+        self.scheduler.add(req)
+        return req
+
+    def check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the context (the model's, or the "
+                             f"whole KV cache's) is {self.max_model_len} tokens, including at "
+                             "least one generated")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Ends a request wherever it is and frees its blocks; None if it is not here."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.abort(request_id)
+        if self.held.pop(request_id, None) is not None:
+            self.kv.free(req)
+        self.migrations.pop(request_id, None)
+        self.detoks.pop(request_id, None)
+        req.finish(FinishReason.ABORT)
+        return RequestOutput(request_id, [], "", True, "abort",
+                             num_prompt_tokens=req.num_prompt_tokens,
+                             num_output_tokens=len(req.output_token_ids),
+                             arrival_time=req.arrival_time, finish_time=time.monotonic())
+
+    def release(self, request_id: str) -> None:
+        """Prefill: a decode instance has its copy of the KV, so the blocks are free."""
+        req = self.held.pop(request_id, None)
+        if req is not None:
+            self.kv.free(req)
+            self.requests.pop(request_id, None)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> StepOutput:
+        batch = self.scheduler.schedule()
+        out = StepOutput(kv_pulled=[self._pull(req) for req in batch.pulls])
+        if batch.is_empty:
+            return out
+        result = self.worker.runner.run(batch.prefills, batch.decodes)
+        for req, n in batch.prefills:
+            req.num_computed_tokens += n
+        for req in batch.decodes:
+            req.num_computed_tokens += 1
+        if not result.sampled:
+            return out
+        samples = sample(result.logits, result.sampled)
+        out.outputs = apply_samples(result.sampled, samples, self.detoks, self.stop)
+        for req, output in zip(result.sampled, out.outputs):
+            if req.is_finished:
+                self.scheduler.finish(req)
+                self.requests.pop(req.request_id, None)
+                self.detoks.pop(req.request_id, None)
+            elif self.role == "prefill":
+                out.kv_ready.append(self._hold(req, output.new_text))
+        return out
+
+    def stats(self) -> EngineStats:
+        prefill = self.role == "prefill"
+        alloc = self.kv.allocator
+        return EngineStats(
+            num_running=len(self.held) if prefill else len(self.scheduler.running),
+            num_waiting=self.scheduler.num_waiting, kv_usage=self.kv.usage,
+            num_free_blocks=alloc.num_free, num_blocks=alloc.num_blocks,
+            queued_tokens=self.scheduler.num_waiting_tokens if prefill else 0)
+
+    # ---------------------------------------------------------------- the hand-over
+    def _pull(self, req: Request) -> MigrationDone:
+        m = self.migrations.pop(req.request_id)
+        nbytes, seconds = self.pull(m.source, m.ticket.block_ids[:len(req.block_table)],
+                                    req.block_table)
+        return MigrationDone(req.request_id, m.source, nbytes, seconds)
+
+    def _hold(self, req: Request, first_text: str) -> MigrationTicket:
+        self.scheduler.hand_over(req)
+        self.detoks.pop(req.request_id, None)
+        self.held[req.request_id] = req
+        return MigrationTicket(
+            req.request_id, req.prompt_token_ids, req.output_token_ids[0], first_text,
+            req.output_logprobs[0] if req.output_logprobs else None, list(req.block_table),
+            req.arrival_time, req.first_token_time)

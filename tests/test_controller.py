@@ -1,0 +1,172 @@
+"""The controller's dispatch, hand-over and abort, against fake instances that speak the
+real message protocol over real ZeroMQ sockets (started through the launcher seam)."""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+
+import pytest
+import zmq
+
+from distserve.cluster import messages as m
+from distserve.cluster.launcher import InstanceSpec
+from distserve.config import EngineConfig
+from distserve.controller import Controller
+from distserve.request import SamplingParams
+
+PARAMS = SamplingParams(temperature=0, max_tokens=4)
+
+
+class FakeInstance(threading.Thread):
+    """Says Ready, records every command it gets, sends what the test queues."""
+
+    def __init__(self, spec: InstanceSpec, controller: str) -> None:
+        super().__init__(daemon=True)
+        self.spec, self.controller = spec, controller
+        self.received: list = []
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.address = ""
+        self._bound = threading.Event()
+        self.start()
+        self._bound.wait(5)
+
+    def run(self) -> None:
+        ctx = zmq.Context()
+        out, commands = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+        out.connect(self.controller)
+        self.address = f"tcp://127.0.0.1:{commands.bind_to_random_port('tcp://127.0.0.1')}"
+        self._bound.set()
+        endpoint = {"backend": "tcp", "num_blocks": 8, "num_layers": 1, "block_size": 16,
+                    "num_kv_heads": 1, "head_dim": 8, "dtype": "float32",
+                    "host": "127.0.0.1", "port": 1}
+        out.send(m.encode(m.Ready(self.spec.instance_id, self.spec.role, self.address, 64, 16,
+                                  512, 1000, endpoint if self.spec.role == "prefill" else None)))
+        while True:
+            while not self.outbox.empty():
+                out.send(m.encode(self.outbox.get()))
+            if commands.poll(10):
+                cmd = m.decode_for_instance(commands.recv())
+                self.received.append(cmd)
+                if isinstance(cmd, m.Shutdown):
+                    break
+        out.close(linger=1000)
+        commands.close()
+        ctx.term()
+
+    def send(self, msg) -> None:
+        self.outbox.put(msg)
+
+    def got(self, kind) -> list:
+        return [c for c in self.received if isinstance(c, kind)]
+
+    @property
+    def alive(self) -> bool:
+        return self.is_alive()
+
+    def output_tail(self, chars: int = 2000) -> str:
+        return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.join(timeout)
+
+
+class FakeLauncher:
+    def __init__(self) -> None:
+        self.started: dict[str, FakeInstance] = {}
+
+    def start(self, spec, controller, transfer):
+        self.started[spec.instance_id] = FakeInstance(spec, controller)
+        return self.started[spec.instance_id]
+
+
+def _specs(**counts) -> list[InstanceSpec]:
+    return [InstanceSpec(role, f"{role}-{i}", EngineConfig())
+            for role, n in counts.items() for i in range(n)]
+
+
+async def _until(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the fake instances")
+        await asyncio.sleep(0.005)
+
+
+def _ticket(rid: str, prompt: list[int]) -> m.MigrationTicket:
+    return m.MigrationTicket(rid, prompt, 5, "x", None, [0], 0.0, 0.0)
+
+
+def _run(tiny_llama, specs, body):
+    launcher = FakeLauncher()
+
+    async def main():
+        c = Controller(specs, str(tiny_llama), launcher)
+        await c.start()
+        try:
+            return await body(c, launcher.started)
+        finally:
+            await c.shutdown()
+
+    return asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_prompts_go_to_the_prefill_instance_with_the_fewest_queued_tokens(tiny_llama):
+    async def body(c, fakes):
+        for rid, n in (("long", 300), ("a", 10), ("b", 10), ("c", 10)):
+            await c.generate(list(range(1, n + 1)), PARAMS, rid)
+        p0, p1 = fakes["prefill-0"], fakes["prefill-1"]
+        await _until(lambda: len(p0.got(m.AddRequest)) + len(p1.got(m.AddRequest)) == 4)
+        return ([a.request_id for a in p0.got(m.AddRequest)],
+                [a.request_id for a in p1.got(m.AddRequest)])
+
+    first, second = _run(tiny_llama, _specs(prefill=2, decode=1), body)
+    assert first == ["long"] and second == ["a", "b", "c"]
+
+
+def test_first_token_then_migration_to_the_least_loaded_decode_then_release(tiny_llama):
+    async def body(c, fakes):
+        p, d0, d1 = fakes["prefill-0"], fakes["decode-0"], fakes["decode-1"]
+        streams = [await c.generate([1, 2, 3], PARAMS, rid) for rid in ("r0", "r1")]
+        for rid in ("r0", "r1"):
+            p.send(m.Outputs("prefill-0", [m.RequestOutput(rid, [5], "x", False)]))
+            p.send(m.Tickets("prefill-0", [_ticket(rid, [1, 2, 3])]))
+        await _until(lambda: len(d0.got(m.AddMigration)) + len(d1.got(m.AddMigration)) == 2)
+        holder = {a.ticket.request_id: f for f in (d0, d1) for a in f.got(m.AddMigration)}
+        assert holder["r0"] is not holder["r1"]  # the second went to the idle one
+        holder["r0"].send(m.Migrated(holder["r0"].spec.instance_id,
+                                     [m.MigrationDone("r0", "prefill-0", 64, 0.01)]))
+        await _until(lambda: p.got(m.Release))
+        sender = holder["r0"].spec.instance_id
+        holder["r0"].send(m.Outputs(sender, [m.RequestOutput("r0", [6], "y", True, "length")]))
+        texts = [o.new_text async for o in streams[0]]
+        await streams[1].aclose()
+        await _until(lambda: p.got(m.Abort) and holder["r1"].got(m.Abort))
+        return texts, [r.request_id for r in p.got(m.Release)], c.transfer_bytes
+
+    texts, released, moved = _run(tiny_llama, _specs(prefill=1, decode=2), body)
+    assert texts == ["x", "y"] and released == ["r0"] and moved == 64
+
+
+def test_a_rejected_request_ends_its_stream_with_the_instances_reason(tiny_llama):
+    async def body(c, fakes):
+        stream = await c.generate([1, 2], PARAMS, "bad")
+        fakes["colocated-0"].send(m.Rejected("colocated-0", "bad", "no room for you"))
+        with pytest.raises(ValueError, match="no room for you"):
+            async for _ in stream:
+                pass
+        return c.requests
+
+    assert _run(tiny_llama, _specs(colocated=1), body) == {}
+
+
+def test_colocated_requests_go_to_the_instance_with_the_fewest_requests(tiny_llama):
+    async def body(c, fakes):
+        for i in range(4):
+            await c.generate([1, 2], PARAMS, f"r{i}")
+        f0, f1 = fakes["colocated-0"], fakes["colocated-1"]
+        await _until(lambda: len(f0.got(m.AddRequest)) + len(f1.got(m.AddRequest)) == 4)
+        return len(f0.got(m.AddRequest)), len(f1.got(m.AddRequest))
+
+    assert _run(tiny_llama, _specs(colocated=2), body) == (2, 2)
