@@ -1,8 +1,9 @@
 """A deployment: which instances to start, with which settings and on which CPU cores.
 
-Built from `serve` flags (and later from a plan file). Per-phase settings override the
-shared engine settings; cores are handed out in order so phases never share a core when
-there are enough of them.
+Built in one place, from `serve` flags (`from_flags`) or from a plan file (`from_plan`).
+Per-phase settings override the shared engine settings; cores are handed out in order so
+phases never share a core when there are enough of them. What a plan asks for and this
+machine cannot run is listed in `warnings`, by name, never dropped silently.
 """
 from __future__ import annotations
 
@@ -43,6 +44,9 @@ class Deployment:
     colocated: PhaseSettings | None = None
     transfer: str = "shm"
     pin_cpus: bool = True
+    ttft_slo: float | None = None      # a plan's SLOs: the server's defaults
+    tpot_slo: float | None = None
+    warnings: list[str] = field(default_factory=list)
     specs: list[InstanceSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -71,3 +75,64 @@ class Deployment:
     @property
     def num_instances(self) -> int:
         return len(self.specs)
+
+    @classmethod
+    def from_flags(cls, base: EngineConfig, mode: str | None = None, instances: int | None = None,
+                   prefill_instances: int = 0, decode_instances: int = 0,
+                   prefill_threads: int | None = None, decode_threads: int | None = None,
+                   prefill_max_batched_tokens: int | None = None,
+                   decode_max_num_seqs: int | None = None,
+                   prefill_kv_cache_memory: float | None = None,
+                   decode_kv_cache_memory: float | None = None,
+                   transfer: str = "shm", pin_cpus: bool = True) -> Deployment | None:
+        """What `serve`'s flags describe; None for one engine inside the server's process."""
+        mode = mode or ("disaggregated" if prefill_instances or decode_instances else "colocated")
+        if mode == "colocated":
+            if prefill_instances or decode_instances:
+                raise ValueError("--prefill-instances/--decode-instances need --mode disaggregated")
+            instances = 1 if instances is None else instances
+            if instances < 0:
+                raise ValueError(f"--instances must be >= 0, got {instances}")
+            if instances == 0:
+                return None
+            cores = len(usable_cores()) or os.cpu_count() or 1
+            threads = base.num_threads or max(1, cores // instances)
+            return cls(base, "colocated", colocated=PhaseSettings(instances, threads),
+                       pin_cpus=pin_cpus)
+        if prefill_instances < 1 or decode_instances < 1:
+            raise ValueError("a disaggregated deployment needs --prefill-instances >= 1 and "
+                             f"--decode-instances >= 1, got {prefill_instances} and "
+                             f"{decode_instances}")
+        prefill = PhaseSettings(prefill_instances, prefill_threads,
+                                max_num_batched_tokens=prefill_max_batched_tokens,
+                                kv_cache_memory_gib=prefill_kv_cache_memory)
+        decode = PhaseSettings(decode_instances, decode_threads, max_num_seqs=decode_max_num_seqs,
+                               kv_cache_memory_gib=decode_kv_cache_memory)
+        return cls(base, "disaggregated", prefill=prefill, decode=decode, transfer=transfer,
+                   pin_cpus=pin_cpus)
+
+    @classmethod
+    def from_plan(cls, plan, base: EngineConfig, transfer: str = "shm",
+                  pin_cpus: bool = True) -> Deployment:
+        """The deployment a plan (distserve.planner.plan.Plan) describes: its instance counts,
+        batching limits and SLOs. Each instance runs on one device of this machine, so TP, PP,
+        several nodes and another machine's hardware are named in `warnings`."""
+        warnings = []
+        for phase in ("prefill", "decode"):
+            p = getattr(plan, phase)
+            if p.tp * p.pp > 1:
+                warnings.append(f"the plan's {phase} instances use TP {p.tp} x PP {p.pp}; each "
+                                "is deployed on one device here (one worker per instance)")
+        if plan.nodes > 1 or len({p.get("node", 0) for p in plan.placement}) > 1:
+            warnings.append(f"the plan places instances on {plan.nodes} nodes; all are "
+                            "deployed on this machine")
+        if plan.hardware != "cpu" and (base.device or "cpu").startswith("cpu"):
+            warnings.append(f"the plan was made for {plan.hardware}; this deployment runs on "
+                            "CPU, so its predicted goodput does not apply here")
+        return cls(base, "disaggregated",
+                   prefill=PhaseSettings(plan.prefill.instances,
+                                         max_num_batched_tokens=plan.prefill.max_batched_tokens),
+                   decode=PhaseSettings(plan.decode.instances,
+                                        max_num_seqs=plan.decode.max_num_seqs),
+                   transfer=transfer, pin_cpus=pin_cpus, ttft_slo=plan.ttft_slo,
+                   tpot_slo=plan.tpot_slo, warnings=warnings)

@@ -22,7 +22,7 @@ from distserve.cluster import messages as m
 from distserve.cluster.step_trace import StepTrace
 from distserve.config import EngineConfig
 from distserve.engine.engine import Engine, Migration
-from distserve.engine.worker import load_worker
+from distserve.engine.executor import LocalExecutor
 from distserve.transfer import KVEndpoint, make_puller, make_source
 
 log = logging.getLogger("distserve.instance")
@@ -42,18 +42,18 @@ class InstanceLoop:
         port = self.commands.bind_to_random_port(f"tcp://{host}")
         self.command_address = f"tcp://{host}:{port}"
         self.engine, self.source, self.puller = self._build_engine(role, config, transfer, host)
-        worker = self.engine.worker
+        executor = self.engine.executor
         self.trace = StepTrace.from_env(instance_id)
         if self.trace is not None:
-            worker.runner.on_step = self.trace.step
+            executor.worker.runner.on_step = self.trace.step
         self.endpoints: dict[str, KVEndpoint] = {}
         self.transfer_bytes, self.transfer_seconds, self.num_transfers = 0, 0.0, 0
         self._last_stats = 0.0
         self.num_dropped_messages = 0
         endpoint = msgspec.to_builtins(self.source.endpoint) if self.source else None
-        self._send(m.Ready(instance_id, role, self.command_address, worker.num_kv_blocks,
-                           config.block_size, worker.max_model_len,
-                           worker.model.args.vocab_size, endpoint))
+        self._send(m.Ready(instance_id, role, self.command_address, executor.num_kv_blocks,
+                           config.block_size, executor.max_model_len, executor.vocab_size,
+                           endpoint))
 
     def _build_engine(self, role: str, config: EngineConfig, transfer: str, host: str):
         """(engine, KV source, KV puller): a prefill instance's cache lives where decode
@@ -65,19 +65,18 @@ class InstanceLoop:
                 cache, source = make_source(transfer, shape, num_blocks, dtype, host=host)
                 sources.append(source)
                 return cache
-            return Engine(config, load_worker(config, allocate_cache=allocate), role), \
-                sources[0], None
+            return Engine(config, LocalExecutor.load(config, allocate), role), sources[0], None
         if role == "decode":
-            return Engine(config, load_worker(config), role, self._pull), None, \
+            return Engine(config, LocalExecutor.load(config), role, self._pull), None, \
                 make_puller(transfer)
-        return Engine(config, load_worker(config), role), None, None
+        return Engine(config, LocalExecutor.load(config), role), None, None
 
     def _send(self, msg) -> None:
         self.out.send(m.encode(msg))
 
     def _pull(self, source: str, src_blocks: list[int], dst_blocks: list[int]) -> tuple[int, float]:
         stats = self.puller.pull(self.endpoints[source], src_blocks,
-                                 self.engine.worker.runner.kv_cache, dst_blocks)
+                                 self.engine.executor.kv_cache, dst_blocks)
         self.transfer_bytes += stats.nbytes
         self.transfer_seconds += stats.seconds
         self.num_transfers += 1

@@ -6,8 +6,8 @@
     step() -> StepOutput(outputs, kv_ready, kv_pulled)
     stats() -> EngineStats
 
-A step reads like the algorithm: schedule -> pull the KV of admitted migrations -> run the
-model -> sample -> postprocess -> finish, or hand over. The roles differ only in whom the
+A step reads like the algorithm: schedule -> pull the KV of admitted migrations -> execute
+(the executor runs the model and samples) -> postprocess -> finish, or hand over. The roles differ only in whom the
 scheduler admits (scheduler.py's role policies) and in what follows a request's first token
 on a prefill instance: its KV is held until a decode instance has pulled it. The KV memory
 a prefill instance holds is the buffer that absorbs bursts when decoding falls behind.
@@ -23,10 +23,9 @@ from distserve.cluster.messages import (EngineStats, MigrationDone, MigrationTic
                                         RequestOutput)
 from distserve.config import EngineConfig
 from distserve.engine.detokenizer import IncrementalDetokenizer
+from distserve.engine.executor import Executor, LocalExecutor
 from distserve.engine.postprocess import StopChecker, apply_samples
-from distserve.engine.sampler import sample
 from distserve.engine.scheduler import ROLES, Scheduler
-from distserve.engine.worker import Worker, load_worker
 from distserve.kv.cache_manager import KVCacheManager
 from distserve.request import FinishReason, Request, RequestStatus, SamplingParams
 
@@ -50,7 +49,7 @@ class StepOutput:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig | None = None, worker: Worker | None = None,
+    def __init__(self, config: EngineConfig | None = None, executor: Executor | None = None,
                  role: str = "colocated", pull: PullFn | None = None) -> None:
         if role not in ROLES:
             raise ValueError(f"unknown instance role {role!r}; choose one of {ROLES}")
@@ -58,15 +57,15 @@ class Engine:
             raise ValueError("a decode engine needs a pull function, and only a decode engine")
         self.config = config or EngineConfig()
         self.role = role
-        self.worker = worker or load_worker(self.config)
-        self.tokenizer = self.worker.tokenizer
+        self.executor = executor or LocalExecutor.load(self.config)
+        self.tokenizer = self.executor.tokenizer
         self.pull = pull
         # a request must fit the KV cache on its own, or it would be preempted forever
-        self.max_model_len = min(self.worker.max_model_len,
-                                 self.worker.num_kv_blocks * self.config.block_size)
-        self.kv = KVCacheManager(self.worker.num_kv_blocks, self.config.block_size)
+        self.max_model_len = min(self.executor.max_model_len,
+                                 self.executor.num_kv_blocks * self.config.block_size)
+        self.kv = KVCacheManager(self.executor.num_kv_blocks, self.config.block_size)
         self.scheduler = Scheduler(self.config, self.kv, role)
-        self.stop = StopChecker(self.worker.eos_token_ids, self.max_model_len)
+        self.stop = StopChecker(self.executor.eos_token_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self.detoks: dict[str, IncrementalDetokenizer] = {}
         self.migrations: dict[str, Migration] = {}  # decode: waiting for its KV
@@ -75,11 +74,11 @@ class Engine:
 
     @property
     def model_name(self) -> str:
-        return self.worker.model_name
+        return self.executor.model_name
 
     @property
     def vocab_size(self) -> int:
-        return self.worker.model.args.vocab_size
+        return self.executor.vocab_size
 
     # ---------------------------------------------------------------- the contract
     def add(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
@@ -150,15 +149,14 @@ class Engine:
         out = StepOutput(kv_pulled=[self._pull(req) for req in batch.pulls])
         if batch.is_empty:
             return out
-        result = self.worker.runner.run(batch.prefills, batch.decodes)
+        result = self.executor.execute(batch.prefills, batch.decodes)
         for req, n in batch.prefills:
             req.num_computed_tokens += n
         for req in batch.decodes:
             req.num_computed_tokens += 1
         if not result.sampled:
             return out
-        samples = sample(result.logits, result.sampled)
-        out.outputs = apply_samples(result.sampled, samples, self.detoks, self.stop)
+        out.outputs = apply_samples(result.sampled, result.samples, self.detoks, self.stop)
         for req, output in zip(result.sampled, out.outputs):
             if req.is_finished:
                 self.scheduler.finish(req)

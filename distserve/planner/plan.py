@@ -1,7 +1,7 @@
 """The plan: what to deploy (per-phase TP/PP and instance counts, placement on nodes), what
 it is predicted to do (goodput per GPU, its spread over seeds), the colocated alternative
 and the verdict, and the candidates the search considered. A small YAML/JSON document that
-`distserve serve --plan` deploys; `to_deployment` is that bridge.
+`distserve serve --plan` deploys (distserve.cluster.deployment.Deployment.from_plan).
 """
 from __future__ import annotations
 
@@ -93,22 +93,6 @@ class Plan:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: not a plan (expected a mapping)")
         return cls.from_dict(data)
-
-    def phase_settings(self) -> dict:
-        """Keyword arguments of distserve.cluster.deployment.PhaseSettings per phase."""
-        return {"prefill": {"instances": self.prefill.instances,
-                            "max_num_batched_tokens": self.prefill.max_batched_tokens},
-                "decode": {"instances": self.decode.instances,
-                           "max_num_seqs": self.decode.max_num_seqs}}
-
-    def to_deployment(self, base, transfer: str = "shm", pin_cpus: bool = True):
-        """The serve-side Deployment (distserve.cluster) this plan describes, on `base` (an
-        EngineConfig). TP and PP are the plan's; an engine that runs each instance on one
-        device deploys the instance counts and batching limits."""
-        from distserve.cluster.deployment import Deployment, PhaseSettings
-        s = self.phase_settings()
-        return Deployment(base, "disaggregated", prefill=PhaseSettings(**s["prefill"]),
-                          decode=PhaseSettings(**s["decode"]), transfer=transfer, pin_cpus=pin_cpus)
 
 
 def place(nodes: int, gpus_per_node: int, prefill: PhasePlan, decode: PhasePlan,

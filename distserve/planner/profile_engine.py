@@ -13,6 +13,7 @@ import time
 import torch
 
 from distserve.config import EngineConfig
+from distserve.engine.executor import LocalExecutor
 from distserve.engine.worker import load_worker
 from distserve.kv.cache_manager import KVCacheManager, blocks_for
 from distserve.request import Request, SamplingParams
@@ -116,7 +117,7 @@ def step_overhead(config: EngineConfig, worker, batches: list[int], vocab: int, 
     """[(batch, ms)]: median time of a colocated engine's decode step beyond its model-runner
     call, with `batch` greedy requests that ignore EOS (the bench's load)."""
     from distserve.engine.engine import Engine
-    engine = Engine(config, worker)
+    engine = Engine(config, LocalExecutor(worker))
     runner = worker.runner
     inner: list = []
 

@@ -66,58 +66,32 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
 
 
 def deployment_from_args(args: argparse.Namespace, config):
-    """None for the in-process engine, else the Deployment the flags describe."""
-    from distserve.cluster.deployment import Deployment, PhaseSettings, usable_cores
+    """None for the in-process engine, else the Deployment the flags (or --plan) describe."""
+    from distserve.cluster.deployment import Deployment
+    pin_cpus = not args.no_pin_cpus
     if args.plan:
-        return _deployment_from_plan(args, config)
-    mode = args.mode or ("disaggregated" if args.prefill_instances or args.decode_instances
-                         else "colocated")
-    if mode == "colocated":
-        if args.prefill_instances or args.decode_instances:
-            raise ValueError("--prefill-instances/--decode-instances need --mode disaggregated")
-        instances = 1 if args.instances is None else args.instances
-        if instances < 0:
-            raise ValueError(f"--instances must be >= 0, got {instances}")
-        if instances == 0:
-            return None
-        cores = len(usable_cores()) or os.cpu_count() or 1
-        threads = config.num_threads or max(1, cores // instances)
-        return Deployment(config, "colocated", colocated=PhaseSettings(instances, threads),
-                          pin_cpus=not args.no_pin_cpus)
-    if args.prefill_instances < 1 or args.decode_instances < 1:
-        raise ValueError("a disaggregated deployment needs --prefill-instances >= 1 and "
-                         f"--decode-instances >= 1, got {args.prefill_instances} and "
-                         f"{args.decode_instances}")
-    prefill = PhaseSettings(args.prefill_instances, args.prefill_threads,
-                            max_num_batched_tokens=args.prefill_max_batched_tokens,
-                            kv_cache_memory_gib=args.prefill_kv_cache_memory)
-    decode = PhaseSettings(args.decode_instances, args.decode_threads,
-                           max_num_seqs=args.decode_max_num_seqs,
-                           kv_cache_memory_gib=args.decode_kv_cache_memory)
-    return Deployment(config, "disaggregated", prefill=prefill, decode=decode,
-                      transfer=args.transfer, pin_cpus=not args.no_pin_cpus)
+        from distserve.planner.plan import Plan
+        if (args.prefill_instances or args.decode_instances or args.instances is not None
+                or args.mode):
+            raise ValueError("--plan sets the deployment; drop --mode/--instances/"
+                             "--prefill-instances/--decode-instances")
+        return Deployment.from_plan(Plan.load(args.plan), config, args.transfer, pin_cpus)
+    return Deployment.from_flags(
+        config, args.mode, args.instances, args.prefill_instances, args.decode_instances,
+        args.prefill_threads, args.decode_threads, args.prefill_max_batched_tokens,
+        args.decode_max_num_seqs, args.prefill_kv_cache_memory, args.decode_kv_cache_memory,
+        args.transfer, pin_cpus)
 
 
-def _deployment_from_plan(args: argparse.Namespace, config):
-    from distserve.planner.plan import Plan
-    if args.prefill_instances or args.decode_instances or args.instances is not None or args.mode:
-        raise ValueError("--plan sets the deployment; drop --mode/--instances/"
-                         "--prefill-instances/--decode-instances")
-    plan = Plan.load(args.plan)
-    for phase in ("prefill", "decode"):
-        p = getattr(plan, phase)
-        if p.tp * p.pp > 1:
-            print(f"note: the plan's {phase} instances use TP {p.tp} x PP {p.pp}; this engine "
-                  "runs each instance on one device, so they are deployed with one each",
-                  flush=True)
-    return plan.to_deployment(config, transfer=args.transfer, pin_cpus=not args.no_pin_cpus)
-
-
-def slo_from_args(args: argparse.Namespace):
+def slo_from_args(args: argparse.Namespace, deployment=None):
+    """--ttft-slo/--tpot-slo, or else the plan's SLOs."""
     from distserve.server.slo import SLOWindow
     if (args.ttft_slo is None) != (args.tpot_slo is None):
         raise ValueError("give both --ttft-slo and --tpot-slo, or neither")
-    return None if args.ttft_slo is None else SLOWindow(args.ttft_slo, args.tpot_slo, args.slo_window)
+    ttft, tpot = args.ttft_slo, args.tpot_slo
+    if ttft is None and deployment is not None and deployment.ttft_slo is not None:
+        ttft, tpot = deployment.ttft_slo, deployment.tpot_slo
+    return None if ttft is None else SLOWindow(ttft, tpot, args.slo_window)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -129,7 +103,9 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     config = engine_config_from_args(args, args.model)
     deployment = deployment_from_args(args, config)
-    slo = slo_from_args(args)
+    for warning in deployment.warnings if deployment is not None else ():
+        print(f"warning: {warning}", flush=True)
+    slo = slo_from_args(args, deployment)
     return asyncio.run(_serve(args, config, deployment, slo))
 
 

@@ -26,7 +26,7 @@ def test_every_model_step_is_recorded_with_its_shapes(tiny_llama, tmp_path):
     engine = Engine(EngineConfig(model=str(tiny_llama), dtype="float32", num_kv_blocks=32,
                                           num_threads=1))
     trace = StepTrace(tmp_path / "colocated-0.jsonl")
-    engine.worker.runner.on_step = trace.step
+    engine.executor.worker.runner.on_step = trace.step
     prompts = {"a": list(range(3, 8)), "b": list(range(3, 23))}   # 5 and 20 tokens
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     for rid, ids in prompts.items():

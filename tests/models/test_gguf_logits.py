@@ -25,7 +25,7 @@ def test_prefill_logits_match(both):
         expected = hf(torch.tensor([ids])).logits[0, -1]
     req = ours.engine.add(ids, SamplingParams(temperature=0, max_tokens=1))
     batch = ours.engine.scheduler.schedule()
-    result = ours.engine.worker.runner.run(batch.prefills, batch.decodes)
+    result = ours.engine.executor.worker.runner.run(batch.prefills, batch.decodes)
     ours.engine.abort(req.request_id)
     got = result.logits[0]
     assert (got - expected).abs().max().item() < 1e-3 * expected.abs().max().item()

@@ -107,8 +107,15 @@ def test_bad_plan_files(tmp_path):
 
 
 def test_plan_becomes_serves_deployment():
+    from distserve.cluster.deployment import Deployment
     from distserve.config import EngineConfig
-    dep = _plan().to_deployment(EngineConfig(), pin_cpus=False)
+    plan = _plan()
+    dep = Deployment.from_plan(plan, EngineConfig(), pin_cpus=False)
+    assert (dep.ttft_slo, dep.tpot_slo) == (plan.ttft_slo, plan.tpot_slo)
+    # what this machine cannot honour is named, never dropped silently
+    assert any(f"TP {plan.prefill.tp} x PP {plan.prefill.pp}" in w for w in dep.warnings)
+    assert any(f"made for {plan.hardware}" in w for w in dep.warnings)
+    assert all(s.tp == 1 and s.pp == 1 for s in dep.specs)
     roles = [s.role for s in dep.specs]
     assert roles.count("prefill") == 1 and roles.count("decode") == 2
     assert dep.prefill.max_num_batched_tokens == 4096 and dep.decode.max_num_seqs == 128
@@ -126,6 +133,12 @@ def test_serve_plan_flag_deploys_the_plan_file(tmp_path):
     dep = deployment_from_args(args, engine_config_from_args(args, None))
     assert [s.role for s in dep.specs] == ["prefill", "decode", "decode"]
     assert dep.transfer == "tcp" and dep.specs[0].config.max_num_batched_tokens == 4096
+    from distserve.server.cli import slo_from_args
+    slo = slo_from_args(args, dep)  # the plan's SLOs are the server's defaults
+    assert (slo.ttft_slo, slo.tpot_slo) == (_plan().ttft_slo, _plan().tpot_slo)
+    given = build_parser().parse_args(["serve", "--plan", str(path), "--ttft-slo", "9",
+                                       "--tpot-slo", "8"])
+    assert slo_from_args(given, dep).ttft_slo == 9
     bad = build_parser().parse_args(["serve", "--plan", str(path), "--instances", "2"])
     with pytest.raises(ValueError, match="--plan sets the deployment"):
         deployment_from_args(bad, engine_config_from_args(bad, None))

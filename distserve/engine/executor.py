@@ -1,0 +1,66 @@
+"""The executor seam: what runs a scheduled batch for an instance and says what it sampled.
+
+The engine hands each step's prefills and decodes to its executor and gets one sampled token
+per finished row back; it never touches the model, the device or the KV tensors itself.
+`LocalExecutor` runs one worker (model, KV cache, model runner) in this process on one
+device. A tensor- or pipeline-parallel executor (several worker processes over
+torch.distributed) implements the same interface, so no engine changes with it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from distserve.config import EngineConfig
+from distserve.engine.sampler import SampleResult, sample
+from distserve.engine.worker import CacheAllocator, Worker, load_worker
+from distserve.kv.cache import allocate_kv_cache
+from distserve.request import Request
+
+
+@dataclass
+class ExecuteResult:
+    sampled: list[Request]          # requests whose last token was computed this step
+    samples: SampleResult | None    # their next tokens, in the same order
+
+
+class Executor(Protocol):
+    model_name: str
+    tokenizer: Any
+    vocab_size: int
+    num_kv_blocks: int
+    max_model_len: int              # the model's positions (or the configured limit)
+    eos_token_ids: set[int]
+    kv_cache: torch.Tensor          # where pulled KV lands (each worker's share, in time)
+
+    def execute(self, prefills: list[tuple[Request, int]],
+                decodes: list[Request]) -> ExecuteResult: ...
+
+
+class LocalExecutor:
+    """One worker in this process, on one device."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.model_name = worker.model_name
+        self.tokenizer = worker.tokenizer
+        self.vocab_size = worker.model.args.vocab_size
+        self.num_kv_blocks = worker.num_kv_blocks
+        self.max_model_len = worker.max_model_len
+        self.eos_token_ids = worker.eos_token_ids
+        self.kv_cache = worker.runner.kv_cache
+
+    @classmethod
+    def load(cls, config: EngineConfig,
+             allocate_cache: CacheAllocator = allocate_kv_cache) -> LocalExecutor:
+        """`allocate_cache` lets a KV transfer backend own the cache memory."""
+        return cls(load_worker(config, allocate_cache))
+
+    def execute(self, prefills: list[tuple[Request, int]],
+                decodes: list[Request]) -> ExecuteResult:
+        result = self.worker.runner.run(prefills, decodes)
+        if not result.sampled:
+            return ExecuteResult([], None)
+        return ExecuteResult(result.sampled, sample(result.logits, result.sampled))

@@ -1,0 +1,118 @@
+"""The one engine contract, in one process: a prefill engine hands a request over to a decode
+engine (KV copied between their real caches), and the pair gives the colocated engine's
+tokens; any executor can run the batches; every block comes back."""
+from __future__ import annotations
+
+import pytest
+
+from distserve.config import EngineConfig
+from distserve.engine.engine import Engine, Migration
+from distserve.engine.executor import LocalExecutor
+from distserve.request import SamplingParams
+
+PROMPTS = ["Hello, my name is", "The capital of France is a city of bridges and", "x"]
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def _config(model, blocks=32):
+    return EngineConfig(model=str(model), dtype="float32", num_kv_blocks=blocks, num_threads=1)
+
+
+def _run(engine):
+    tokens = {}
+    while engine.has_unfinished:
+        for out in engine.step().outputs:
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def colocated_tokens(tiny_llama):
+    engine = Engine(_config(tiny_llama))
+    for i, p in enumerate(PROMPTS):
+        engine.add(p, GREEDY, f"r{i}")
+    return _run(engine)
+
+
+def test_prefill_hands_over_to_decode_and_the_pair_matches_colocated(tiny_llama, colocated_tokens):
+    prefill = Engine(_config(tiny_llama), role="prefill")
+
+    def pull(source, src_blocks, dst_blocks):
+        assert source == "prefill-0"
+        src, dst = prefill.executor.kv_cache, decode.executor.kv_cache
+        dst[dst_blocks] = src[src_blocks]
+        return len(src_blocks) * src[0].nbytes, 0.0
+
+    # 3 blocks: the third request waits for room (WAITING_FOR_KV) until one finishes
+    decode = Engine(_config(tiny_llama, blocks=3), role="decode", pull=pull)
+    for i, p in enumerate(PROMPTS):
+        prefill.add(p, GREEDY, f"r{i}")
+    tokens, pulled, most_waiting = {}, [], 0
+    while prefill.has_unfinished or decode.has_unfinished:
+        if prefill.has_unfinished:
+            step = prefill.step()
+            for out in step.outputs:
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            for ticket in step.kv_ready:
+                decode.add(ticket.prompt_token_ids, GREEDY, ticket.request_id,
+                           ticket.arrival_time, Migration(ticket, "prefill-0"))
+        step = decode.step()
+        most_waiting = max(most_waiting, decode.stats().num_waiting)  # no room after a step
+        for done in step.kv_pulled:
+            prefill.release(done.request_id)
+            pulled.append(done.request_id)
+        for out in step.outputs:
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert tokens == colocated_tokens
+    assert sorted(pulled) == ["r0", "r1", "r2"] and most_waiting >= 1
+    for engine in (prefill, decode):
+        s = engine.stats()
+        assert s.num_free_blocks == s.num_blocks and not engine.requests
+        engine.kv.allocator.check()
+
+
+def test_a_prefill_engine_holds_kv_until_released_or_aborted(tiny_llama):
+    prefill = Engine(_config(tiny_llama), role="prefill")
+    for rid in ("kept", "dropped"):
+        prefill.add("Once upon a time", GREEDY, rid)
+    assert prefill.stats().queued_tokens > 0
+    step = prefill.step()
+    assert [t.request_id for t in step.kv_ready] == ["kept", "dropped"]
+    assert not prefill.has_unfinished and prefill.stats().num_running == 2  # held
+    assert prefill.abort("dropped").finish_reason == "abort"
+    prefill.release("kept")
+    s = prefill.stats()
+    assert s.num_free_blocks == s.num_blocks and not prefill.requests
+
+
+def test_any_executor_runs_the_batches(tiny_llama, colocated_tokens):
+    class Recording:
+        """A real executor, wrapped: it sees every batch the engine runs."""
+
+        def __init__(self, inner):
+            self.inner, self.batches = inner, []
+            for name in ("model_name", "tokenizer", "vocab_size", "num_kv_blocks",
+                         "max_model_len", "eos_token_ids", "kv_cache"):
+                setattr(self, name, getattr(inner, name))
+
+        def execute(self, prefills, decodes):
+            self.batches.append((len(prefills), len(decodes)))
+            return self.inner.execute(prefills, decodes)
+
+    executor = Recording(LocalExecutor.load(_config(tiny_llama)))
+    engine = Engine(_config(tiny_llama), executor)
+    for i, p in enumerate(PROMPTS):
+        engine.add(p, GREEDY, f"r{i}")
+    assert _run(engine) == colocated_tokens
+    assert executor.batches[0] == (3, 0) and executor.batches[-1][0] == 0
+
+
+def test_roles_take_what_they_can_run(tiny_llama):
+    executor = LocalExecutor.load(_config(tiny_llama))
+    with pytest.raises(ValueError, match="needs a pull function"):
+        Engine(_config(tiny_llama), executor, role="decode")
+    with pytest.raises(ValueError, match="unknown instance role"):
+        Engine(_config(tiny_llama), executor, role="router")
+    colocated = Engine(_config(tiny_llama), executor)
+    with pytest.raises(ValueError, match="takes no migrations"):
+        colocated.add([1, 2], GREEDY, "m", migration=object())
