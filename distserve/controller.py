@@ -14,7 +14,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import msgspec
 import zmq
 import zmq.asyncio
 
@@ -64,6 +63,7 @@ class Controller:
                              f"got roles {sorted(roles)}")
         self.specs = specs
         self.launcher = launcher
+        self.sealer = m.Sealer.new()  # this deployment's secret, handed to each instance
         self.disaggregated = "prefill" in roles
         self.model = model
         self.model_name = locate_model(model)[0]
@@ -93,7 +93,8 @@ class Controller:
         self.address = f"tcp://{self.host}:{port}"
         for spec in self.specs:
             self.instances[spec.instance_id] = _Instance(
-                spec, self.launcher.start(spec, self.address, self.transfer))
+                spec, self.launcher.start(spec, self.address, self.transfer,
+                                          self.sealer.secret))
         tokenizer = asyncio.create_task(asyncio.to_thread(load_tokenizer, self.model))
         await self._wait_ready()
         self.tokenizer = await tokenizer
@@ -140,7 +141,7 @@ class Controller:
         self._receiver = self._watchdog = None
         for inst in self.instances.values():
             if inst.socket is not None:
-                await inst.socket.send(m.encode(m.Shutdown()))
+                await inst.socket.send(self.sealer.seal(m.Shutdown()))
         for inst in self.instances.values():
             await asyncio.to_thread(inst.process.stop)
             if inst.socket is not None:
@@ -177,7 +178,7 @@ class Controller:
         else:
             target.load += 1
             tracked.decode = target.spec.instance_id
-        await target.socket.send(m.encode(m.AddRequest(request_id, ids, params, time.monotonic())))
+        await target.socket.send(self.sealer.seal(m.AddRequest(request_id, ids, params, time.monotonic())))
         return RequestStream(request_id, tracked.outputs, self._on_stream_closed)
 
     def _least_loaded(self, role: str) -> _Instance:
@@ -194,7 +195,7 @@ class Controller:
         if tracked is None:
             return
         for iid in {tracked.prefill, tracked.decode} - {None}:
-            await self.instances[iid].socket.send(m.encode(m.Abort(request_id)))
+            await self.instances[iid].socket.send(self.sealer.seal(m.Abort(request_id)))
         tracked.outputs.put_nowait(RequestOutput(request_id, [], "", True, "abort"))
 
     def _forget(self, request_id: str) -> _Tracked | None:
@@ -226,13 +227,14 @@ class Controller:
 
     # ------------------------------------------------------------------ messages from instances
     def _decode(self, data: bytes) -> m.ToController | None:
-        """A message from one of our instances, or None: a frame that does not decode, or
-        that names an instance this deployment does not have, is dropped and counted, so a
-        stray packet on the inbox can never end the receive loop."""
+        """A message from one of our instances, or None: a frame that is not signed with the
+        deployment's secret or does not decode, or that names an instance this deployment
+        does not have, is dropped and counted, so a stranger's packet on the inbox can never
+        end the receive loop or speak for an instance."""
         try:
-            msg = m.decode_for_controller(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            reason = f"undecodable frame of {len(data)} bytes ({e})"
+            msg = self.sealer.open_for_controller(data)
+        except m.BadFrame as e:
+            reason = str(e)
         else:
             unknown = {msg.instance_id} | {d.source for d in getattr(msg, "done", ())}
             unknown -= set(self.instances)
@@ -265,7 +267,7 @@ class Controller:
                 await self._migrate(msg.instance_id, ticket)
         elif isinstance(msg, m.Migrated):
             for done in msg.done:
-                await self.instances[done.source].socket.send(m.encode(m.Release(done.request_id)))
+                await self.instances[done.source].socket.send(self.sealer.seal(m.Release(done.request_id)))
                 self.transfer_bytes += done.nbytes
                 self.transfer_seconds += done.seconds
                 self.num_transfers += 1
@@ -311,7 +313,7 @@ class Controller:
         target.load += 1
         tracked.decode = target.spec.instance_id
         endpoint = self.instances[source].ready.endpoint
-        await target.socket.send(m.encode(m.AddMigration(ticket, tracked.params, source, endpoint)))
+        await target.socket.send(self.sealer.seal(m.AddMigration(ticket, tracked.params, source, endpoint)))
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self.requests):

@@ -22,9 +22,10 @@ PARAMS = SamplingParams(temperature=0, max_tokens=4)
 class FakeInstance(threading.Thread):
     """Says Ready, records every command it gets, sends what the test queues."""
 
-    def __init__(self, spec: InstanceSpec, controller: str) -> None:
+    def __init__(self, spec: InstanceSpec, controller: str, secret: bytes) -> None:
         super().__init__(daemon=True)
         self.spec, self.controller = spec, controller
+        self.sealer = m.Sealer(secret)
         self.received: list = []
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.address = ""
@@ -41,13 +42,13 @@ class FakeInstance(threading.Thread):
         endpoint = {"backend": "tcp", "num_blocks": 8, "num_layers": 1, "block_size": 16,
                     "num_kv_heads": 1, "head_dim": 8, "dtype": "float32",
                     "host": "127.0.0.1", "port": 1}
-        out.send(m.encode(m.Ready(self.spec.instance_id, self.spec.role, self.address, 64, 16,
+        out.send(self.sealer.seal(m.Ready(self.spec.instance_id, self.spec.role, self.address, 64, 16,
                                   512, 1000, endpoint if self.spec.role == "prefill" else None)))
         while True:
             while not self.outbox.empty():
-                out.send(m.encode(self.outbox.get()))
+                out.send(self.sealer.seal(self.outbox.get()))
             if commands.poll(10):
-                cmd = m.decode_for_instance(commands.recv())
+                cmd = self.sealer.open_for_instance(commands.recv())
                 self.received.append(cmd)
                 if isinstance(cmd, m.Shutdown):
                     break
@@ -76,8 +77,8 @@ class FakeLauncher:
     def __init__(self) -> None:
         self.started: dict[str, FakeInstance] = {}
 
-    def start(self, spec, controller, transfer):
-        self.started[spec.instance_id] = FakeInstance(spec, controller)
+    def start(self, spec, controller, transfer, secret):
+        self.started[spec.instance_id] = FakeInstance(spec, controller, secret)
         return self.started[spec.instance_id]
 
 

@@ -32,8 +32,9 @@ _STATS_INTERVAL_S = 0.05
 
 class InstanceLoop:
     def __init__(self, role: str, instance_id: str, config: EngineConfig, controller: str,
-                 transfer: str, host: str = "127.0.0.1") -> None:
+                 transfer: str, sealer: m.Sealer, host: str = "127.0.0.1") -> None:
         self.role, self.instance_id, self.config = role, instance_id, config
+        self.sealer = sealer
         self.ctx = zmq.Context()
         self.out = self.ctx.socket(zmq.PUSH)
         self.out.setsockopt(zmq.LINGER, 2000)
@@ -62,17 +63,18 @@ class InstanceLoop:
             sources = []
 
             def allocate(shape, num_blocks, dtype, device):
-                cache, source = make_source(transfer, shape, num_blocks, dtype, host=host)
+                cache, source = make_source(transfer, shape, num_blocks, dtype, host=host,
+                                            secret=self.sealer.secret)
                 sources.append(source)
                 return cache
             return Engine(config, LocalExecutor.load(config, allocate), role), sources[0], None
         if role == "decode":
             return Engine(config, LocalExecutor.load(config), role, self._pull), None, \
-                make_puller(transfer)
+                make_puller(transfer, secret=self.sealer.secret)
         return Engine(config, LocalExecutor.load(config), role), None, None
 
     def _send(self, msg) -> None:
-        self.out.send(m.encode(msg))
+        self.out.send(self.sealer.seal(msg))
 
     def _pull(self, source: str, src_blocks: list[int], dst_blocks: list[int]) -> tuple[int, float]:
         stats = self.puller.pull(self.endpoints[source], src_blocks,
@@ -104,12 +106,11 @@ class InstanceLoop:
             except zmq.Again:
                 return True
             try:
-                cmd = m.decode_for_instance(data)
-            except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                # a stray packet on the command port must not end the instance
+                cmd = self.sealer.open_for_instance(data)
+            except m.BadFrame as e:
+                # a stranger's packet on the command port is neither obeyed nor fatal
                 self.num_dropped_messages += 1
-                log.warning("%s: dropped an undecodable command of %d bytes (%s)",
-                            self.instance_id, len(data), e)
+                log.warning("%s: dropped a command: %s", self.instance_id, e)
                 continue
             if isinstance(cmd, m.Shutdown):
                 return False
@@ -183,14 +184,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {args.instance_id} %(levelname)s: %(message)s")
     config = EngineConfig(**json.loads(args.config_json))
+    secret = os.environ.pop(m.SECRET_ENV, "")
+    if not secret:
+        ap.error(f"${m.SECRET_ENV} (the deployment's secret, set by the launcher) is not set")
+    sealer = m.Sealer(bytes.fromhex(secret))
     try:
-        loop = InstanceLoop(args.role, args.instance_id, config, args.controller, args.transfer, args.host)
+        loop = InstanceLoop(args.role, args.instance_id, config, args.controller, args.transfer,
+                            sealer, args.host)
     except Exception as err:  # tell the controller why, then fail
         ctx = zmq.Context()
         s = ctx.socket(zmq.PUSH)
         s.setsockopt(zmq.LINGER, 2000)
         s.connect(args.controller)
-        s.send(m.encode(m.Failed(args.instance_id, f"{type(err).__name__}: {err}")))
+        s.send(sealer.seal(m.Failed(args.instance_id, f"{type(err).__name__}: {err}")))
         s.close()
         ctx.term()
         raise

@@ -41,7 +41,9 @@ class InstanceHandle(Protocol):
 
 
 class Launcher(Protocol):
-    def start(self, spec: InstanceSpec, controller: str, transfer: str) -> InstanceHandle:
+    def start(self, spec: InstanceSpec, controller: str, transfer: str,
+              secret: bytes) -> InstanceHandle:
         """Starts `spec`'s instance, which connects to the controller's inbox at
-        `controller` (tcp://host:port) and pulls KV over `transfer`."""
+        `controller` (tcp://host:port), pulls KV over `transfer`, and signs and checks every
+        message and KV connection with the deployment's `secret` (never on a command line)."""
         ...

@@ -13,24 +13,28 @@ import tempfile
 from dataclasses import asdict
 
 from distserve.cluster.launcher import InstanceSpec
+from distserve.cluster.messages import SECRET_ENV
 
 
 class LocalLauncher:
     """Instances as local processes, one device each (TP and PP come with the parallel
     executor; a spec that asks for them is refused by name)."""
 
-    def start(self, spec: InstanceSpec, controller: str, transfer: str) -> LocalProcess:
+    def start(self, spec: InstanceSpec, controller: str, transfer: str,
+              secret: bytes) -> LocalProcess:
         if spec.tp * spec.pp > 1:
             raise ValueError(f"instance {spec.instance_id} asks for TP {spec.tp} x PP {spec.pp}; "
                              "the local launcher runs one worker per instance")
-        return LocalProcess(spec, controller, transfer)
+        return LocalProcess(spec, controller, transfer, secret)
 
 
 class LocalProcess:
-    def __init__(self, spec: InstanceSpec, controller: str, transfer: str) -> None:
+    def __init__(self, spec: InstanceSpec, controller: str, transfer: str,
+                 secret: bytes) -> None:
         self.spec = spec
         self.log = tempfile.TemporaryFile(mode="w+")
         env = dict(os.environ)
+        env[SECRET_ENV] = secret.hex()  # the environment, unlike argv, is not world-readable
         if spec.config.num_threads:
             env["OMP_NUM_THREADS"] = str(spec.config.num_threads)
         cmd = [sys.executable, "-m", "distserve.cluster.instance", "--role", spec.role,

@@ -3,11 +3,14 @@ records an engine step produces (request outputs, migration tickets and their co
 and the tagged messages that carry them and the commands.
 
 Nothing on these sockets is ever unpickled: every message is one of the tagged structs
-below, and decoding anything else fails. It imports no torch: the controller and the HTTP
+below, signed with the deployment's secret (Sealer), and anything else is refused. It imports no torch: the controller and the HTTP
 server use it.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -152,15 +155,48 @@ ToController = Union[Ready, Outputs, Tickets, Migrated, Rejected, Stats, Failed]
 _encoder = msgspec.msgpack.Encoder()
 _to_instance = msgspec.msgpack.Decoder(ToInstance)
 _to_controller = msgspec.msgpack.Decoder(ToController)
+TAG_BYTES = 32  # HMAC-SHA256
+SECRET_ENV = "DISTSERVE_DEPLOYMENT_SECRET"  # how a launcher hands an instance the secret
 
 
-def encode(msg: msgspec.Struct) -> bytes:
-    return _encoder.encode(msg)
+class BadFrame(ValueError):
+    """A frame that is not an authentic message of this deployment: dropped, never fatal."""
 
 
-def decode_for_instance(data: bytes) -> ToInstance:
-    return _to_instance.decode(data)
+class Sealer:
+    """Signs and checks frames with the deployment's secret: HMAC-SHA256(secret, payload)
+    + payload. A process that is not part of the deployment (it lacks the secret) can
+    neither send a command nor forge an output; what it sends is refused as a BadFrame."""
 
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < 16:
+            raise ValueError("a deployment secret has at least 16 bytes")
+        self._secret = secret
 
-def decode_for_controller(data: bytes) -> ToController:
-    return _to_controller.decode(data)
+    @classmethod
+    def new(cls) -> Sealer:
+        return cls(secrets.token_bytes(32))
+
+    @property
+    def secret(self) -> bytes:
+        return self._secret
+
+    def seal(self, msg: msgspec.Struct) -> bytes:
+        payload = _encoder.encode(msg)
+        return hmac.new(self._secret, payload, hashlib.sha256).digest() + payload
+
+    def open_for_instance(self, frame: bytes) -> ToInstance:
+        return self._open(frame, _to_instance)
+
+    def open_for_controller(self, frame: bytes) -> ToController:
+        return self._open(frame, _to_controller)
+
+    def _open(self, frame: bytes, decoder):
+        tag, payload = frame[:TAG_BYTES], frame[TAG_BYTES:]
+        expected = hmac.new(self._secret, payload, hashlib.sha256).digest()
+        if len(frame) < TAG_BYTES or not hmac.compare_digest(tag, expected):
+            raise BadFrame(f"unauthenticated frame of {len(frame)} bytes")
+        try:
+            return decoder.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:  # signed by a buggy peer
+            raise BadFrame(f"undecodable frame of {len(frame)} bytes ({e})") from e

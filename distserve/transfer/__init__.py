@@ -4,9 +4,9 @@ decode side: one interface, backends chosen by name.
   shm  same host: the prefill cache lives in POSIX shared memory; the decode side maps it.
   tcp  any host: the prefill instance serves block rows over one persistent connection.
 
-Prefill side:  cache, source = make_source(backend, shape, num_blocks, dtype)
+Prefill side:  cache, source = make_source(backend, shape, num_blocks, dtype, secret=SECRET)
                publish source.endpoint (a msgspec struct) in a control message; source.close()
-Decode side:   puller = make_puller(backend)
+Decode side:   puller = make_puller(backend, secret=SECRET)
                stats = puller.pull(endpoint, src_blocks, my_cache, my_blocks); puller.close()
 """
 from __future__ import annotations
@@ -26,21 +26,24 @@ def _check_backend(backend: str) -> None:
 
 
 def make_source(backend: str, shape: KVCacheShape, num_blocks: int, dtype: torch.dtype, *,
-                host: str = "127.0.0.1", port: int = 0) -> tuple[torch.Tensor, KVSource]:
+                secret: bytes, host: str = "127.0.0.1",
+                port: int = 0) -> tuple[torch.Tensor, KVSource]:
     """Allocate a prefill instance's KV cache so that `backend` can export it.
 
     host and port (tcp only) are where the transfer server listens; port 0 picks a free one.
+    secret: the deployment's; a tcp puller must prove it knows it (shm segments are the
+    user's alone, mode 0600).
     """
     _check_backend(backend)
     if backend == "shm":
         return allocate_shm_cache(shape, num_blocks, dtype)
-    return allocate_tcp_cache(shape, num_blocks, dtype, host=host, port=port)
+    return allocate_tcp_cache(shape, num_blocks, dtype, host=host, port=port, secret=secret)
 
 
-def make_puller(backend: str, *, timeout: float = 30.0) -> KVPuller:
+def make_puller(backend: str, *, secret: bytes, timeout: float = 30.0) -> KVPuller:
     """The decode side of `backend`; timeout (tcp only) bounds each pull, in seconds."""
     _check_backend(backend)
-    return ShmPuller() if backend == "shm" else TcpPuller(timeout=timeout)
+    return ShmPuller() if backend == "shm" else TcpPuller(timeout=timeout, secret=secret)
 
 
 __all__ = ["BACKENDS", "KVEndpoint", "KVPuller", "KVSource", "ShmPuller", "ShmSource",

@@ -7,7 +7,9 @@ runs in a child process, as a prefill instance would. A measurement, not a test.
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import secrets
 import statistics
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import sys
 import msgspec
 import torch
 
+from distserve.cluster.messages import SECRET_ENV
 from distserve.kv.cache import KVCacheShape, allocate_kv_cache
 from distserve.transfer.base import BACKENDS, KVEndpoint
 
@@ -27,17 +30,17 @@ def serve(num_blocks: int) -> None:
 
     cache, shm = allocate_shm_cache(SMOLLM2, num_blocks, torch.bfloat16)
     cache.copy_(torch.randn(cache.shape))
-    tcp = TcpSource(cache)
+    tcp = TcpSource(cache, secret=bytes.fromhex(os.environ[SECRET_ENV]))
     print(msgspec.json.encode({"shm": shm.endpoint, "tcp": tcp.endpoint}).decode(), flush=True)
     sys.stdin.read()
     tcp.close()
     shm.close()
 
 
-def measure(endpoint: KVEndpoint, blocks: int, repeats: int) -> list[float]:
+def measure(endpoint: KVEndpoint, blocks: int, repeats: int, secret: bytes) -> list[float]:
     from distserve.transfer import make_puller
 
-    puller = make_puller(endpoint.backend)
+    puller = make_puller(endpoint.backend, secret=secret)
     dst_cache = allocate_kv_cache(SMOLLM2, blocks * 2, torch.bfloat16)
     rng = random.Random(0)
     gbps = []
@@ -64,16 +67,18 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--blocks {args.blocks} exceeds --source-blocks {args.source_blocks}")
     if args.serve:
         return serve(args.source_blocks)
+    secret = secrets.token_bytes(32)
     child = subprocess.Popen([sys.executable, "-m", "distserve.transfer.bench", "--serve",
                               "--source-blocks", str(args.source_blocks)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             env={**os.environ, SECRET_ENV: secret.hex()})
     try:
         endpoints = msgspec.json.decode(child.stdout.readline(), type=dict[str, KVEndpoint])
         mib = args.blocks * SMOLLM2.bytes_per_block(torch.bfloat16) / 2**20
         print(f"{args.blocks} blocks of a SmolLM2-sized bf16 cache = {mib:.1f} MiB per pull, "
               f"{args.repeats} pulls, source in another process")
         for backend in BACKENDS:
-            gbps = measure(endpoints[backend], args.blocks, args.repeats)
+            gbps = measure(endpoints[backend], args.blocks, args.repeats, secret)
             print(f"  {backend:4s} median {statistics.median(gbps):6.2f} GB/s   "
                   f"min {min(gbps):6.2f}   max {max(gbps):6.2f}", flush=True)
     finally:

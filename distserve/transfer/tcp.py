@@ -6,11 +6,17 @@ length, a msgpack header, then (replies only) the raw bytes of cache[blocks], se
 cache itself and received into the destination blocks themselves (via a staging buffer when
 a cache is on a GPU).
 On connect the server first sends its endpoint, so a stale endpoint (a port now used by
-another instance) fails loudly. Never pickles; never trusts a block id it is sent.
+another instance) fails loudly, then a random challenge: the client must answer with its
+HMAC under the deployment's secret before anything is served, so a process outside the
+deployment reads no KV bytes. Connections are capped. Never pickles; never trusts a block id
+it is sent.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import itertools
+import secrets
 import socket
 import struct
 import threading
@@ -29,6 +35,13 @@ from distserve.transfer.base import (KVEndpoint, TransferError, TransferStats,
 
 _LENGTH = struct.Struct("!I")
 _MAX_HEADER = 16 << 20
+_CHALLENGE_BYTES, _ANSWER_BYTES = 16, 32
+_HANDSHAKE_TIMEOUT_S = 5.0
+MAX_CONNECTIONS = 64  # decode instances per prefill instance: far more than any deployment
+
+
+def _answer(secret: bytes, challenge: bytes) -> bytes:
+    return hmac.new(secret, b"distserve-kv:" + challenge, hashlib.sha256).digest()
 _encoder = msgspec.msgpack.Encoder()
 T = TypeVar("T")
 
@@ -89,8 +102,12 @@ class TcpSource:
     confirms, so reading them while the engine writes other blocks is safe.
     """
 
-    def __init__(self, cache: torch.Tensor, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, cache: torch.Tensor, host: str = "127.0.0.1", port: int = 0, *,
+                 secret: bytes) -> None:
+        if len(secret) < 16:
+            raise ValueError("the KV transfer secret has at least 16 bytes")
         self.cache = cache
+        self._secret = secret
         check_cache(cache)  # before binding, so a bad cache leaks no socket
         try:
             self._listener = socket.create_server((host, port))
@@ -102,6 +119,7 @@ class TcpSource:
         self.endpoint = KVEndpoint.for_cache("tcp", cache, host=advertised,
                                              port=self._listener.getsockname()[1])
         self._hello = _encoder.encode(self.endpoint)
+        self.num_refused = 0  # connections that failed the handshake
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._conns: dict[socket.socket, threading.Thread] = {}
@@ -117,7 +135,6 @@ class TcpSource:
                 continue
             except OSError:
                 return  # listener closed
-            conn.settimeout(None)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             thread = threading.Thread(target=self._serve, args=(conn,), daemon=True,
                                       name=f"kv-tcp-conn:{self.endpoint.port}")
@@ -125,6 +142,9 @@ class TcpSource:
                 if self._closed.is_set():
                     conn.close()
                     return
+                if len(self._conns) >= MAX_CONNECTIONS:
+                    conn.close()
+                    continue
                 self._conns[conn] = thread
             thread.start()
 
@@ -136,9 +156,22 @@ class TcpSource:
         rows = self.cache.index_select(0, torch.tensor(ids, device=self.cache.device)).cpu()
         return [byte_rows(rows).reshape(-1)]
 
+    def _authenticated(self, conn: socket.socket) -> bool:
+        challenge = secrets.token_bytes(_CHALLENGE_BYTES)
+        conn.sendall(_LENGTH.pack(len(self._hello)) + self._hello + challenge)
+        answer = bytearray(_ANSWER_BYTES)
+        try:
+            _recv_into(conn, memoryview(answer), time.monotonic() + _HANDSHAKE_TIMEOUT_S)
+        except (TimeoutError, ConnectionError):
+            return False
+        return hmac.compare_digest(bytes(answer), _answer(self._secret, challenge))
+
     def _serve(self, conn: socket.socket) -> None:
         try:
-            conn.sendall(_LENGTH.pack(len(self._hello)) + self._hello)
+            if not self._authenticated(conn):
+                self.num_refused += 1
+                return
+            conn.settimeout(None)
             while True:
                 try:
                     req = _recv_header(conn, PullRequest, None, eof_ok=True)
@@ -184,9 +217,10 @@ class TcpSource:
 
 def allocate_tcp_cache(shape: KVCacheShape, num_blocks: int, dtype: torch.dtype,
                        host: str = "127.0.0.1", port: int = 0,
-                       device: torch.device | str = "cpu") -> tuple[torch.Tensor, TcpSource]:
+                       device: torch.device | str = "cpu", *,
+                       secret: bytes) -> tuple[torch.Tensor, TcpSource]:
     cache = allocate_kv_cache(shape, num_blocks, dtype, device=device)
-    return cache, TcpSource(cache, host, port)
+    return cache, TcpSource(cache, host, port, secret=secret)
 
 
 class TcpPuller:
@@ -194,10 +228,11 @@ class TcpPuller:
     the next pull reconnects. `timeout` bounds a whole pull, connecting included, so a dead or
     hung prefill instance costs an error, never a hang. Not thread-safe: one per thread."""
 
-    def __init__(self, timeout: float = 30.0) -> None:
+    def __init__(self, timeout: float = 30.0, *, secret: bytes) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.timeout = timeout
+        self._secret = secret
         self._conns: dict[tuple[str, int], socket.socket] = {}
         self._staging = torch.empty(0, dtype=torch.uint8)
         self._ids = itertools.count()
@@ -211,6 +246,9 @@ class TcpPuller:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             hello = _recv_header(sock, KVEndpoint, deadline)
+            challenge = bytearray(_CHALLENGE_BYTES)
+            _recv_into(sock, memoryview(challenge), deadline)
+            sock.sendall(_answer(self._secret, bytes(challenge)))
         except BaseException:
             sock.close()
             raise

@@ -30,16 +30,26 @@ def test_bad_deployments_name_the_problem(kwargs, match):
         Deployment(EngineConfig(), **kwargs)
 
 
-def test_messages_round_trip_and_reject_other_bytes():
+def test_messages_round_trip_signed_and_reject_other_bytes():
     ticket = MigrationTicket("r1", [1, 2, 3], 7, "hi", -0.5, [4, 9], 1.0, 1.5)
     msg = m.AddMigration(ticket, SamplingParams(temperature=0, stop=["\n"]), "prefill-0",
                          {"backend": "shm", "shm_name": "x"})
-    assert m.decode_for_instance(m.encode(msg)) == msg
-    with pytest.raises(Exception):
-        m.decode_for_instance(m.encode(m.Stats("i", "decode", 0, 0, 0, 0.0, 1, 1)))
+    ours, theirs = m.Sealer.new(), m.Sealer.new()
+    assert ours.open_for_instance(ours.seal(msg)) == msg
+    with pytest.raises(m.BadFrame, match="unauthenticated"):
+        ours.open_for_instance(theirs.seal(msg))           # another deployment's secret
+    frame = bytearray(ours.seal(msg))
+    frame[-1] ^= 1
+    with pytest.raises(m.BadFrame, match="unauthenticated"):
+        ours.open_for_instance(bytes(frame))               # one bit changed on the way
+    with pytest.raises(m.BadFrame, match="undecodable"):
+        ours.open_for_instance(ours.seal(m.Stats("i", "decode", 0, 0, 0, 0.0, 1, 1)))
     import pickle
-    with pytest.raises(Exception):
-        m.decode_for_controller(pickle.dumps({"not": "allowed"}))
+    for stray in (pickle.dumps({"not": "allowed"}), b"", b"\x00"):
+        with pytest.raises(m.BadFrame):
+            ours.open_for_controller(stray)
+    with pytest.raises(ValueError, match="16 bytes"):
+        m.Sealer(b"short")
 
 
 def test_serve_runs_its_engine_in_its_own_process_by_default():
@@ -70,6 +80,6 @@ def test_the_local_launcher_refuses_parallel_instances_by_name():
     from distserve.cluster.local import LocalLauncher
     spec = InstanceSpec("prefill", "prefill-0", EngineConfig(), tp=2)
     with pytest.raises(ValueError, match="prefill-0 asks for TP 2 x PP 1"):
-        LocalLauncher().start(spec, "tcp://127.0.0.1:1", "shm")
+        LocalLauncher().start(spec, "tcp://127.0.0.1:1", "shm", b"0123456789abcdef")
     with pytest.raises(ValueError, match="TP and PP must be >= 1"):
         InstanceSpec("decode", "decode-0", EngineConfig(), pp=0)

@@ -1,5 +1,6 @@
 """A disaggregated deployment (real instance processes) outlives what once ended it: stray
-frames on its internal ports, forged messages, and a tiny temperature."""
+frames on its internal ports, messages forged by a process without the deployment's secret
+(commands, outputs, aborts), and a tiny temperature."""
 from __future__ import annotations
 
 import asyncio
@@ -60,26 +61,35 @@ def test_stray_frames_forged_messages_and_tiny_temperatures_end_nothing(tiny_lla
         await c.start()
         try:
             expected = await _text(c, "before")
+            stranger = m.Sealer.new()  # a local process that is not part of the deployment
             garbage = [b"\x00", b"\xc1", b"not msgpack at all", b""]
-            forged = [m.encode(m.Stats("stranger", "decode", 1, 1, 1, 0.5, 0, 1)),
-                      m.encode(m.Migrated("prefill-0", [m.MigrationDone("x", "nobody", 1, 0.1)]))]
-            _push(c.address, garbage + forged)
-            for inst in c.instances.values():
-                _push(inst.ready.command_address, garbage)
+            _push(c.address, garbage + [stranger.seal(m.Stats("decode-0", "decode", 9, 9, 9,
+                                                               0.9, 0, 1))])
+            for inst in c.instances.values():  # commands it must neither obey nor die of
+                _push(inst.ready.command_address, garbage + [stranger.seal(m.Shutdown())])
+            # a signed message naming instances the deployment does not have (a buggy peer)
+            _push(c.address, [c.sealer.seal(m.Stats("nobody", "decode", 1, 1, 1, 0.5, 0, 1)),
+                              c.sealer.seal(m.Migrated("prefill-0",
+                                                       [m.MigrationDone("x", "nobody", 1, 0.1)]))])
 
-            # an output for a live request, in the name of the decode instance that does not
-            # hold it (a stranger who names the holder needs the secret: see the auth tests)
             long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
             stream = await c.generate("Once upon a time", long, "victim")
             first = await stream.__anext__()
             while c.requests["victim"].decode is None:
                 await asyncio.sleep(0.001)
-            wrong = ({"decode-0", "decode-1"} - {c.requests["victim"].decode}).pop()
-            _push(c.address, [m.encode(m.Outputs(wrong, [RequestOutput(
-                "victim", [1], "INJECTED", True, "stop")]))])
+            holder = c.requests["victim"].decode
+            other = ({"decode-0", "decode-1"} - {holder}).pop()
+            injected = [RequestOutput("victim", [1], "INJECTED", True, "stop")]
+            # a stranger in the holder's name; a signed output from an instance not holding it;
+            # a stranger's abort of the victim on its decode instance
+            _push(c.address, [stranger.seal(m.Outputs(holder, injected)),
+                              c.sealer.seal(m.Outputs(other, injected))])
+            _push(c.instances[holder].ready.command_address, [stranger.seal(m.Abort("victim"))])
             rest = [out async for out in stream]
             victim = first.new_token_ids + [t for out in rest for t in out.new_token_ids]
             assert "INJECTED" not in "".join(out.new_text for out in rest)
+            assert all(inst.process.alive for inst in c.instances.values())
+            assert c.instances["decode-0"].stats.num_waiting != 9  # the stranger's Stats
 
             tiny = [await _text(c, f"tiny-{i}", SamplingParams(
                 temperature=t, max_tokens=12, ignore_eos=True, seed=i))
@@ -94,6 +104,7 @@ def test_stray_frames_forged_messages_and_tiny_temperatures_end_nothing(tiny_lla
     expected, victim, tiny, after, dropped = asyncio.run(asyncio.wait_for(run(), 120))
     assert len(victim) == 200 and victim[:12] == expected and after == expected
     assert tiny == [expected, expected]  # below the greedy threshold: the greedy tokens
-    # 4 frames of garbage and 2 forged messages; the forged output too, unless it came
-    # after the victim had finished (then there is nobody to deliver it to)
-    assert dropped in (6, 7)
+    # 4 frames of garbage, the stranger's Stats and Outputs, the 2 signed messages naming
+    # unknown instances; the signed output of the non-holder too, unless it came after the
+    # victim had finished (then there is nobody to deliver it to)
+    assert dropped in (8, 9)

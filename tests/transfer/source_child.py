@@ -14,6 +14,7 @@ from distserve.kv.cache import KVCacheShape
 
 SHAPE = KVCacheShape(num_layers=2, num_kv_heads=2, head_dim=16, block_size=4)
 NUM_BLOCKS = 24
+SECRET = b"the transfer tests' deployment secret"  # both sides of a test know it
 
 
 def seeded_cache(dtype: torch.dtype, seed: int, num_blocks: int = NUM_BLOCKS,
@@ -31,7 +32,7 @@ def main() -> None:
     dtype, seed = getattr(torch, sys.argv[1]), int(sys.argv[2])
     cache, shm = allocate_shm_cache(SHAPE, NUM_BLOCKS, dtype)
     cache.copy_(seeded_cache(dtype, seed))
-    tcp = TcpSource(cache, "127.0.0.1", 0)
+    tcp = TcpSource(cache, "127.0.0.1", 0, secret=SECRET)
     print(msgspec.json.encode({"shm": shm.endpoint, "tcp": tcp.endpoint}).decode(), flush=True)
     sys.stdin.read()
     tcp.close()

@@ -15,7 +15,7 @@ from distserve.kv.cache import allocate_kv_cache
 from distserve.transfer import KVEndpoint, TransferError, allocate_shm_cache, make_puller
 from distserve.transfer.shm import _segment_exists
 
-from .source_child import NUM_BLOCKS, SHAPE, seeded_cache
+from .source_child import NUM_BLOCKS, SECRET, SHAPE, seeded_cache
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -58,7 +58,7 @@ def child():
 @pytest.mark.parametrize("backend", ["shm", "tcp"])
 def test_pull_from_another_process(child, backend):
     expected = seeded_cache(torch.bfloat16, seed=11)
-    puller = make_puller(backend, timeout=10)
+    puller = make_puller(backend, timeout=10, secret=SECRET)
     try:
         dst_cache = allocate_kv_cache(SHAPE, 16, torch.bfloat16)
         src, dst = [17, 2, 9, 23, 0], [4, 15, 0, 8, 11]
@@ -74,7 +74,7 @@ def test_pull_from_another_process(child, backend):
 
 def test_dead_source_is_an_error_not_a_hang():
     c = _Child("float32", seed=3)
-    pullers = {b: make_puller(b, timeout=5) for b in ("shm", "tcp")}
+    pullers = {b: make_puller(b, timeout=5, secret=SECRET) for b in ("shm", "tcp")}
     dst_cache = allocate_kv_cache(SHAPE, 4, torch.float32)
     try:
         for b, puller in pullers.items():  # connected and mapped while the source lives
@@ -103,7 +103,7 @@ from distserve.kv.cache import allocate_kv_cache
 from distserve.transfer import KVEndpoint, make_puller
 ep = msgspec.json.decode(sys.argv[1], type=KVEndpoint)
 dst = torch.zeros(2, *ep.block_shape, dtype=ep.torch_dtype)
-make_puller("shm").pull(ep, [3], dst, [1])
+make_puller("shm", secret=b"shm needs none of it").pull(ep, [3], dst, [1])
 print(float(dst[1].sum()))
 """
 

@@ -8,6 +8,8 @@ import torch
 from distserve.kv.cache import KVCacheShape
 from distserve.transfer import KVEndpoint, TransferStats, make_puller, make_source
 
+from .source_child import SECRET
+
 TCP = dict(backend="tcp", num_blocks=8, num_layers=2, block_size=4, num_kv_heads=2,
            head_dim=8, dtype="bfloat16", host="127.0.0.1", port=5555)
 
@@ -42,9 +44,9 @@ def test_shm_endpoint_needs_a_segment_name():
 def test_factories_name_the_bad_backend():
     shape = KVCacheShape(num_layers=1, num_kv_heads=1, head_dim=4, block_size=2)
     with pytest.raises(ValueError, match="'rdma'"):
-        make_source("rdma", shape, 4, torch.float32)
+        make_source("rdma", shape, 4, torch.float32, secret=SECRET)
     with pytest.raises(ValueError, match="'rdma'"):
-        make_puller("rdma")
+        make_puller("rdma", secret=SECRET)
 
 
 def test_stats_report_bandwidth():
