@@ -33,7 +33,7 @@ simulated, by rate) for our engine and our planner's simulator.
    instances' cores: their measured CPU stretches the instances' steps, by what a host
    CPU-second costs a step, and the instances slow each other down by contending for memory
    and cache, both measured once with the profile by benchmarks/interference.py and cached
-   with it (host_slowdown; --no-host-model leaves all of it out; the diagnostics show both
+   with it (planner.host_model; --no-host-model leaves all of it out; the diagnostics show both
    parts). Also the simulator on fresh
    traces of the same lengths over several seeds (the spread a different sample gives).
    "Calibrated just before": before each rate, a calibration load of 30 other prompts at that
@@ -72,16 +72,9 @@ from sim_vs_real_config import (
 )
 from sim_vs_real_profile import code_fingerprint, load_entry, measure_interference, run_profile
 from sim_vs_real_real import run_real
-from sim_vs_real_sim import (
-    compare,
-    default_kv_tokens,
-    pick_rates,
-    probe_check,
-    runs_of,
-    sim_deployment,
-    slos,
-)
+from sim_vs_real_sim import default_kv_tokens, deployment_of, pick_rates, sim_deployment, slos
 
+from distserve.planner.reality_check import compare, probe_check, runs_of
 from distserve.planner.workload import Lengths
 
 
@@ -373,9 +366,9 @@ def main(argv=None) -> int:
     for n in names:
         report["deployments"][n] = {"serve_flags": DEPLOYMENTS[n], "server": docs[n].get("_server"),
                                     "probe": probe_check(docs[n], entry),
-                                    "rows": compare(n, docs[n], entry, slo, lengths, args.fresh_seeds,
-                                                    not args.no_host_model, not args.no_serving_latency,
-                                                    interference)}
+                                    "rows": compare(deployment_of(n, docs[n]), docs[n], entry, slo, lengths,
+                                                    args.fresh_seeds, not args.no_host_model,
+                                                    not args.no_serving_latency, interference)}
     report["max_diff_pp"] = max(r["diff_pp"] for d in report["deployments"].values() for r in d["rows"])
     cal = [r["calibrated"]["diff_pp"] for d in report["deployments"].values() for r in d["rows"] if r.get("calibrated")]
     report["max_diff_calibrated_pp"] = max(cal) if cal else None

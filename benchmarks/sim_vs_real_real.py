@@ -1,7 +1,7 @@
 """Step 3 of the simulator-vs-reality check (benchmarks/sim_vs_real.py): serve each deployment
 for real with `distserve serve`, load it with `distserve bench` at each rate, and account the
 CPU seconds of every process over each run. It must never simulate: the comparison is
-benchmarks/sim_vs_real_sim.py's.
+distserve.planner.reality_check's, driven by benchmarks/sim_vs_real_sim.py.
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from sim_vs_real_config import (
     PROBE_REQUESTS,
     WORKLOADS,
 )
-from sim_vs_real_trace import read_traces, run_speed, speed_timeline, summarise
 
 from distserve.cluster.step_trace import ENV as STEP_TRACE
+from distserve.planner.step_traces import read_traces, run_speed, speed_timeline, summarise
 
 
 def start_server(flags: list[str], port: int, log_path: pathlib.Path) -> tuple[subprocess.Popen, int]:

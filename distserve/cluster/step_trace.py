@@ -1,6 +1,6 @@
 """An instance's log of when each request reached it, when each model step ran and on what,
 and when first tokens left: for finding where the time goes in a served deployment (the
-simulator-vs-reality check reads it, benchmarks/sim_vs_real_trace.py).
+simulator-vs-reality check reads it, distserve/planner/step_traces.py).
 
 Off unless DISTSERVE_STEP_TRACE names a folder; each instance then appends JSON lines to
 <folder>/<instance id>.jsonl. Times are time.monotonic(), one clock for every process here.

@@ -1,8 +1,11 @@
-"""Where the time goes in a served run, from the instances' step traces (DISTSERVE_STEP_TRACE,
-distserve/cluster/step_trace.py): the simulator-vs-reality check uses it to tell a latency
-model that is wrong (model steps slower than the profile says) from time the simulator does
-not model (queueing outside the engine, delivery of the first token).
-It must never serve or simulate: it reads traces and the profile.
+"""Reading the instances' step traces (DISTSERVE_STEP_TRACE, written by
+distserve/cluster/step_trace.py): how fast a served deployment's engine iterations ran
+against the profile, per phase (run_speed), how that speed moved within the run
+(speed_timeline, for distserve.planner.time_warp), and where a request's time went before
+its first token (summarise). That tells a latency model that is wrong (model steps slower
+than the profile says) from time the simulator does not model (queueing outside the engine,
+delivery of the first token).
+It must never serve, simulate or import torch: it reads traces and the profile.
 """
 from __future__ import annotations
 
@@ -108,7 +111,7 @@ def speed_timeline(traces: dict[str, list[dict]], entry, num_requests: int, spee
     profiled time;
     bins without steps count 1. The host of this machine has slow spells of seconds (a
     quarter of the decode steps 1.6x slower, in runs), which spread TPOTs; the simulator can
-    replay them as a time warp (sim_vs_real_sim.at_run_speed).
+    replay them as a time warp (distserve.planner.time_warp).
     `num_requests`: the run's requests, the last arrivals in the traces (the bench's test
     request comes before them)."""
     arrivals = sorted({r["arrival"] for recs in traces.values() for r in recs
@@ -132,20 +135,10 @@ def speed_timeline(traces: dict[str, list[dict]], entry, num_requests: int, spee
     return {"bin_s": bin_s, "warp": warp}
 
 
-def describe(summary: dict) -> str:
-    lines = []
-    for iid, s in summary.items():
-        def f(key, fmt="{:.2f}", s=s):
-            return "-" if s[key] is None else fmt.format(s[key])
-        lines.append(f"    {iid}: busy {f('busy_share')}; prefill steps {s['prefill_steps']} "
-                     f"(mean {f('prefill_step_ms_mean', '{:.1f}')} ms, measured/profile mean "
-                     f"{f('prefill_measured_over_profile_mean')}, median {f('prefill_measured_over_profile_median')}); "
-                     f"decode steps {s['decode_steps']} (mean {f('decode_step_ms_mean', '{:.1f}')} ms, "
-                     f"measured/profile mean {f('decode_measured_over_profile_mean')}, median "
-                     f"{f('decode_measured_over_profile_median')})")
-        if s["first_tokens"]:
-            lines.append(f"      first tokens {s['first_tokens']}: controller->instance "
-                         f"{f('controller_to_instance_ms_mean', '{:.1f}')} ms, queued "
-                         f"{f('queue_wait_ms_mean', '{:.1f}')} ms, arrival->computed "
-                         f"{f('arrival_to_first_token_computed_ms_mean', '{:.1f}')} ms")
-    return "\n".join(lines)
+def server_ttft_s(summary: dict) -> float:
+    """The mean time from a request's arrival to its first token computed, over the instances
+    that computed first tokens (weighted by how many): the TTFT the instances saw, without
+    the serving path around them (0 when none did)."""
+    served = [s["arrival_to_first_token_computed_ms_mean"] for s in summary.values() if s["first_tokens"]]
+    weights = [s["first_tokens"] for s in summary.values() if s["first_tokens"]]
+    return sum(a * w for a, w in zip(served, weights)) / sum(weights) * 1e-3 if weights else 0.0
