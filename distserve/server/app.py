@@ -71,7 +71,9 @@ def build_app(client: EngineClient, served_model_name: str | None = None,
     @app.get("/metrics")
     async def prometheus_metrics():
         instances = client.instance_stats() if hasattr(client, "instance_stats") else None
-        return Response(metrics.render(client.stats(), instances), media_type=CONTENT_TYPE)
+        dropped = getattr(client, "num_dropped_messages", 0)
+        return Response(metrics.render(client.stats(), instances, dropped),
+                        media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models():

@@ -56,6 +56,9 @@ class ServerMetrics:
         self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (0..1).")
         self.kv_free = gauge("kv_cache_free_blocks", "KV blocks free.")
         self.kv_total = gauge("kv_cache_total_blocks", "KV blocks in the cache.")
+        self.dropped = gauge("internal_messages_dropped",
+                             "Frames on the deployment's internal ports that were not authentic "
+                             "messages of one of its instances (since start).")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self._success = Counter("distserve:request_success", "Requests that finished.",
@@ -87,9 +90,11 @@ class ServerMetrics:
     def finished(self, reason: str) -> None:
         self._success.labels(self._model_name, reason).inc()
 
-    def render(self, stats: EngineStats, instances: list | None = None) -> bytes:
+    def render(self, stats: EngineStats, instances: list | None = None,
+               dropped_messages: int = 0) -> bytes:
         """The text exposition, with the gauges read from the engine's latest snapshot and,
-        for a multi-instance deployment, each instance's last report."""
+        for a multi-instance deployment, each instance's last report and the count of frames
+        its controller dropped."""
         for inst in instances or []:
             values = {"num_requests_running": inst.num_running,
                       "num_requests_waiting": inst.num_waiting,
@@ -112,6 +117,7 @@ class ServerMetrics:
         self.kv_usage.set(stats.kv_usage)
         self.kv_free.set(stats.num_free_blocks)
         self.kv_total.set(stats.num_blocks)
+        self.dropped.set(dropped_messages)
         return generate_latest(self.registry)
 
 

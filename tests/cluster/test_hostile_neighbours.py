@@ -14,6 +14,7 @@ from distserve.cluster.deployment import Deployment, PhaseSettings
 from distserve.config import EngineConfig
 from distserve.cluster.local import LocalLauncher
 from distserve.controller import Controller
+from distserve.server.metrics import ServerMetrics
 from distserve.cluster.messages import RequestOutput
 
 pytestmark = pytest.mark.slow
@@ -97,11 +98,14 @@ def test_stray_frames_forged_messages_and_tiny_temperatures_end_nothing(tiny_lla
             after = await _text(c, "after")
             assert c.is_healthy
             assert await _all_free(c), c.instance_stats()
-            return expected, victim, tiny, after, c.num_dropped_messages
+            metrics = ServerMetrics("tiny").render(c.stats(), c.instance_stats(),
+                                                   c.num_dropped_messages).decode()
+            return expected, victim, tiny, after, c.num_dropped_messages, metrics
         finally:
             await c.shutdown()
 
-    expected, victim, tiny, after, dropped = asyncio.run(asyncio.wait_for(run(), 120))
+    expected, victim, tiny, after, dropped, metrics = asyncio.run(asyncio.wait_for(run(), 120))
+    assert f'distserve:internal_messages_dropped{{model_name="tiny"}} {float(dropped)}' in metrics
     assert len(victim) == 200 and victim[:12] == expected and after == expected
     assert tiny == [expected, expected]  # below the greedy threshold: the greedy tokens
     # 4 frames of garbage, the stranger's Stats and Outputs, the 2 signed messages naming
