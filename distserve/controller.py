@@ -19,9 +19,8 @@ import zmq.asyncio
 
 from distserve.cluster import messages as m
 from distserve.cluster.launcher import InstanceHandle, InstanceSpec, Launcher
-from distserve.cluster.messages import EngineStats
+from distserve.cluster.messages import EngineStats, RequestOutput
 from distserve.engine.async_engine import EngineDeadError, RequestStream
-from distserve.cluster.messages import RequestOutput
 from distserve.models.locate import locate_model
 from distserve.request import SamplingParams, fit_to_context
 from distserve.tokenizer import load_tokenizer

@@ -142,7 +142,6 @@ class AsyncEngine:
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
         """Raises ValueError for a request that can never run; fills in max_tokens if unset."""
-        self.engine.check_prompt(prompt_ids)  # reads only fixed settings, safe off-thread
         return fit_to_context(prompt_ids, params, self.max_model_len, self.engine.vocab_size)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,

@@ -58,6 +58,3 @@ class PromptEncoder:
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
-
-    def close(self) -> None:
-        self._thread.shutdown(wait=False, cancel_futures=True)
