@@ -1,6 +1,7 @@
 """Disaggregated vs colocated serving on this machine, measured with `distserve bench`.
 
     python benchmarks/disagg_vs_colocated.py [--workloads longbench,sharegpt] [--quick]
+    python benchmarks/disagg_vs_colocated.py --from-saved   # the report again from the saved runs
 
 Three deployments of the same model over the same 2 cores:
   disagg-1p1d     1 prefill + 1 decode instance, 1 thread each, pinned to a core each
@@ -11,7 +12,9 @@ The TPOT SLO is derived from the decode step of a single request with a mean-len
 measured here on 1 thread, and the TTFT SLO from the same request's prefill time. Each deployment is served
 for real (`distserve serve`), swept over request rates with `distserve bench`, and its goodput
 at 90% attainment is reported per instance core (2 cores for every deployment).
-Results: benchmarks/results/disagg_vs_colocated.json and one attainment plot per workload.
+Results: benchmarks/results/disagg_vs_colocated.json and one attainment plot per workload; each
+deployment's whole `distserve bench` result (every request) beside them in
+benchmarks/results/disagg_vs_colocated_runs/, which `distserve simulate --replay` re-simulates.
 """
 from __future__ import annotations
 
@@ -81,7 +84,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tpot-factor", type=float, default=2.0, help="TPOT SLO / decode step")
     ap.add_argument("--ttft-factor", type=float, default=4.0, help="TTFT SLO / prefill time")
     ap.add_argument("--quick", action="store_true", help="10 prompts, 3 rates (a smoke run)")
+    ap.add_argument("--from-saved", action="store_true", help="serve nothing: the goodputs, table "
+                    "and plots again from the saved points, through the package's crossing")
     args = ap.parse_args(argv)
+    if args.from_saved:
+        return report_from_saved(RESULTS / "disagg_vs_colocated.json")
     if args.quick:
         args.num_prompts, args.rate_fractions = 10, "0.4,0.8,1.6"
     fractions = [float(f) for f in args.rate_fractions.split(",")]
@@ -106,9 +113,11 @@ def main(argv=None) -> int:
             port = free_port()
             proc = start_server(["--kv-cache-memory", "1", *DEPLOYMENTS[name]], port,
                                 tmp / f"{workload}-{name}.log")
+            runs = RESULTS / "disagg_vs_colocated_runs"
+            runs.mkdir(exist_ok=True)
             try:
                 result = run_bench(port, workload, rates, slo, args.num_prompts,
-                                   tmp / f"{workload}-{name}.json")
+                                   runs / f"{workload}-{name}.json")
             finally:
                 stop_server(proc)
             entry["deployments"][name] = summarize(result)
@@ -123,6 +132,25 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(report, indent=2))  # after each workload: a later one may fail
     print_table(report)
     print(f"saved {out}")
+    return 0
+
+
+def report_from_saved(path: pathlib.Path) -> int:
+    """Each deployment's goodput per core recomputed from its saved (rate, attainment) points
+    with the crossing `distserve bench` uses, set against the saved figure; table and plots."""
+    from distserve.bench.metrics import highest_crossing
+    report = json.loads(path.read_text())
+    for workload, entry in report["workloads"].items():
+        for name, d in entry["deployments"].items():
+            pts = [p for p in d["points"] if isinstance(p["request_rate"], (int, float))]
+            crossing = highest_crossing([p["request_rate"] for p in pts], [p["slo_attainment"] for p in pts], 0.9)
+            again = None if crossing.value is None else crossing.value / 2
+            same = again == d["goodput_per_core"] or (again is not None and d["goodput_per_core"] is not None
+                                                       and abs(again - d["goodput_per_core"]) < 1e-9)
+            print(f"{workload:<11} {name:<15} saved {d['goodput_per_core']}, recomputed {again}: "
+                  f"{'same' if same else 'DIFFERENT'}")
+        plot(workload, entry, RESULTS / f"disagg_vs_colocated_{workload}.png")
+    print_table(report)
     return 0
 
 

@@ -6,7 +6,7 @@ own check (OPT-13B on one node of 4 GPUs, SLO 200/100 ms: 1.56 req/s per GPU wit
 and decode TP 1), and the search time for OPT-175B on 4 nodes of 8 GPUs. Saves everything to
 benchmarks/results/paper.json.
 
-    python benchmarks/paper.py [--requests 2000] [--seeds 3] [--workers N] [--quick]
+    python benchmarks/paper.py [--requests 2000] [--seeds 3] [--jobs N] [--quick]
 """
 from __future__ import annotations
 
@@ -22,9 +22,8 @@ from distserve.planner.goodput import SLO
 from distserve.planner.hardware import Cluster, get_hardware
 from distserve.planner.models import get_model
 from distserve.planner.planning import make_plan
-from distserve.planner.colocated import Colocated
 from distserve.planner.search import Candidate, Problem, confirm, confirm_colocated
-from distserve.planner.simulator import simulate
+from distserve.planner.simulator import Colocated, simulate
 from distserve.planner.workload import Lengths, make_trace
 
 # (case, model, workload, TTFT s, TPOT s, paper placement (prefill TP, PP, decode TP, PP),
@@ -43,7 +42,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "p
 def problem(model, workload, ttft, tpot, nodes, gpn, args, **kw) -> Problem:
     return Problem(get_model(model), Cluster(get_hardware("a100-80g"), nodes, gpn), Lengths(workload),
                    SLO(ttft, tpot), "distserve", "vllm", args.requests, tuple(range(args.seeds)),
-                   workers=args.workers, **kw)
+                   jobs=args.jobs, **kw)
 
 
 def log(msg: str) -> None:
@@ -93,7 +92,7 @@ def fig11a(args) -> dict:
     """SLO attainment of OPT-66B ShareGPT at 400/100 ms by per-GPU rate, against the artifact's
     simulator: DistServe-Low with the Table 3 placement (8 GPUs) and vLLM with TP 4."""
     import numpy as np
-    from distserve.planner.colocated import Colocated
+    from distserve.planner.simulator import Colocated
     from distserve.planner.goodput import attainment
     from distserve.planner.search import deployment
     path = "/work/shared/reference/a100-profiles/fig11a_ablation_attainment.json"
@@ -115,7 +114,7 @@ def fig11a(args) -> dict:
 def search_time(args) -> dict:
     out = {}
     for algorithm in ("low", "high"):
-        log(f"== search time: OPT-175B, 4 nodes x 8 GPUs, {algorithm} affinity, {args.workers} worker(s)")
+        log(f"== search time: OPT-175B, 4 nodes x 8 GPUs, {algorithm} affinity, {args.jobs} process(es)")
         p = problem("facebook/opt-175b", "sharegpt", 4.0, 0.2, 4, 8, args)
         t = time.perf_counter()
         plan = make_plan(p, algorithm, "sharegpt", compare=False, progress=log)
@@ -179,7 +178,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--quick", action="store_true", help="skip the best-colocated search")
     ap.add_argument("--output", default=RESULTS)
     args = ap.parse_args()

@@ -15,7 +15,7 @@ from interference import measure
 from sim_vs_real_config import INTERFERENCE_ROUNDS, MAX_BATCHED_TOKENS, MODEL_KEY, PROFILE, ROOT, WORKLOADS
 from sim_vs_real_real import machine_busy_seconds
 
-from distserve.planner.latency import Profile
+from distserve.planner.profiles import Profile
 
 
 def code_fingerprint() -> str:
@@ -42,7 +42,7 @@ def run_profile(workload: str, quick: bool, clock: str = "cpu") -> None:
         PROFILE.unlink()
     cmd = [sys.executable, "-m", "distserve.cli", "profile", "--device", "cpu", "--num-threads", "1",
            "-o", str(PROFILE), "--name", MODEL_KEY, "--prefill-lens", w["prefill_lens"],
-           "--prefill-batches", "1,2,4", "--max-prefill-tokens", str(MAX_BATCHED_TOKENS),
+           "--prefill-batches", "1,2,4", "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS),
            "--batch-sizes", "1,2,4,8,16,32" if quick else "1,2,4,8,16,32,64",
            "--context-lens", w["contexts"], "--max-decode-tokens", "40000",
            "--repeats", "3" if quick else "5", "--clock", clock]

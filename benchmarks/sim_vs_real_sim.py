@@ -10,16 +10,15 @@ from __future__ import annotations
 import numpy as np
 from sim_vs_real_config import BLOCK, KV_GIB, MAX_BATCHED_TOKENS, MAX_NUM_SEQS
 
-from distserve.planner.colocated import Colocated
 from distserve.planner.latency import InstanceLatency
 from distserve.planner.reality_check import fresh_attainment
-from distserve.planner.simulator import Disaggregated, InstanceConfig
+from distserve.planner.simulator import Colocated, Disaggregated, InstanceConfig
 from distserve.planner.workload import Lengths
 
 
 def sim_deployment(name: str, entry, kv_tokens: int):
     inst = InstanceConfig(InstanceLatency(entry), kv_tokens, max_batch=MAX_NUM_SEQS,
-                          max_prefill_tokens=MAX_BATCHED_TOKENS)
+                          max_num_batched_tokens=MAX_BATCHED_TOKENS)
     if name == "colocated":
         return Colocated(inst, num_instances=2)
     return Disaggregated(inst, inst, 1, 1)   # KV over shared memory: the copy is ~free

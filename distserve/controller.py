@@ -20,6 +20,7 @@ import zmq.asyncio
 from distserve.cluster import messages as m
 from distserve.cluster.launcher import InstanceHandle, InstanceSpec, Launcher
 from distserve.cluster.messages import EngineStats, RequestOutput
+from distserve.dispatch import least_loaded
 from distserve.engine.async_engine import EngineDeadError, RequestStream
 from distserve.models.locate import locate_model
 from distserve.request import SamplingParams, fit_to_context
@@ -182,8 +183,7 @@ class Controller:
 
     def _least_loaded(self, role: str) -> _Instance:
         pool = [i for i in self.instances.values() if i.spec.role == role]
-        key = (lambda i: i.queued_tokens) if role == "prefill" else (lambda i: i.load)
-        return min(pool, key=key)
+        return pool[least_loaded([i.queued_tokens if role == "prefill" else i.load for i in pool])]
 
     def _on_stream_closed(self, request_id: str, finished: bool) -> None:
         if not finished:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from distserve import slo
+
 
 @dataclass
 class RequestRecord:
@@ -48,23 +50,19 @@ def tpot(record: RequestRecord) -> float | None:
 
 
 def meets(record: RequestRecord, ttft_slo: float | None, tpot_slo: float | None) -> tuple[bool, bool]:
-    """(meets the TTFT SLO, meets the TPOT SLO); never for a failed request."""
+    """(meets the TTFT SLO, meets the TPOT SLO); never for a failed request (distserve.slo)."""
     if not record.success:
         return False, False
-    ttft_ok = ttft_slo is None or record.ttft <= ttft_slo
-    tpot_ok = tpot_slo is None or tpot(record) <= tpot_slo
-    return ttft_ok, tpot_ok
+    return slo.meets(record.ttft, tpot(record), ttft_slo, tpot_slo)
 
 
 def attainment(records: list[RequestRecord], ttft_slo: float | None,
                tpot_slo: float | None) -> tuple[float, float, float]:
-    """Shares of all requests meeting (both SLOs, the TTFT SLO, the TPOT SLO)."""
-    if not records:
-        return 0.0, 0.0, 0.0
-    flags = [meets(r, ttft_slo, tpot_slo) for r in records]
-    n = len(records)
-    return (sum(a and b for a, b in flags) / n, sum(a for a, _ in flags) / n,
-            sum(b for _, b in flags) / n)
+    """Shares of all requests meeting (both SLOs, the TTFT SLO, the TPOT SLO); 0 of none."""
+    ok = [r.success for r in records]
+    shares = slo.attainment([r.ttft if s else None for r, s in zip(records, ok)],
+                            [tpot(r) if s else None for r, s in zip(records, ok)], ttft_slo, tpot_slo)
+    return shares if shares is not None else (0.0, 0.0, 0.0)
 
 
 def distribution_ms(values: list[float], name: str, percentiles=(50, 90, 99)) -> dict:

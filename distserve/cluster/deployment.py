@@ -80,7 +80,7 @@ class Deployment:
     def from_flags(cls, base: EngineConfig, mode: str | None = None, instances: int | None = None,
                    prefill_instances: int = 0, decode_instances: int = 0,
                    prefill_threads: int | None = None, decode_threads: int | None = None,
-                   prefill_max_batched_tokens: int | None = None,
+                   prefill_max_num_batched_tokens: int | None = None,
                    decode_max_num_seqs: int | None = None,
                    prefill_kv_cache_memory: float | None = None,
                    decode_kv_cache_memory: float | None = None,
@@ -104,7 +104,7 @@ class Deployment:
                              f"--decode-instances >= 1, got {prefill_instances} and "
                              f"{decode_instances}")
         prefill = PhaseSettings(prefill_instances, prefill_threads,
-                                max_num_batched_tokens=prefill_max_batched_tokens,
+                                max_num_batched_tokens=prefill_max_num_batched_tokens,
                                 kv_cache_memory_gib=prefill_kv_cache_memory)
         decode = PhaseSettings(decode_instances, decode_threads, max_num_seqs=decode_max_num_seqs,
                                kv_cache_memory_gib=decode_kv_cache_memory)
@@ -131,7 +131,7 @@ class Deployment:
                             "CPU, so its predicted goodput does not apply here")
         return cls(base, "disaggregated",
                    prefill=PhaseSettings(plan.prefill.instances,
-                                         max_num_batched_tokens=plan.prefill.max_batched_tokens),
+                                         max_num_batched_tokens=plan.prefill.max_num_batched_tokens),
                    decode=PhaseSettings(plan.decode.instances,
                                         max_num_seqs=plan.decode.max_num_seqs),
                    transfer=transfer, pin_cpus=pin_cpus, ttft_slo=plan.ttft_slo,

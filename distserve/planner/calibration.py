@@ -8,10 +8,12 @@ It must never measure anything or import torch: it turns measured factors into p
 """
 from __future__ import annotations
 
+import math
+import pathlib
 from typing import Callable
 
-from distserve.planner.latency import ProfileEntry
-from distserve.planner.step_traces import run_speed, server_ttft_s
+from distserve.planner.profiles import ProfileEntry
+from distserve.planner.step_traces import read_traces, run_speed, server_ttft_s, summarise
 
 DeploymentOf = Callable[[ProfileEntry], object]   # the simulated deployment of a profile
 
@@ -39,3 +41,30 @@ def at_run_speed(deployment_of: DeploymentOf, entry: ProfileEntry, run: dict):
     speed = run_speed(run["_trace"])
     dep = at_speed(deployment_of, entry, speed)
     return dep, speed, max(run["mean_ttft_ms"] * 1e-3 - server_ttft_s(run["_trace"]), 0.0)
+
+
+def parse_speed(text: str) -> dict:
+    """`--speed K` (both phases) or `--speed PREFILL:DECODE`: factors on the profile's times."""
+    parts = text.split(":")
+    try:
+        values = [float(x) for x in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"--speed must be K or PREFILL:DECODE, positive factors on the "
+                         f"profile's times, got {text!r}")
+    return {"prefill": values[0], "decode": values[-1]}
+
+
+def speed_of_traces(folder: str, entry: ProfileEntry) -> dict:
+    """How much slower than `entry` the model steps of a served run ran, per phase, from its
+    instances' step traces in `folder` (`DISTSERVE_STEP_TRACE=folder distserve serve ...`)."""
+    path = pathlib.Path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--step-traces {folder!r} is not a folder")
+    traces = read_traces(path, -math.inf, math.inf)
+    summary = summarise(traces, entry, 0.0)
+    if not any(s["prefill_steps"] or s["decode_steps"] for s in summary.values()):
+        raise ValueError(f"--step-traces {folder!r} holds no model steps (*.jsonl written by "
+                         f"instances started with DISTSERVE_STEP_TRACE={folder})")
+    return run_speed(summary)

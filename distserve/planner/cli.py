@@ -11,7 +11,7 @@ import json
 import sys
 
 from distserve.planner.hardware import Cluster, get_hardware
-from distserve.planner.latency import BUILTIN_PROFILES
+from distserve.planner.profiles import BUILTIN_PROFILES
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -28,12 +28,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attainment", type=float, default=0.9, help="target share meeting both SLOs")
     g.add_argument("--num-requests", type=int, default=2000, help="requests per simulation")
     g.add_argument("--seeds", type=int, default=3, help="seeds for the goodput and its spread")
-    g.add_argument("--cv", type=float, default=1.0, help="arrival burstiness (1: Poisson)")
-    g.add_argument("--max-prefill-tokens", type=int, default=None,
-                   help="prompt tokens per prefill batch (default: the instance's KV room)")
+    g.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the arrival gaps, "
+                   "as in `distserve bench` and vllm bench serve (1: Poisson, < 1: burstier)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per prefill batch, or per chunked-prefill iteration (default: the "
+                   "instance's KV room; 512 with --chunked-prefill)")
     g.add_argument("--chunked-prefill", action="store_true", help="colocated: chunked prefill")
-    g.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
+    g.add_argument("-j", "--jobs", type=int, default=None, help="search processes (default: all cores)")
     g.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    g = p.add_argument_group("calibration (this machine's speed against its profile)")
+    g.add_argument("--speed", help="K or PREFILL:DECODE: the profile's step times x K, for a machine "
+                   "that runs slower (K > 1) or faster than when it was profiled")
+    g.add_argument("--step-traces", metavar="DIR", help="the step traces of a served run "
+                   "(DISTSERVE_STEP_TRACE=DIR distserve serve ...): the profile's times x how much "
+                   "slower its model steps really ran, per phase")
     g.add_argument("-o", "--output", help="write the result here (.yaml or .json)")
 
 
@@ -64,13 +72,15 @@ def register(sub) -> None:
     g.add_argument("--tp", type=int, default=1, help="colocated TP")
     g.add_argument("--pp", type=int, default=1, help="colocated PP")
     g.add_argument("--instances", type=int, default=1, help="colocated instances")
-    g.add_argument("--chunk-tokens", type=int, default=512)
     g.add_argument("--link-bandwidth", type=float, default=None,
                    help="GB/s between prefill and decode instances (default: the in-node link)")
     g.add_argument("--rate", type=float, nargs="*", default=None, help="req/s to simulate")
     g.add_argument("--goodput", action="store_true", help="also bisect the goodput")
     g.add_argument("--per-request", help="CSV of every request (arrival, lengths, TTFT, TPOT) at "
                    "the first rate and seed")
+    g.add_argument("--replay", metavar="BENCH_JSON", help="simulate exactly the arrivals and lengths "
+                   "of a `distserve bench --save-result` file and set the measured SLO attainment "
+                   "beside the predicted one, run by run")
     s.set_defaults(func=run_simulate)
 
     from distserve.planner.profile_cli import register as register_profile
@@ -84,12 +94,28 @@ def _problem(args, cluster: Cluster):
     from distserve.planner.workload import Lengths
     if args.num_requests < 10 or args.seeds < 1:
         raise ValueError("--num-requests must be >= 10 and --seeds >= 1")
-    kwargs = {"workers": args.workers} if getattr(args, "workers", None) else {}
-    return Problem(get_model(args.model), cluster, Lengths(args.workload),
-                   SLO(args.ttft_slo, args.tpot_slo, args.attainment), args.latency_profile,
-                   getattr(args, "colocated_profile", None), args.num_requests,
-                   tuple(range(args.seeds)), getattr(args, "rate", None) if args.func is run_plan else None,
-                   args.max_prefill_tokens, args.chunked_prefill, **kwargs)
+    if args.burstiness <= 0 or not args.burstiness < float("inf"):
+        raise ValueError(f"--burstiness must be > 0, got {args.burstiness}")
+    kwargs = {"jobs": args.jobs} if getattr(args, "jobs", None) else {}
+    problem = Problem(get_model(args.model), cluster, Lengths(args.workload),
+                      SLO(args.ttft_slo, args.tpot_slo, args.attainment), args.latency_profile,
+                      getattr(args, "colocated_profile", None), args.num_requests,
+                      tuple(range(args.seeds)), getattr(args, "rate", None) if args.func is run_plan else None,
+                      args.max_num_batched_tokens, args.chunked_prefill, **kwargs)
+    problem.speed = _speed(args, problem)
+    return problem
+
+
+def _speed(args, problem) -> dict | None:
+    """The factors on the profile's times that --speed or --step-traces ask for."""
+    from distserve.planner.calibration import parse_speed, speed_of_traces
+    if args.speed and args.step_traces:
+        raise ValueError("give --speed or --step-traces, not both")
+    if args.speed:
+        return parse_speed(args.speed)
+    if args.step_traces:
+        return speed_of_traces(args.step_traces, problem.instance(1, 1).latency.entry)
+    return None
 
 
 def _emit(args, doc: dict, text: str) -> None:

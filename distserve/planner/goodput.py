@@ -47,12 +47,12 @@ class Goodput:
 
 
 def attainment(deployment, lengths: Lengths, slo: SLO, rate: float, n: int = DEFAULT_REQUESTS,
-               seed: int = 0, cv: float = 1.0) -> float:
-    return simulate(make_trace(lengths, n, rate, seed, cv), deployment).attainment(slo.ttft, slo.tpot)
+               seed: int = 0, burstiness: float = 1.0) -> float:
+    return simulate(make_trace(lengths, n, rate, seed, burstiness), deployment).attainment(slo.ttft, slo.tpot)
 
 
 def goodput_one(deployment, lengths: Lengths, slo: SLO, n: int = DEFAULT_REQUESTS, seed: int = 0,
-                guess: float = 1.0, rel_tol: float = 0.02, cv: float = 1.0,
+                guess: float = 1.0, rel_tol: float = 0.02, burstiness: float = 1.0,
                 probes: list | None = None) -> float:
     """Highest rate (req/s) with attainment >= target for one seed; 0 when even 1/256 of
     `guess` fails (the SLO cannot be met, queueing or not)."""
@@ -61,7 +61,7 @@ def goodput_one(deployment, lengths: Lengths, slo: SLO, n: int = DEFAULT_REQUEST
     def att(rate: float) -> float:
         # a trace shorter than a few request lifetimes is one burst, not a steady load
         size = int(min(max(n, math.ceil(HORIZONS * rate * horizon)), MAX_GROWTH * n))
-        a = attainment(deployment, lengths, slo, rate, size, seed, cv)
+        a = attainment(deployment, lengths, slo, rate, size, seed, burstiness)
         if probes is not None:
             probes.append((rate, a))
         return a
@@ -110,12 +110,12 @@ def _interpolate(lo: float, a_lo: float, hi: float, a_hi: float, target: float) 
 
 
 def goodput(deployment, lengths: Lengths, slo: SLO, n: int = DEFAULT_REQUESTS, seeds=(0,),
-            guess: float = 1.0, rel_tol: float = 0.02, cv: float = 1.0) -> Goodput:
+            guess: float = 1.0, rel_tol: float = 0.02, burstiness: float = 1.0) -> Goodput:
     """Goodput over several seeds (mean rate; the per-seed rates give the spread)."""
     probes: list = []
     rates = []
     for i, seed in enumerate(seeds):
-        r = goodput_one(deployment, lengths, slo, n, seed, guess, rel_tol, cv,
+        r = goodput_one(deployment, lengths, slo, n, seed, guess, rel_tol, burstiness,
                         probes=probes if i == 0 else None)
         rates.append(r)
         guess = r if 0 < r < math.inf else guess

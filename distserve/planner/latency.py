@@ -1,127 +1,20 @@
-"""Latency model of an instance: the time of a prefill batch and of a decode step.
-
-Fitted forms of the DistServe artifact, in milliseconds, per (model, TP):
-  prefill_ms = a + b * sum(len) + c * sum(len^2)
-  decode_ms  = a + b * sum(context_len + 1) + c * batch   ("smallbs" below the threshold,
-                                                             "largebs" from it on)
-With PP stages p, a prefill batch spends prefill_ms / p + PP_STAGE_MS * p in each stage, and a
-decode micro-batch decode_ms / p per stage (so decode_ms through the whole pipeline).
-An engine whose decode attention pads every request to the batch's longest context (ours on
-CPU: one SDPA call over [batch, longest context]) pays for batch * (longest context + 1)
-instead of sum(context + 1): such an entry says "decoding_context": "max" (default "sum",
-the artifact's paged attention); `distserve profile` finds out which by timing mixed batches.
-Profiles load from the artifact's JSON schema as is: {model: {tp: entry}}; top-level keys that
-start with "_" hold metadata. A (model, TP) without a profile gets a calibrated roofline
-(distserve.planner.roofline). Pure Python: never imports torch.
+"""The latency model of an instance: its profile entry (distserve.planner.profiles) or, for a
+(model, TP) the profile lacks, the roofline calibrated on that profile
+(distserve.planner.roofline), with its PP degree. With PP stages p, a prefill batch spends
+prefill_ms / p + PP_STAGE_MS * p in each stage, and a decode micro-batch decode_ms / p per
+stage (so decode_ms through the whole pipeline). Pure Python: never imports torch.
 """
 from __future__ import annotations
 
-import functools
-import json
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
-BUILTIN_PROFILES = {  # name -> file; "vllm" is the artifact's fit of the colocated baseline
-    "distserve": os.path.join(DATA, "profiler-a100-80g.distserve.json"),
-    "vllm": os.path.join(DATA, "profiler-a100-80g.vllm.json"),
-}
-THRESHOLD = 95      # the artifact's decode batch size where "largebs" coefficients take over
+from distserve.planner.hardware import get_hardware
+from distserve.planner.profiles import Profile, ProfileEntry, context_term, load_profile
+from distserve.planner.roofline import roofline_entry
+
 PP_STAGE_MS = 1.0   # per-stage pipeline constant of the artifact's prefill model (provisional)
-
-
-@dataclass(frozen=True)
-class ProfileEntry:
-    """One (model, TP) of a profile: three [a, b, c] triples in milliseconds."""
-    prefill: tuple[float, float, float]
-    decode_small: tuple[float, float, float]
-    decode_large: tuple[float, float, float]
-    threshold: int = THRESHOLD
-    decode_context: str = "sum"    # "sum": sum(ctx + 1); "max": batch * (max ctx + 1), padded
-
-    def __post_init__(self) -> None:
-        if self.decode_context not in ("sum", "max"):
-            raise ValueError(f"decoding_context must be 'sum' or 'max', got {self.decode_context!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ProfileEntry":
-        try:
-            return cls(tuple(map(float, d["prefill"])), tuple(map(float, d["decoding_smallbs"])),
-                       tuple(map(float, d["decoding_largebs"])),
-                       int(d.get("decoding_large_small_bs_threshold", THRESHOLD)),
-                       str(d.get("decoding_context", "sum")))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"bad profile entry {d!r}: need prefill, decoding_smallbs and "
-                             f"decoding_largebs as [a, b, c] ({e})") from None
-
-    def to_dict(self) -> dict:
-        d = {"decoding_large_small_bs_threshold": self.threshold, "prefill": list(self.prefill),
-             "decoding_smallbs": list(self.decode_small), "decoding_largebs": list(self.decode_large)}
-        if self.decode_context != "sum":
-            d["decoding_context"] = self.decode_context
-        return d
-
-    def prefill_ms(self, lens) -> float:
-        a, b, c = self.prefill
-        lens = np.asarray(lens, dtype=float)
-        return a + b * lens.sum() + c * (lens * lens).sum()
-
-    def decode_ms(self, context_lens) -> float:
-        """One decode step of a batch whose requests hold `context_lens` tokens before it."""
-        ctx = np.asarray(context_lens, dtype=float)
-        a, b, c = self.decode_small if ctx.size < self.threshold else self.decode_large
-        return a + b * context_term(ctx, self.decode_context) + c * ctx.size
-
-
-@dataclass(frozen=True)
-class Profile:
-    """A latency profile file: {model name: {tp: ProfileEntry}} plus free-form metadata."""
-    entries: dict
-    meta: dict
-
-    @classmethod
-    def load(cls, path: str) -> "Profile":
-        path = BUILTIN_PROFILES.get(path, path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"latency profile {path!r} not found; give a JSON file in the "
-                                    f"DistServe artifact's schema or one of: {', '.join(BUILTIN_PROFILES)}")
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-        profile = cls.from_dict(raw)
-        profile.meta["_path"] = path   # the roofline calibrates on the same profile
-        return profile
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> "Profile":
-        if not isinstance(raw, dict):
-            raise ValueError("a latency profile is a JSON object {model: {tp: entry}}")
-        entries = {m.lower(): {int(tp): ProfileEntry.from_dict(e) for tp, e in tps.items()}
-                   for m, tps in raw.items() if not m.startswith("_")}
-        return cls(entries, {k: v for k, v in raw.items() if k.startswith("_")})
-
-    def to_dict(self) -> dict:
-        out = {k: v for k, v in self.meta.items() if k != "_path"}
-        for m, tps in self.entries.items():
-            out[m] = {str(tp): e.to_dict() for tp, e in sorted(tps.items())}
-        return out
-
-    def save(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
-
-    def get(self, model: str, tp: int) -> ProfileEntry | None:
-        return self.entries.get(model.lower(), {}).get(tp)
-
-    @property
-    def hardware(self) -> str:
-        return self.meta.get("_hardware", "a100-80g")
-
-
-@functools.lru_cache(maxsize=16)
-def load_profile(path: str) -> Profile:
-    return Profile.load(path)
 
 
 @dataclass(frozen=True)
@@ -165,28 +58,5 @@ def instance_latency(model, tp: int, pp: int = 1, profile: str | Profile | None 
     entry = profile.get(model.name, tp) if profile is not None else None
     if entry is not None and (hardware is None or hardware.name == profile.hardware):
         return InstanceLatency(entry, tp, pp, "profile")
-    from distserve.planner.hardware import get_hardware
-    from distserve.planner.roofline import roofline_entry
     hw = hardware or get_hardware(profile.hardware if profile is not None else "a100-80g")
     return InstanceLatency(roofline_entry(model, hw, tp, profile), tp, pp, "roofline")
-
-
-def fit_prefill(lens_batches, times_ms) -> tuple[float, float, float]:
-    """Least-squares [a, b, c] of prefill_ms = a + b*sum(len) + c*sum(len^2)."""
-    x = np.array([[1.0, float(np.sum(b)), float(np.sum(np.square(b, dtype=float)))] for b in lens_batches])
-    return tuple(float(v) for v in np.linalg.lstsq(x, np.asarray(times_ms, float), rcond=None)[0])
-
-
-def context_term(ctx, form: str = "sum") -> float:
-    """The decode form's context term: sum(ctx + 1), or batch * (max ctx + 1) when padded."""
-    ctx = np.asarray(ctx, dtype=float)
-    if not ctx.size:
-        return 0.0
-    return float((ctx + 1).sum()) if form == "sum" else float(ctx.size * (ctx.max() + 1))
-
-
-def fit_decode(batches, times_ms, context: str = "sum") -> tuple[float, float, float]:
-    """Least-squares [a, b, c] of decode_ms = a + b*sum(ctx+1) + c*batch over context lists
-    (context="max": a + b*batch*(max ctx+1) + c*batch)."""
-    x = np.array([[1.0, context_term(c, context), float(len(c))] for c in batches])
-    return tuple(float(v) for v in np.linalg.lstsq(x, np.asarray(times_ms, float), rcond=None)[0])

@@ -10,7 +10,7 @@ import csv
 import functools
 import os
 
-from distserve.planner.latency import DATA
+from distserve.planner.profiles import DATA
 
 MEMORY_UTILIZATION = 0.95
 ACTIVATION_RESERVE = 2.5e9   # bytes per GPU kept for activations and the runtime

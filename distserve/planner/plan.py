@@ -15,7 +15,7 @@ class PhasePlan:
     tp: int
     pp: int
     instances: int
-    max_batched_tokens: int | None = None   # prefill: prompt tokens per batch (None: KV room)
+    max_num_batched_tokens: int | None = None   # prefill: prompt tokens per batch (None: KV room)
     max_num_seqs: int | None = None         # decode: requests per batch
 
     @property
@@ -70,7 +70,13 @@ class Plan:
         for phase in ("prefill", "decode"):
             if not isinstance(d[phase], dict):
                 raise ValueError(f"plan field {phase!r} must be a mapping with tp, pp, instances")
-            d[phase] = PhasePlan(**d[phase])
+            phase_plan = dict(d[phase])
+            if "max_batched_tokens" in phase_plan:   # the name plans written before 2026-12 use
+                phase_plan["max_num_batched_tokens"] = phase_plan.pop("max_batched_tokens")
+            try:
+                d[phase] = PhasePlan(**phase_plan)
+            except TypeError as e:
+                raise ValueError(f"plan field {phase!r}: {e}") from None
         return cls(**d)
 
     def to_json(self) -> str:

@@ -72,7 +72,7 @@ def make_plan(p: Problem, algorithm: str = "low", workload: str = "", compare: b
     if not p.parallelisms(p.cluster.num_gpus, p.cluster.gpus_per_node):
         raise ValueError(_no_fit_message(p))
     start = time.perf_counter()
-    progress(f"searching ({algorithm} node affinity, {p.workers} worker(s)) ...")
+    progress(f"searching ({algorithm} node affinity, {p.jobs} process(es)) ...")
     best, table = (search_low if algorithm == "low" else search_high)(p)
     if best is None:
         raise ValueError(f"no prefill and decode segment pair of {p.model.name} fits one node of "
@@ -80,7 +80,7 @@ def make_plan(p: Problem, algorithm: str = "low", workload: str = "", compare: b
     if not best.goodput:
         raise ValueError(_no_goodput_message(p))
     k = _replicas(p, best, algorithm)
-    prefill = PhasePlan(best.prefill[0], best.prefill[1], best.num_prefill * k, p.max_prefill_tokens)
+    prefill = PhasePlan(best.prefill[0], best.prefill[1], best.num_prefill * k, p.max_num_batched_tokens)
     decode = PhasePlan(best.decode[0], best.decode[1], best.num_decode * k)
     c = p.cluster
     placement = place(c.nodes, c.gpus_per_node, prefill, decode, best.segments, algorithm == "low")

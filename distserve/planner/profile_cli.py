@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from distserve.planner.latency import ProfileEntry, fit_decode, fit_prefill
+from distserve.planner.profiles import ProfileEntry, fit_decode, fit_prefill
 
 DEFAULT_PREFILL_LENS = "16,32,64,128,256,512,1024"
 DEFAULT_BATCHES = "1,2,4,8,16,32,64,96,128"
@@ -42,7 +42,7 @@ def register(sub) -> None:
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--prefill-lens", default=DEFAULT_PREFILL_LENS, help="prompt lengths to time")
     p.add_argument("--prefill-batches", default="1,2,4", help="prompts per prefill batch")
-    p.add_argument("--max-prefill-tokens", type=int, default=4096, help="skip bigger prefill batches")
+    p.add_argument("--max-num-batched-tokens", type=int, default=4096, help="skip bigger prefill batches")
     p.add_argument("--batch-sizes", default=DEFAULT_BATCHES, help="decode batch sizes to time")
     p.add_argument("--context-lens", default=DEFAULT_CONTEXTS, help="decode context lengths to time")
     p.add_argument("--max-decode-tokens", type=int, default=65536, help="skip bigger decode batches "
@@ -146,7 +146,7 @@ def run_profile(args: argparse.Namespace) -> int:
                           if b >= 4 and (b - 1) * lo + hi <= args.max_decode_tokens]
     overhead_batches = sorted({b for b in (1, 8, 32) if b <= max(batches)}) if args.engine_overhead else []
     m = measure(args.model, args.dtype, args.device, args.num_threads,
-                [[n] * k for n in lens for k in pbatches if n * k <= args.max_prefill_tokens],
+                [[n] * k for n in lens for k in pbatches if n * k <= args.max_num_batched_tokens],
                 decode_shapes, args.repeats,
                 progress=lambda msg: print(msg, file=sys.stderr, flush=True),
                 overhead_batches=overhead_batches, clock=args.clock)

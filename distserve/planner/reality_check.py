@@ -19,10 +19,11 @@ import numpy as np
 
 from distserve.planner.calibration import DeploymentOf, at_run_speed, at_speed, scaled
 from distserve.planner.host_model import host_slowdown
-from distserve.planner.latency import ProfileEntry
+from distserve.planner.profiles import ProfileEntry
 from distserve.planner.simulator import simulate
 from distserve.planner.time_warp import TimeWarp, simulate_warped
 from distserve.planner.workload import Lengths, Trace, make_trace
+from distserve.slo import attainment
 
 
 def fresh_attainment(dep, lengths: Lengths, rate: float, n: int, slo: dict, seeds) -> list[float]:
@@ -57,14 +58,32 @@ def real_latencies(run: dict, order) -> tuple[np.ndarray, np.ndarray]:
 
 def stats(ttft: np.ndarray, tpot: np.ndarray, slo: dict) -> dict:
     """SLO attainment (both, and each alone) and TTFT and TPOT means and p90s of finite ones."""
-    ok_t, ok_p = ttft <= slo["ttft"], tpot <= slo["tpot"]
+    both, ok_t, ok_p = attainment(ttft, tpot, slo["ttft"], slo["tpot"]) or (0.0, 0.0, 0.0)
     ft, fp = ttft[np.isfinite(ttft)], tpot[np.isfinite(tpot)]
-    return {"attainment": float(np.mean(ok_t & ok_p)), "ttft_attainment": float(np.mean(ok_t)),
-            "tpot_attainment": float(np.mean(ok_p)),
+    return {"attainment": both, "ttft_attainment": ok_t, "tpot_attainment": ok_p,
             "ttft_mean": float(ft.mean()) if len(ft) else None,
             "ttft_p90": float(np.percentile(ft, 90)) if len(ft) else None,
             "tpot_mean": float(fp.mean()) if len(fp) else None,
             "tpot_p90": float(np.percentile(fp, 90)) if len(fp) else None}
+
+
+def replay(doc: dict, dep, slo: dict) -> list[dict]:
+    """Each run of a `distserve bench` result against the simulation of exactly its arrivals
+    and lengths on `dep`: measured and predicted SLO attainment and latencies."""
+    rows = []
+    for run in runs_of(doc):
+        if not run.get("requests"):
+            continue
+        trace, order = trace_of(run)
+        sim = simulate(trace, dep)
+        real, predicted = stats(*real_latencies(run, order), slo), stats(sim.ttft, sim.tpot, slo)
+        rows.append({"rate": run.get("request_rate"), "requests": len(trace), "measured": real,
+                     "predicted": predicted,
+                     "error_pp": 100 * (predicted["attainment"] - real["attainment"])})
+    if not rows:
+        raise ValueError("the bench result holds no requests to replay (save it with "
+                         "`distserve bench --save-result FILE`)")
+    return rows
 
 
 def probe_check(doc: dict, entry: ProfileEntry) -> dict | None:

@@ -6,10 +6,9 @@ import time
 
 import numpy as np
 
-from distserve.planner.colocated import Colocated
 from distserve.planner.goodput import capacity_guess, goodput
 from distserve.planner.plan import Plan
-from distserve.planner.simulator import Disaggregated, simulate
+from distserve.planner.simulator import Colocated, Disaggregated, simulate
 from distserve.planner.workload import make_trace
 
 
@@ -73,8 +72,7 @@ def deployment_from_args(problem, args):
     if args.mode == "colocated":
         if args.instances < 1:
             raise ValueError(f"--instances must be >= 1, got {args.instances}")
-        return Colocated(problem.instance(args.tp, args.pp), args.instances, args.chunked_prefill,
-                         args.chunk_tokens)
+        return Colocated(problem.instance(args.tp, args.pp), args.instances, args.chunked_prefill)
     if args.prefill_instances < 1 or args.decode_instances < 1:
         raise ValueError("--prefill-instances and --decode-instances must be >= 1")
     link = problem.hw.link_bandwidth if args.link_bandwidth is None else args.link_bandwidth * 1e9
@@ -110,19 +108,25 @@ def simulate_report(problem, args) -> tuple[dict, str]:
     dep = deployment_from_args(problem, args)
     _check(problem, dep)
     slo = problem.slo
-    if not args.rate and not args.goodput:
-        raise ValueError("give --rate R [R ...] and/or --goodput")
+    if not args.rate and not args.goodput and not args.replay:
+        raise ValueError("give --rate R [R ...], --goodput and/or --replay BENCH_JSON")
     doc = {"model": problem.model.name, "hardware": problem.hw.name, "workload": args.workload,
            "deployment": args.plan or args.mode, "num_gpus": dep.num_gpus,
            "slo": {"ttft": slo.ttft, "tpot": slo.tpot, "attainment": slo.target}, "rates": []}
     lines = [f"Simulated {problem.model.name} on {dep.num_gpus} x {problem.hw.name} "
              f"({doc['deployment']}), {args.workload}, {problem.requests} requests x {len(problem.seeds)} seed(s)"]
+    if problem.speed:
+        doc["speed"] = problem.speed
+        lines.append(f"  at the profile's times x {problem.speed['prefill']:.3g} (prefill), "
+                     f"x {problem.speed['decode']:.3g} (decode)")
+    if args.replay:
+        _replay(args.replay, dep, slo, doc, lines)
     for rate in args.rate or []:
         if rate <= 0:
             raise ValueError(f"--rate must be > 0, got {rate}")
         atts, secs, res = [], [], None
         for seed in problem.seeds:
-            trace = make_trace(problem.lengths, problem.requests, rate, seed, args.cv)
+            trace = make_trace(problem.lengths, problem.requests, rate, seed, args.burstiness)
             t = time.perf_counter()
             r = simulate(trace, dep)
             secs.append(time.perf_counter() - t)
@@ -140,9 +144,32 @@ def simulate_report(problem, args) -> tuple[dict, str]:
                      f"simulated in {row['sim_seconds'] * 1e3:.0f} ms")
     if args.goodput:
         g = goodput(dep, problem.lengths, slo, problem.requests, problem.seeds,
-                    guess=capacity_guess(dep, problem.lengths), cv=args.cv)
+                    guess=capacity_guess(dep, problem.lengths), burstiness=args.burstiness)
         doc["goodput"] = {"rate": g.rate, "per_gpu": g.rate / dep.num_gpus, "seeds": g.seeds,
                           "std": g.spread, "probes": g.probes}
         lines.append(f"  goodput: {g.rate:.3g} req/s = {g.rate / dep.num_gpus:.3g} req/s per GPU "
                      f"(per seed: {', '.join(f'{x:.3g}' for x in g.seeds)})")
     return doc, "\n".join(lines)
+
+
+def _replay(path: str, dep, slo, doc: dict, lines: list) -> None:
+    """The bench runs in `path` against the simulation of their own arrivals and lengths."""
+    import json
+
+    from distserve.planner.reality_check import replay
+    try:
+        with open(path, encoding="utf-8") as f:
+            bench = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--replay {path!r}: not a readable bench result ({e})") from None
+    if not isinstance(bench, dict):
+        raise ValueError(f"--replay {path!r}: not a bench result (a JSON object)")
+    rows = replay(bench, dep, {"ttft": slo.ttft, "tpot": slo.tpot})
+    doc["replay"] = {"file": path, "runs": rows}
+    for r in rows:
+        m, p = r["measured"], r["predicted"]
+        lines.append(f"  replay of {path} at {r['rate']} req/s ({r['requests']} requests): attainment "
+                     f"measured {m['attainment']:.1%}, predicted {p['attainment']:.1%} "
+                     f"({r['error_pp']:+.1f} points); TTFT p90 {_ms(m['ttft_p90'] or math.inf)} vs "
+                     f"{_ms(p['ttft_p90'] or math.inf)}; TPOT p90 {_ms(m['tpot_p90'] or math.inf)} vs "
+                     f"{_ms(p['tpot_p90'] or math.inf)}")

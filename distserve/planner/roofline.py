@@ -19,7 +19,7 @@ import functools
 
 import numpy as np
 
-from distserve.planner.latency import THRESHOLD, Profile, ProfileEntry, load_profile
+from distserve.planner.profiles import THRESHOLD, Profile, ProfileEntry, load_profile
 
 PREFILL_GRID = [(k, n) for n in (64, 128, 256, 512, 1024, 2048) for k in (1, 2, 4)]
 DECODE_CTX = (128, 512, 1024, 2048)

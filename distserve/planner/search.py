@@ -11,19 +11,21 @@ in parallel processes. The chosen deployment is then simulated as a whole over s
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-from distserve.planner.colocated import Colocated
+from distserve.planner.calibration import scaled
 from distserve.planner.goodput import DEFAULT_REQUESTS, SLO, goodput, goodput_one
 from distserve.planner.hardware import Cluster
-from distserve.planner.latency import InstanceLatency, ProfileEntry, instance_latency
+from distserve.planner.latency import InstanceLatency, instance_latency
 from distserve.planner.memory import check_parallelism, kv_capacity_tokens
 from distserve.planner.models import ModelSpec
-from distserve.planner.simulator import Disaggregated, InstanceConfig
+from distserve.planner.profiles import ProfileEntry
+from distserve.planner.simulator import Colocated, Disaggregated, InstanceConfig
 from distserve.planner.workload import Lengths
 
 _ZERO = InstanceConfig(InstanceLatency(ProfileEntry((0, 0, 0), (0, 0, 0), (0, 0, 0))), 10 ** 12)
@@ -40,9 +42,10 @@ class Problem:
     requests: int = DEFAULT_REQUESTS       # per simulation
     seeds: tuple = (0, 1, 2)               # for the final plan's goodput and spread
     rate: float | None = None              # target rate (req/s); None: fill the cluster
-    max_prefill_tokens: int | None = None
+    max_num_batched_tokens: int | None = None
     chunked: bool = False                  # colocated baseline with chunked prefill
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    speed: dict | None = None              # {"prefill": k, "decode": k}: the profile's times x k
+    jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     @property
     def hw(self):
@@ -54,8 +57,10 @@ class Problem:
 
     def instance(self, tp: int, pp: int, profile: str | None = None) -> InstanceConfig:
         lat = instance_latency(self.model, tp, pp, profile or self.profile, self.hw)
+        if self.speed:
+            lat = dataclasses.replace(lat, entry=scaled(lat.entry, self.speed["prefill"], self.speed["decode"]))
         return InstanceConfig(lat, kv_capacity_tokens(self.model, self.hw, tp, pp),
-                              max_prefill_tokens=self.max_prefill_tokens)
+                              max_num_batched_tokens=self.max_num_batched_tokens)
 
     def colocated_instance(self, tp: int, pp: int) -> InstanceConfig:
         """An instance of the colocated baseline: its own profile (the artifact's "vllm" file)
@@ -138,17 +143,17 @@ class _FirstTokenOnly(Lengths):
         return self.inner.max_total_len
 
 
-def run_parallel(fn, tasks: list, workers: int) -> list:
-    if workers <= 1 or len(tasks) <= 1:
+def run_parallel(fn, tasks: list, jobs: int) -> list:
+    if jobs <= 1 or len(tasks) <= 1:
         return [fn(t) for t in tasks]
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx) as pool:
+    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=ctx) as pool:
         return list(pool.map(fn, tasks))
 
 
 def phase_goodputs(p: Problem, prefill: list, decode: list) -> tuple[dict, dict]:
     tasks = [(p, "prefill", tp, pp) for tp, pp in prefill] + [(p, "decode", tp, pp) for tp, pp in decode]
-    rates = run_parallel(_phase_goodput, tasks, p.workers)
+    rates = run_parallel(_phase_goodput, tasks, p.jobs)
     return dict(zip(prefill, rates[:len(prefill)])), dict(zip(decode, rates[len(prefill):]))
 
 
@@ -217,11 +222,11 @@ def search_low(p: Problem) -> tuple[Candidate | None, list[dict]]:
     for cand in layout:
         cand.bound = min(gp[cand.prefill], gd[cand.decode]) / cand.num_gpus
     layout.sort(key=lambda x: -x.bound)
-    best, i, chunk = None, 0, max(1, p.workers)
+    best, i, chunk = None, 0, max(1, p.jobs)
     while i < len(layout) and layout[i].bound > 0 and (best is None or layout[i].bound > 0.97 * best.per_gpu):
         batch = [x for x in layout[i:i + chunk] if best is None or x.bound > 0.97 * best.per_gpu]
         i += chunk
-        rates = run_parallel(_pair_goodput, [(p, x, p.hw.link_bandwidth) for x in batch], p.workers)
+        rates = run_parallel(_pair_goodput, [(p, x, p.hw.link_bandwidth) for x in batch], p.jobs)
         for cand, rate in zip(batch, rates):
             cand.goodput = rate
             if best is None or _better(cand, best):
@@ -235,7 +240,7 @@ def search_colocated(p: Problem) -> tuple[tuple[int, int] | None, float, list]:
     """Best per-GPU goodput of one colocated instance, over the allowed (TP, PP)."""
     c = p.cluster
     options = p.parallelisms(c.num_gpus, c.gpus_per_node)
-    rates = run_parallel(_colocated_goodput, [(p, tp, pp) for tp, pp in options], p.workers)
+    rates = run_parallel(_colocated_goodput, [(p, tp, pp) for tp, pp in options], p.jobs)
     table = [{"tp": tp, "pp": pp, "goodput": r, "goodput_per_gpu": r / (tp * pp)}
              for (tp, pp), r in zip(options, rates)]
     if not table:

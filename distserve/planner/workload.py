@@ -138,22 +138,24 @@ def load_lengths(path: str) -> np.ndarray:
     return np.array(pairs, dtype=np.int64)
 
 
-def arrivals(n: int, rate: float, rng: np.random.Generator, cv: float = 1.0) -> np.ndarray:
-    """Arrival times (s) of n requests at `rate` req/s: Poisson for cv = 1, else gamma
-    inter-arrival gaps with that coefficient of variation (cv > 1 is burstier)."""
+def arrivals(n: int, rate: float, rng: np.random.Generator, burstiness: float = 1.0) -> np.ndarray:
+    """Arrival times (s) of n requests at `rate` req/s: Poisson for burstiness 1, else gamma
+    inter-arrival gaps of shape `burstiness` (as vllm bench serve and `distserve bench` draw
+    them: below 1 burstier, the gaps' coefficient of variation is 1 / sqrt(burstiness))."""
     if rate <= 0:
         raise ValueError(f"rate must be > 0, got {rate}")
-    if cv == 1.0:
+    if burstiness <= 0:
+        raise ValueError(f"burstiness must be > 0, got {burstiness}")
+    if burstiness == 1.0:
         gaps = rng.exponential(1.0 / rate, n)
     else:
-        shape = 1.0 / (cv * cv)
-        gaps = rng.gamma(shape, 1.0 / (rate * shape), n)
+        gaps = rng.gamma(burstiness, 1.0 / (rate * burstiness), n)
     gaps[0] = 0.0
     return np.cumsum(gaps)
 
 
-def make_trace(lengths: Lengths, n: int, rate: float, seed: int = 0, cv: float = 1.0) -> Trace:
+def make_trace(lengths: Lengths, n: int, rate: float, seed: int = 0, burstiness: float = 1.0) -> Trace:
     """A trace whose lengths depend only on the seed, so rates compare on the same requests."""
     ins, outs = lengths.sample(n, np.random.default_rng(seed))
-    gaps = arrivals(n, 1.0, np.random.default_rng(seed + 7919), cv)
+    gaps = arrivals(n, 1.0, np.random.default_rng(seed + 7919), burstiness)
     return Trace(gaps / rate, ins, outs)

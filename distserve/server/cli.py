@@ -51,7 +51,7 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-instances", type=int, default=0)
     g.add_argument("--prefill-threads", type=int, default=None, help="threads per prefill instance")
     g.add_argument("--decode-threads", type=int, default=None, help="threads per decode instance")
-    g.add_argument("--prefill-max-batched-tokens", type=int, default=None,
+    g.add_argument("--prefill-max-num-batched-tokens", type=int, default=None,
                    help="prompt tokens in one prefill batch (a longer prompt runs alone)")
     g.add_argument("--decode-max-num-seqs", type=int, default=None)
     g.add_argument("--prefill-kv-cache-memory", type=float, default=None, help="GiB")
@@ -78,7 +78,7 @@ def deployment_from_args(args: argparse.Namespace, config):
         return Deployment.from_plan(Plan.load(args.plan), config, args.transfer, pin_cpus)
     return Deployment.from_flags(
         config, args.mode, args.instances, args.prefill_instances, args.decode_instances,
-        args.prefill_threads, args.decode_threads, args.prefill_max_batched_tokens,
+        args.prefill_threads, args.decode_threads, args.prefill_max_num_batched_tokens,
         args.decode_max_num_seqs, args.prefill_kv_cache_memory, args.decode_kv_cache_memory,
         args.transfer, pin_cpus)
 

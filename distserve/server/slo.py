@@ -1,13 +1,14 @@
 """SLO attainment and goodput over a sliding window of finished requests.
 
-Uses the reference definitions: a request attains when TTFT <= the TTFT SLO and TPOT <=
-the TPOT SLO (TPOT = (last - first token) / (output tokens - 1), 0 for one token); goodput
-is the number of attaining requests finished in the window, per second.
+A request attains as distserve.slo defines it; goodput is the number of attaining requests
+finished in the window, per second. An empty window shows attainment 1 (nothing missed).
 """
 from __future__ import annotations
 
 import time
 from collections import deque
+
+from distserve.slo import meets
 
 
 class SLOWindow:
@@ -22,7 +23,7 @@ class SLOWindow:
 
     def record(self, ttft: float, tpot: float, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        self._done.append((now, ttft <= self.ttft_slo, tpot <= self.tpot_slo))
+        self._done.append((now, *meets(ttft, tpot, self.ttft_slo, self.tpot_slo)))
         self._trim(now)
 
     def _trim(self, now: float) -> None:

@@ -8,11 +8,11 @@ import pytest
 
 from distserve.planner.cli import main
 from distserve.planner.plan import Plan
-from distserve.planner.latency import ProfileEntry, fit_decode
 from distserve.planner.profile_cli import fit_entry
+from distserve.planner.profiles import ProfileEntry, fit_decode
 
 SHARED = "/work/shared/reference/a100-profiles/profiler-a100-80g.distserve.json"
-FAST = ["--num-requests", "300", "--seeds", "2", "--workers", "1"]
+FAST = ["--num-requests", "300", "--seeds", "2", "--jobs", "1"]
 
 
 def test_the_issue_example(capsys, tmp_path):
@@ -79,7 +79,7 @@ def test_planner_imports_no_torch():
             "distserve.planner.roofline, distserve.planner.profile_cli; "
             "from distserve.planner.cli import main; import sys; "
             "assert main(['plan', '--model', 'opt-13b', '--ttft-slo', '0.2', '--tpot-slo', '0.1', "
-            "'--gpus-per-node', '2', '--num-requests', '100', '--seeds', '1', '--workers', '1', "
+            "'--gpus-per-node', '2', '--num-requests', '100', '--seeds', '1', '--jobs', '1', "
             "'--no-compare', '--json']) == 0; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
@@ -105,7 +105,7 @@ def test_profile_measures_the_engine(tiny_llama, tmp_path, capsys):
     assert "fit error" in capsys.readouterr().out
     doc = json.load(open(out))
     assert doc["_hardware"] == "cpu" and set(doc["tiny"]["1"]) >= {"prefill", "decoding_smallbs"}
-    from distserve.planner.latency import Profile
+    from distserve.planner.profiles import Profile
     assert Profile.load(str(out)).get("tiny", 1) is not None
 
 

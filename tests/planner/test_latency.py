@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from distserve.planner.hardware import get_hardware
-from distserve.planner.latency import (BUILTIN_PROFILES, PP_STAGE_MS, Profile,
-                                       fit_decode, fit_prefill, instance_latency, load_profile)
+from distserve.planner.latency import PP_STAGE_MS, instance_latency
 from distserve.planner.models import get_model
+from distserve.planner.profiles import BUILTIN_PROFILES, Profile, fit_decode, fit_prefill, load_profile
 from distserve.planner.roofline import calibrate, physical_terms, relative_error, roofline_entry
 
 SHARED = "/work/shared/reference/a100-profiles/profiler-a100-80g.distserve.json"

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from distserve.planner.calibration import scaled
-from distserve.planner.latency import InstanceLatency, ProfileEntry
+from distserve.planner.latency import InstanceLatency
+from distserve.planner.profiles import ProfileEntry
 from distserve.planner.reality_check import compare, speed_to_match, stats
 from distserve.planner.simulator import Disaggregated, InstanceConfig, simulate
 from distserve.planner.workload import Lengths, Trace
@@ -13,7 +14,7 @@ from distserve.planner.workload import Lengths, Trace
 
 def disagg(entry):
     """One prefill and one decode instance with the server's batching limits."""
-    inst = InstanceConfig(InstanceLatency(entry), 10 ** 6, max_batch=256, max_prefill_tokens=2048)
+    inst = InstanceConfig(InstanceLatency(entry), 10 ** 6, max_batch=256, max_num_batched_tokens=2048)
     return Disaggregated(inst, inst, 1, 1)
 
 

@@ -23,7 +23,7 @@ def problem(model, nodes, gpn, workload="sharegpt", ttft=0.25, tpot=0.1, **kw):
     from distserve.planner.workload import Lengths
     kw.setdefault("requests", 300)
     kw.setdefault("seeds", (0,))
-    kw.setdefault("workers", 1)
+    kw.setdefault("jobs", 1)
     return Problem(get_model(model), Cluster(get_hardware("a100-80g"), nodes, gpn), Lengths(workload),
                    SLO(ttft, tpot), **kw)
 
@@ -81,7 +81,7 @@ def test_placement_low_affinity_keeps_stage_pairs_together():
 
 def _plan() -> Plan:
     return Plan("facebook/opt-13b", "a100-80g", 1, 4, "sharegpt", 0.2, 0.1, 0.9, "low",
-                PhasePlan(2, 1, 1, max_batched_tokens=4096), PhasePlan(1, 1, 2, max_num_seqs=128),
+                PhasePlan(2, 1, 1, max_num_batched_tokens=4096), PhasePlan(1, 1, 2, max_num_seqs=128),
                 5.0, 1.25, 0.05, place(1, 4, PhasePlan(2, 1, 1), PhasePlan(1, 1, 2)),
                 {"tp": 1, "pp": 1, "goodput_per_gpu": 0.5}, "disaggregate", [{"x": 1}])
 

@@ -4,7 +4,7 @@ import time
 from types import SimpleNamespace
 
 from distserve.cluster.step_trace import StepTrace
-from distserve.planner.latency import ProfileEntry
+from distserve.planner.profiles import ProfileEntry
 from distserve.planner.step_traces import read_traces, summarise
 
 ENTRY = ProfileEntry((10.0, 0.1, 0.0), (20.0, 0.0, 0.5), (20.0, 0.0, 0.5))

@@ -3,7 +3,8 @@ times slower for a while passes 1/w of machine time per second then)."""
 import numpy as np
 import pytest
 
-from distserve.planner.latency import InstanceLatency, ProfileEntry
+from distserve.planner.latency import InstanceLatency
+from distserve.planner.profiles import ProfileEntry
 from distserve.planner.simulator import Disaggregated, InstanceConfig, simulate
 from distserve.planner.time_warp import TimeWarp, simulate_warped
 from distserve.planner.workload import Trace
@@ -19,7 +20,7 @@ def test_warp_maps_wall_to_machine_time_and_back():
 
 def deployment():
     entry = ProfileEntry((10.0, 0.1, 0.0), (20.0, 0.0, 0.5), (20.0, 0.0, 0.5))
-    inst = InstanceConfig(InstanceLatency(entry), 100_000, max_batch=64, max_prefill_tokens=2048)
+    inst = InstanceConfig(InstanceLatency(entry), 100_000, max_batch=64, max_num_batched_tokens=2048)
     return Disaggregated(inst, inst, 1, 1)
 
 

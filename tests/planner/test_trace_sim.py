@@ -7,17 +7,11 @@ import pytest
 
 from helpers.naive_decode import naive_decode
 
-from distserve.planner.colocated import Colocated
-from distserve.planner.latency import (
-    InstanceLatency,
-    Profile,
-    ProfileEntry,
-    context_term,
-    fit_decode,
-)
+from distserve.planner.latency import InstanceLatency
 from distserve.planner.profile_cli import fit_entry
+from distserve.planner.profiles import Profile, ProfileEntry, context_term, fit_decode
 from distserve.planner.search import _ZERO
-from distserve.planner.simulator import Disaggregated, InstanceConfig, simulate
+from distserve.planner.simulator import Colocated, Disaggregated, InstanceConfig, simulate
 from distserve.planner.workload import Trace
 
 PADDED = ProfileEntry((10.0, 0.1, 1e-4), (20.0, 0.01, 0.5), (30.0, 0.02, 0.2), threshold=8,
@@ -65,7 +59,7 @@ def test_padded_closed_form_segments_match_step_by_step():
 def test_padded_colocated_by_hand():
     """A short request decoding beside a long one pays for the long one's context."""
     tr = Trace(np.array([0.0, 0.0]), np.array([1000, 10]), np.array([3, 3]))
-    r = simulate(tr, Colocated(inst(max_prefill_tokens=4096)))
+    r = simulate(tr, Colocated(inst(max_num_batched_tokens=4096)))
     p1, p2 = ((10 + 0.1 * n + 1e-4 * n * n) * 1e-3 for n in (1000, 10))   # one prompt each
     steps = sum((20 + 0.01 * 2 * (1000 + g) + 0.5 * 2) * 1e-3 for g in (1, 2))
     assert r.ttft == pytest.approx([p1, p1 + p2])
@@ -99,7 +93,7 @@ def test_an_explicit_trace_is_replayed_as_given():
     FCFS, and the per-request results line up with the trace's order."""
     arr = np.array([0.0, 0.01, 0.5, 3.0])
     ins, outs = np.array([200, 50, 10, 100]), np.array([4, 2, 1, 30])
-    dep = Disaggregated(inst(max_prefill_tokens=100), inst())
+    dep = Disaggregated(inst(max_num_batched_tokens=100), inst())
     r = simulate(Trace(arr, ins, outs), dep)
     one = (10 + 0.1 * 200 + 1e-4 * 200 ** 2) * 1e-3
     assert r.ttft[0] == pytest.approx(one)                      # alone: over the budget

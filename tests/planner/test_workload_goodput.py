@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from distserve.planner.goodput import SLO, _interpolate, attainment, goodput, goodput_one
-from distserve.planner.latency import InstanceLatency, ProfileEntry
+from distserve.planner.latency import InstanceLatency
+from distserve.planner.profiles import ProfileEntry
 from distserve.planner.search import _ZERO
 from distserve.planner.simulator import Disaggregated, InstanceConfig
 from distserve.planner.workload import Lengths, arrivals, make_trace
@@ -36,7 +37,7 @@ def test_fixed_and_file_lengths(tmp_path):
 def test_arrivals_rate_and_common_requests_across_rates():
     gaps = np.diff(arrivals(100000, 4.0, np.random.default_rng(1)))
     assert gaps.mean() == pytest.approx(0.25, rel=0.02) and gaps.std() == pytest.approx(0.25, rel=0.03)
-    bursty = np.diff(arrivals(100000, 4.0, np.random.default_rng(1), cv=2.0))
+    bursty = np.diff(arrivals(100000, 4.0, np.random.default_rng(1), burstiness=0.25))
     assert bursty.std() / bursty.mean() == pytest.approx(2.0, rel=0.05)
     a, b = make_trace(Lengths("sharegpt"), 100, 1.0, 3), make_trace(Lengths("sharegpt"), 100, 2.0, 3)
     assert (a.input_len == b.input_len).all() and np.allclose(a.arrival, 2 * b.arrival)
@@ -48,7 +49,7 @@ def test_interpolation_where_the_curve_crosses_the_target():
 
 def _md1_deployment(d_ms=100.0):
     entry = ProfileEntry((d_ms, 0, 0), (1, 0, 0), (1, 0, 0))
-    return Disaggregated(InstanceConfig(InstanceLatency(entry), 10 ** 9, max_prefill_tokens=64), _ZERO)
+    return Disaggregated(InstanceConfig(InstanceLatency(entry), 10 ** 9, max_num_batched_tokens=64), _ZERO)
 
 
 def test_goodput_of_md1_matches_its_waiting_time_quantile():

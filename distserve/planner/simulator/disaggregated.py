@@ -1,42 +1,26 @@
-"""Discrete-event simulator of a deployment over a request trace: per-request TTFT and TPOT.
+"""The disaggregated deployment in the simulator: prefill and decode on their own instances.
 
-Disaggregated: requests go to the prefill instance with the fewest queued or running prompts;
-a prefill instance batches prompts FCFS up to a token budget and its KV room, through PP
-pipeline stages; its KV stays until a decode instance pulls it. When the first token is out the
-request goes to the least-loaded decode instance, which admits FCFS while its KV pool holds the
-whole request (prompt + output: no preemption), then pulls the KV (bytes / link bandwidth),
-frees the prefill side, and batches it continuously into one of its PP lanes. The colocated
-baseline lives in distserve.planner.colocated. Times are seconds; TTFT and TPOT follow the
-reference definitions; a request that fits no instance gets infinite TTFT and TPOT.
+A request goes to the prefill instance that the controller would pick (distserve.dispatch:
+the fewest prompt tokens queued or running); a prefill instance batches prompts FCFS up to a
+token budget and its KV room, through PP pipeline stages; its KV stays until a decode instance
+pulls it. When the first token is out the request goes to the decode instance holding the
+fewest requests, which admits FCFS while its KV pool holds the whole request (prompt + output:
+no preemption), then pulls the KV (bytes / link bandwidth), frees the prefill side, and
+batches it continuously into one of its PP lanes.
 """
 from __future__ import annotations
 
 import heapq
-import math
 from collections import deque
 from dataclasses import dataclass
 
-import numpy as np
-
-from distserve.planner.lane import Lane
-from distserve.planner.latency import PP_STAGE_MS, InstanceLatency
+from distserve.dispatch import least_loaded
+from distserve.planner.latency import PP_STAGE_MS
+from distserve.planner.simulator.common import INF, InstanceConfig, SimResult, decode_coeffs, result
+from distserve.planner.simulator.lane import Lane
 from distserve.planner.workload import Trace
 
-INF = math.inf
 PF_FREE, PF_DONE, XFER, LANE = 0, 1, 2, 3
-
-
-@dataclass(frozen=True)
-class InstanceConfig:
-    latency: InstanceLatency
-    kv_capacity: int                       # KV tokens the instance holds
-    max_batch: int = 10 ** 7               # requests decoding at once
-    max_prefill_tokens: int | None = None  # prompt tokens per prefill batch (None: the KV room,
-                                           # as the artifact); a longer prompt runs alone
-
-    @property
-    def pp(self) -> int:
-        return self.latency.pp
 
 
 @dataclass(frozen=True)
@@ -54,38 +38,8 @@ class Disaggregated:
         return self.num_prefill * p.tp * p.pp + self.num_decode * d.tp * d.pp
 
 
-@dataclass
-class SimResult:
-    ttft: np.ndarray
-    tpot: np.ndarray
-
-    def attainment(self, ttft_slo: float, tpot_slo: float) -> float:
-        """Share of requests meeting both SLOs."""
-        return float(np.mean((self.ttft <= ttft_slo) & (self.tpot <= tpot_slo))) if len(self.ttft) else 1.0
-
-
-def result(arrival: list, first: list, last: list, out: list) -> SimResult:
-    first_a, last_a, out_a = np.array(first), np.array(last), np.array(out, dtype=float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tpot = np.where(out_a > 1, (last_a - first_a) / np.maximum(out_a - 1, 1), 0.0)
-    tpot[~np.isfinite(first_a)] = INF
-    return SimResult(first_a - np.array(arrival), tpot)
-
-
-def decode_coeffs(latency: InstanceLatency):
-    """B -> (a, b, c) in seconds, picking the small- or large-batch fit."""
-    e = latency.entry
-    small, large = tuple(x * 1e-3 for x in e.decode_small), tuple(x * 1e-3 for x in e.decode_large)
-    th = e.threshold
-    return lambda b: small if b < th else large
-
-
-def simulate(trace: Trace, deployment) -> SimResult:
-    """Per-request TTFT and TPOT of `trace` served by a Disaggregated or Colocated deployment."""
-    if not isinstance(deployment, Disaggregated):
-        from distserve.planner.colocated import simulate_colocated
-        return simulate_colocated(trace, deployment)
-    return _Disaggregated(trace, deployment).run()
+def simulate_disaggregated(trace: Trace, d: Disaggregated) -> SimResult:
+    return _Disaggregated(trace, d).run()
 
 
 class _Disaggregated:
@@ -97,7 +51,7 @@ class _Disaggregated:
         self.seq = 0
         P, D = d.prefill, d.decode
         self.pcap, self.dcap, self.dmax = P.kv_capacity, D.kv_capacity, D.max_batch
-        self.budget = P.max_prefill_tokens or P.kv_capacity
+        self.budget = P.max_num_batched_tokens or P.kv_capacity
         self.pp = P.pp
         a, b, c = P.latency.entry.prefill
         pc = PP_STAGE_MS * self.pp if self.pp > 1 else 0.0
@@ -105,7 +59,7 @@ class _Disaggregated:
         self.xfer = d.kv_bytes_per_token / d.link_bandwidth if d.link_bandwidth < INF else 0.0
         self.coeffs = decode_coeffs(D.latency)
         self.pq = [deque() for _ in range(d.num_prefill)]
-        self.pkv, self.pload = [0] * d.num_prefill, [0] * d.num_prefill
+        self.pkv, self.pqueued = [0] * d.num_prefill, [0] * d.num_prefill   # KV, prompt tokens queued
         self.pbusy = [False] * d.num_prefill
         self.stage_free = [[0.0] * self.pp for _ in range(d.num_prefill)]
         self.dwait = [deque() for _ in range(d.num_decode)]
@@ -139,10 +93,10 @@ class _Disaggregated:
                 ai += 1
                 if inp[r] > self.pcap or inp[r] + out[r] > self.dcap:
                     continue   # fits no instance: never served
-                j = 0 if npf == 1 else min(range(npf), key=lambda i: self.pload[i])
+                j = 0 if npf == 1 else least_loaded(self.pqueued)
                 self.src[r] = j
                 self.pq[j].append(r)
-                self.pload[j] += 1
+                self.pqueued[j] += inp[r]
                 self.start_prefill(j, t)
             else:
                 break
@@ -179,7 +133,7 @@ class _Disaggregated:
 
     def prefilled(self, j: int, batch: list, now: float) -> None:
         out, first = self.out, self.first
-        self.pload[j] -= len(batch)
+        self.pqueued[j] -= sum(self.inp[r] for r in batch)
         touched = set()
         nd = len(self.dwait)
         for r in batch:
@@ -188,7 +142,7 @@ class _Disaggregated:
                 self.last[r] = now
                 self.pkv[j] -= self.inp[r]
                 continue
-            k = 0 if nd == 1 else min(range(nd), key=lambda i: self.dload[i])
+            k = 0 if nd == 1 else least_loaded(self.dload)
             self.dload[k] += 1
             self.dwait[k].append(r)
             touched.add(k)

@@ -14,10 +14,14 @@ import heapq
 from collections import deque
 from dataclasses import dataclass
 
-from distserve.planner.lane import Lane
+from distserve.dispatch import least_loaded
 from distserve.planner.latency import PP_STAGE_MS
-from distserve.planner.simulator import INF, InstanceConfig, decode_coeffs, result
+from distserve.planner.simulator.common import INF, InstanceConfig, SimResult, decode_coeffs, result
+from distserve.planner.simulator.lane import Lane
 from distserve.planner.workload import Trace
+
+
+CHUNKED_BUDGET = 512   # tokens per chunked-prefill iteration when none is given (vLLM's old default)
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,6 @@ class Colocated:
     instance: InstanceConfig
     num_instances: int = 1
     chunked: bool = False
-    chunk_tokens: int = 512
 
     @property
     def num_gpus(self) -> int:
@@ -33,7 +36,7 @@ class Colocated:
         return self.num_instances * lat.tp * lat.pp
 
 
-def simulate_colocated(trace: Trace, c: Colocated):
+def simulate_colocated(trace: Trace, c: Colocated) -> SimResult:
     return _Colocated(trace, c).run()
 
 
@@ -45,8 +48,8 @@ class _Colocated:
         self.heap, self.seq = [], 0
         inst = c.instance
         self.cap, self.maxb = inst.kv_capacity, inst.max_batch
-        self.chunked, self.chunk = c.chunked, c.chunk_tokens
-        self.budget = self.chunk if c.chunked else (inst.max_prefill_tokens or inst.kv_capacity)
+        self.chunked = c.chunked
+        self.budget = inst.max_num_batched_tokens or (CHUNKED_BUDGET if c.chunked else inst.kv_capacity)
         pp = inst.latency.pp
         a, b, cc = inst.latency.entry.prefill
         self.pf = ((a + (PP_STAGE_MS * pp * pp if pp > 1 else 0.0)) * 1e-3, b * 1e-3, cc * 1e-3)
@@ -71,7 +74,7 @@ class _Colocated:
                 ai += 1
                 if inp[r] + out[r] > self.cap:
                     continue
-                i = 0 if m == 1 else min(range(m), key=lambda k: self.load[k])
+                i = 0 if m == 1 else least_loaded(self.load)
                 self.queue[i].append(r)
                 self.load[i] += 1
                 self.poke(i, t)
