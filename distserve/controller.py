@@ -5,6 +5,10 @@ when its first token is out, to the decode instance with the fewest requests, wh
 its KV; once the copy is confirmed the prefill instance frees its blocks. Colocated: to the
 instance with the fewest requests. An abort reaches every instance that may hold the
 request, so its blocks are freed wherever they are, mid-transfer included.
+An instance that dies or stops sending heartbeats is taken out of dispatch; the requests it
+held run again on the others (cluster/recovery.py: the stream continues where it was), and
+the launcher starts it again with a back-off (cluster/supervision.py). Only a request with
+no instance of its role left ends in an error.
 It implements the same EngineClient interface as AsyncEngine; it holds no tensors.
 """
 from __future__ import annotations
@@ -12,14 +16,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
 
 from distserve.cluster import messages as m
+from distserve.cluster.failover import Failover
 from distserve.cluster.launcher import InstanceHandle, InstanceSpec, Launcher
 from distserve.cluster.messages import EngineStats, RequestOutput
+from distserve.cluster.recovery import Progress
+from distserve.cluster.supervision import Supervisor
 from distserve.dispatch import least_loaded
 from distserve.engine.async_engine import EngineDeadError, RequestStream
 from distserve.models.locate import locate_model
@@ -32,14 +39,19 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Tracked:
     request_id: str
-    prompt_len: int
     outputs: asyncio.Queue
-    params: SamplingParams
+    params: SamplingParams      # as the client asked
+    progress: Progress
+    run_params: SamplingParams | None = None   # of the current run (a re-run asks for less)
+    queued: int = 0             # prompt tokens counted on its prefill instance
     prefill: str | None = None
     prefilled: bool = False     # the first token is out (no longer in a prefill queue)
     decode: str | None = None
+    migrated: bool = False      # its decode instance holds the KV: the prefill side is free
+    ticket_at: float | None = None   # when its KV was offered to a decode instance
     transfer_bytes: int = 0
     transfer_seconds: float = 0.0
+    former: set = field(default_factory=set)  # instances it left: their late outputs are stale
 
 
 @dataclass
@@ -53,10 +65,10 @@ class _Instance:
     queued_tokens: int = 0   # prompt tokens dispatched, first token not out yet (prefill)
 
 
-class Controller:
+class Controller(Failover):
     def __init__(self, specs: list[InstanceSpec], model: str | None, launcher: Launcher,
                  transfer: str = "shm", host: str = "127.0.0.1",
-                 ready_timeout_s: float = 600.0) -> None:
+                 ready_timeout_s: float = 600.0, kv_lease_s: float = 120.0) -> None:
         roles = {s.role for s in specs}
         if roles not in ({"prefill", "decode"}, {"colocated"}):
             raise ValueError("a deployment is prefill + decode instances, or colocated ones; "
@@ -81,6 +93,10 @@ class Controller:
         self._receiver: asyncio.Task | None = None
         self._watchdog: asyncio.Task | None = None
         self._error: str | None = None
+        self.supervisor = Supervisor({s.instance_id: s.role for s in specs},
+                                     ready_timeout_s=ready_timeout_s)
+        self.num_reruns = 0
+        self.kv_lease_s = kv_lease_s   # a ticket not pulled by then: the KV is taken back
         self.transfer_bytes = 0
         self.transfer_seconds = 0.0
         self.num_transfers = 0
@@ -125,22 +141,30 @@ class Controller:
                 await self.shutdown()
                 raise RuntimeError(f"instance {msg.instance_id} failed to start: {msg.message}")
             if isinstance(msg, m.Ready):
-                inst = self.instances[msg.instance_id]
-                inst.ready = msg
-                inst.stats = m.Stats(msg.instance_id, msg.role, 0, 0, 0, 0.0,
-                                     msg.num_kv_blocks, msg.num_kv_blocks)
-                inst.socket = self._ctx.socket(zmq.PUSH)
-                inst.socket.setsockopt(zmq.LINGER, 1000)
-                inst.socket.connect(msg.command_address)
+                self._attach(msg)
                 pending.discard(msg.instance_id)
+
+    def _attach(self, msg: m.Ready) -> None:
+        """An instance said Ready (first start or restart): commands go to its new port."""
+        inst = self.instances[msg.instance_id]
+        if inst.socket is not None:
+            inst.socket.close(linger=0)
+        inst.ready = msg
+        inst.stats = m.Stats(msg.instance_id, msg.role, 0, 0, 0, 0.0,
+                             msg.num_kv_blocks, msg.num_kv_blocks)
+        inst.load = inst.queued_tokens = 0
+        inst.socket = self._ctx.socket(zmq.PUSH)
+        inst.socket.setsockopt(zmq.LINGER, 1000)
+        inst.socket.connect(msg.command_address)
+        self.supervisor.ready(msg.instance_id, time.monotonic())
 
     async def shutdown(self) -> None:
         for task in (self._receiver, self._watchdog):
             if task is not None:
                 task.cancel()
         self._receiver = self._watchdog = None
-        for inst in self.instances.values():
-            if inst.socket is not None:
+        for iid, inst in self.instances.items():
+            if inst.socket is not None and self.supervisor.is_up(iid):
                 await inst.socket.send(self.sealer.seal(m.Shutdown()))
         for inst in self.instances.values():
             await asyncio.to_thread(inst.process.stop)
@@ -153,8 +177,12 @@ class Controller:
 
     @property
     def is_healthy(self) -> bool:
+        """Serving: every role has an instance up (some may be restarting: degraded)."""
         return (self._error is None and self._receiver is not None
-                and all(i.process.alive for i in self.instances.values()))
+                and self.supervisor.health()["status"] != "down")
+
+    def health(self) -> dict:
+        return self.supervisor.health() if self._error is None else {"status": "down", "error": self._error}
 
     # ------------------------------------------------------------------ requests
     def check_request(self, ids: list[int], params: SamplingParams) -> SamplingParams:
@@ -163,26 +191,34 @@ class Controller:
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str) -> RequestStream:
         if not self.is_healthy:
-            raise EngineDeadError(f"the deployment is not running ({self._error or 'an instance died'})")
+            missing = ", ".join(self.supervisor.health().get("missing", []))
+            raise EngineDeadError(f"the deployment is not running ({self._error or 'no instance of a role is up: ' + missing})")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         params = self.check_request(ids, params)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        tracked = _Tracked(request_id, len(ids), asyncio.Queue(), params)
+        tracked = _Tracked(request_id, asyncio.Queue(), params, Progress(ids, time.monotonic()))
         self.requests[request_id] = tracked
+        await self._dispatch(tracked, ids, params)
+        return RequestStream(request_id, tracked.outputs, self._on_stream_closed)
+
+    async def _dispatch(self, tracked: _Tracked, ids: list[int], params: SamplingParams) -> None:
         role = "prefill" if self.disaggregated else "colocated"
         target = self._least_loaded(role)
         if self.disaggregated:
             target.queued_tokens += len(ids)
-            tracked.prefill = target.spec.instance_id
+            tracked.queued, tracked.prefill = len(ids), target.spec.instance_id
         else:
             target.load += 1
             tracked.decode = target.spec.instance_id
-        await target.socket.send(self.sealer.seal(m.AddRequest(request_id, ids, params, time.monotonic())))
-        return RequestStream(request_id, tracked.outputs, self._on_stream_closed)
+        arrival = tracked.progress.arrival_time
+        tracked.run_params = params
+        await target.socket.send(self.sealer.seal(m.AddRequest(tracked.request_id, ids, params, arrival)))
 
-    def _least_loaded(self, role: str) -> _Instance:
-        pool = [i for i in self.instances.values() if i.spec.role == role]
+    def _least_loaded(self, role: str) -> _Instance | None:
+        pool = [i for iid, i in self.instances.items() if i.spec.role == role and self.supervisor.is_up(iid)]
+        if not pool:
+            return None
         return pool[least_loaded([i.queued_tokens if role == "prefill" else i.load for i in pool])]
 
     def _on_stream_closed(self, request_id: str, finished: bool) -> None:
@@ -194,35 +230,27 @@ class Controller:
         if tracked is None:
             return
         for iid in {tracked.prefill, tracked.decode} - {None}:
-            await self.instances[iid].socket.send(self.sealer.seal(m.Abort(request_id)))
+            await self._send(iid, m.Abort(request_id))
         tracked.outputs.put_nowait(RequestOutput(request_id, [], "", True, "abort"))
+
+    async def _send(self, iid: str, msg) -> None:
+        """A command to an instance that is up (one that is down has nothing to act on)."""
+        if self.supervisor.is_up(iid):
+            await self.instances[iid].socket.send(self.sealer.seal(msg))
 
     def _forget(self, request_id: str) -> _Tracked | None:
         tracked = self.requests.pop(request_id, None)
         if tracked is None:
             return None
-        if self.disaggregated and tracked.prefill and not tracked.prefilled:
-            self.instances[tracked.prefill].queued_tokens -= tracked.prompt_len
-        if tracked.decode:
-            self.instances[tracked.decode].load -= 1
+        self._unassign(tracked)
         return tracked
 
-    async def _watch(self, interval_s: float = 0.5) -> None:
-        """An instance that dies fails the requests it holds at once, instead of leaving
-        their clients waiting; the deployment then reports itself unhealthy."""
-        while True:
-            await asyncio.sleep(interval_s)
-            dead = [iid for iid, inst in self.instances.items() if not inst.process.alive]
-            if not dead:
-                continue
-            self._error = f"instance(s) {', '.join(dead)} died"
-            log.error("%s", self._error)
-            for request_id, tracked in list(self.requests.items()):
-                if {tracked.prefill, tracked.decode} & set(dead):
-                    self._forget(request_id)
-                    tracked.outputs.put_nowait(EngineDeadError(
-                        f"request {request_id} was lost: {self._error}"))
-            return
+    def _unassign(self, tracked: _Tracked) -> None:
+        """The request leaves its instances' loads (it finished, was aborted, or runs again)."""
+        if self.disaggregated and tracked.prefill and not tracked.prefilled:
+            self.instances[tracked.prefill].queued_tokens -= tracked.queued
+        if tracked.decode:
+            self.instances[tracked.decode].load -= 1
 
     # ------------------------------------------------------------------ messages from instances
     def _decode(self, data: bytes) -> m.ToController | None:
@@ -266,36 +294,52 @@ class Controller:
                 await self._migrate(msg.instance_id, ticket)
         elif isinstance(msg, m.Migrated):
             for done in msg.done:
-                await self.instances[done.source].socket.send(self.sealer.seal(m.Release(done.request_id)))
+                await self._send(done.source, m.Release(done.request_id))
                 self.transfer_bytes += done.nbytes
                 self.transfer_seconds += done.seconds
                 self.num_transfers += 1
                 tracked = self.requests.get(done.request_id)
-                if tracked is not None:
+                if tracked is not None and tracked.decode == msg.instance_id:
+                    tracked.migrated = True
                     tracked.transfer_bytes += done.nbytes
                     tracked.transfer_seconds += done.seconds
+        elif isinstance(msg, m.Heartbeat):
+            self.supervisor.beat(msg.instance_id, time.monotonic())
         elif isinstance(msg, m.Stats):
-            self.instances[msg.instance_id].stats = msg
+            if self.supervisor.is_up(msg.instance_id):
+                self.instances[msg.instance_id].stats = msg
+        elif isinstance(msg, m.Ready):
+            if msg.instance_id in self.supervisor.starting():
+                self._attach(msg)
+        elif isinstance(msg, m.PullFailed):
+            tracked = self.requests.get(msg.request_id)
+            if tracked is not None and tracked.decode == msg.instance_id:
+                tracked.decode = None   # it dropped the request and freed its blocks
+                self.instances[msg.instance_id].load -= 1
+                await self._rerun(tracked, f"its KV pull failed ({msg.message})")
         elif isinstance(msg, m.Rejected):
             tracked = self._forget(msg.request_id)
             if tracked is not None:
                 tracked.outputs.put_nowait(ValueError(msg.message))
-        elif isinstance(msg, m.Failed):
-            self._error = f"instance {msg.instance_id} failed: {msg.message}"
-            self._fail_all(EngineDeadError(self._error))
+        elif isinstance(msg, m.Failed):   # it could not start again: it is down
+            if msg.instance_id in self.supervisor.starting():
+                self.supervisor.down(msg.instance_id, time.monotonic(), msg.message)
 
     def _deliver(self, instance_id: str, out: RequestOutput) -> None:
         tracked = self.requests.get(out.request_id)
         if tracked is None:
             return  # aborted: its stream is gone
         if instance_id not in (tracked.prefill, tracked.decode):
+            if instance_id in tracked.former:
+                return  # sent before it was taken off this request
             self.num_dropped_messages += 1  # only the instances that hold it speak for it
             log.warning("controller dropped an output for %s from %s, which does not hold it",
                         out.request_id, instance_id)
             return
         if self.disaggregated and not tracked.prefilled:
-            self.instances[instance_id].queued_tokens -= tracked.prompt_len
+            self.instances[instance_id].queued_tokens -= tracked.queued
             tracked.prefilled = True
+        out = tracked.progress.seen(out)
         if out.finished:
             self.requests.pop(out.request_id, None)
             if tracked.decode:
@@ -308,11 +352,20 @@ class Controller:
         tracked = self.requests.get(ticket.request_id)
         if tracked is None:  # aborted after its first token: the prefill side was told
             return
+        if tracked.prefill != source:
+            return  # a ticket from an instance the request has left
         target = self._least_loaded("decode")
+        if target is None:   # every decode instance is down: free the KV, fail the request
+            await self._send(source, m.Release(ticket.request_id))
+            self._forget(ticket.request_id)
+            missing = ", ".join(self.supervisor.health()["missing"])
+            tracked.outputs.put_nowait(EngineDeadError(f"request {ticket.request_id} was lost: "
+                                                       f"no decode instance is up ({missing} down)"))
+            return
         target.load += 1
-        tracked.decode = target.spec.instance_id
+        tracked.decode, tracked.ticket_at = target.spec.instance_id, time.monotonic()
         endpoint = self.instances[source].ready.endpoint
-        await target.socket.send(self.sealer.seal(m.AddMigration(ticket, tracked.params, source, endpoint)))
+        await target.socket.send(self.sealer.seal(m.AddMigration(ticket, tracked.run_params, source, endpoint)))
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self.requests):
@@ -329,6 +382,12 @@ class Controller:
             num_waiting=sum(s.num_waiting for s in stats),
             kv_usage=(blocks - free) / blocks if blocks else 0.0,
             num_free_blocks=free, num_blocks=blocks)
+
+    def counts(self) -> dict[str, int]:
+        """Reliability events since start (server/metrics.RELIABILITY says what each is)."""
+        return {"internal_messages_dropped": self.num_dropped_messages,
+                "instance_failures": self.supervisor.num_failures,
+                "instance_restarts": self.supervisor.num_restarts, "requests_rerun": self.num_reruns}
 
     def instance_stats(self) -> list[m.Stats]:
         return [i.stats for i in self.instances.values() if i.stats is not None]

@@ -44,7 +44,11 @@ class FakeInstance(threading.Thread):
                     "host": "127.0.0.1", "port": 1}
         out.send(self.sealer.seal(m.Ready(self.spec.instance_id, self.spec.role, self.address, 64, 16,
                                   512, 1000, endpoint if self.spec.role == "prefill" else None)))
+        beat = 0.0
         while True:
+            if time.monotonic() - beat > m.HEARTBEAT_S:   # alive, as the protocol says
+                out.send(self.sealer.seal(m.Heartbeat(self.spec.instance_id)))
+                beat = time.monotonic()
             while not self.outbox.empty():
                 out.send(self.sealer.seal(self.outbox.get()))
             if commands.poll(10):
@@ -99,11 +103,11 @@ def _ticket(rid: str, prompt: list[int]) -> m.MigrationTicket:
     return m.MigrationTicket(rid, prompt, 5, "x", None, [0], 0.0, 0.0)
 
 
-def _run(tiny_llama, specs, body):
+def _run(tiny_llama, specs, body, **kwargs):
     launcher = FakeLauncher()
 
     async def main():
-        c = Controller(specs, str(tiny_llama), launcher)
+        c = Controller(specs, str(tiny_llama), launcher, **kwargs)
         await c.start()
         try:
             return await body(c, launcher.started)
@@ -171,3 +175,24 @@ def test_colocated_requests_go_to_the_instance_with_the_fewest_requests(tiny_lla
         return len(f0.got(m.AddRequest)), len(f1.got(m.AddRequest))
 
     assert _run(tiny_llama, _specs(colocated=2), body) == (2, 2)
+
+
+def test_kv_never_pulled_is_taken_back_after_its_lease_and_the_request_runs_again(tiny_llama):
+    """A decode instance that takes a migration and never pulls (alive, heartbeats and all):
+    after the lease the controller aborts it there, releases the prefill side's blocks and
+    sends the prompt with the streamed token to a prefill instance again."""
+    async def body(c, fakes):
+        p, d = fakes["prefill-0"], fakes["decode-0"]
+        stream = await c.generate([1, 2, 3], PARAMS, "r0")
+        p.send(m.Outputs("prefill-0", [m.RequestOutput("r0", [5], "x", False)]))
+        p.send(m.Tickets("prefill-0", [_ticket("r0", [1, 2, 3])]))
+        await _until(lambda: d.got(m.AddMigration))
+        await _until(lambda: len(p.got(m.AddRequest)) == 2, timeout=5)
+        assert [a.request_id for a in d.got(m.Abort)] == ["r0"]
+        assert [r.request_id for r in p.got(m.Release)] == ["r0"]
+        again = p.got(m.AddRequest)[1]
+        await stream.aclose()
+        return again.prompt_token_ids, again.params.max_tokens, c.counts()["requests_rerun"]
+
+    prompt, max_tokens, reruns = _run(tiny_llama, _specs(prefill=1, decode=1), body, kv_lease_s=0.5)
+    assert prompt == [1, 2, 3, 5] and max_tokens == PARAMS.max_tokens - 1 and reruns == 1

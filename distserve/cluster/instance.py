@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 
 import msgspec
@@ -28,6 +29,11 @@ from distserve.transfer import KVEndpoint, make_puller, make_source
 log = logging.getLogger("distserve.instance")
 ROLES = ("prefill", "decode", "colocated")
 _STATS_INTERVAL_S = 0.05
+_SEND_TIMEOUT_MS = 10_000
+
+
+class ControllerGone(Exception):
+    """The controller stopped taking messages (it died or was killed): the instance exits."""
 
 
 class InstanceLoop:
@@ -38,6 +44,7 @@ class InstanceLoop:
         self.ctx = zmq.Context()
         self.out = self.ctx.socket(zmq.PUSH)
         self.out.setsockopt(zmq.LINGER, 2000)
+        self.out.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)   # never blocked for good on a send
         self.out.connect(controller)
         self.commands = self.ctx.socket(zmq.PULL)
         port = self.commands.bind_to_random_port(f"tcp://{host}")
@@ -52,6 +59,11 @@ class InstanceLoop:
         self._last_stats = 0.0
         self.num_dropped_messages = 0
         endpoint = msgspec.to_builtins(self.source.endpoint) if self.source else None
+        self._iteration_started = 0.0   # monotonic start of the engine iteration, 0 between
+        self._stopping = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, args=(controller,), daemon=True,
+                                           name="heartbeat")
+        self._heartbeat.start()
         self._send(m.Ready(instance_id, role, self.command_address, executor.num_kv_blocks,
                            config.block_size, executor.max_model_len, executor.vocab_size,
                            endpoint))
@@ -74,7 +86,28 @@ class InstanceLoop:
         return Engine(config, LocalExecutor.load(config), role), None, None
 
     def _send(self, msg) -> None:
-        self.out.send(self.sealer.seal(msg))
+        try:
+            self.out.send(self.sealer.seal(msg))
+        except zmq.Again:
+            raise ControllerGone(f"no message taken for {_SEND_TIMEOUT_MS / 1000:g} s") from None
+
+    def _beat(self, controller: str) -> None:
+        """Heartbeats on a socket of their own (a ZeroMQ socket is one thread's), through long
+        model steps too: torch releases the GIL while it computes."""
+        sock = self.ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 8)   # a controller that is gone does not pile them up
+        sock.connect(controller)
+        try:
+            while not self._stopping.wait(m.HEARTBEAT_S):
+                started = self._iteration_started
+                busy = time.monotonic() - started if started else 0.0
+                try:
+                    sock.send(self.sealer.seal(m.Heartbeat(self.instance_id, busy)), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+        finally:
+            sock.close()
 
     def _pull(self, source: str, src_blocks: list[int], dst_blocks: list[int]) -> tuple[int, float]:
         stats = self.puller.pull(self.endpoints[source], src_blocks,
@@ -88,14 +121,16 @@ class InstanceLoop:
         parent = os.getppid()
         while True:
             busy = self.engine.has_unfinished
-            if not self.commands.poll(0 if busy else 500):
-                if not busy and os.getppid() != parent:
-                    log.warning("%s: controller gone, exiting", self.instance_id)
-                    return
+            if os.getppid() != parent:   # busy or not: nobody will read what it computes
+                log.warning("%s: controller gone, exiting", self.instance_id)
+                return
+            self.commands.poll(0 if busy else 500)
             if not self._apply_commands():
                 return
             if self.engine.has_unfinished:
+                self._iteration_started = time.monotonic()
                 self._step()
+                self._iteration_started = 0.0
             # while busy a few times a second; the moment it goes idle, the final state
             self._maybe_send_stats(force=busy and not self.engine.has_unfinished)
 
@@ -128,8 +163,8 @@ class InstanceLoop:
                     e.add(cmd.prompt_token_ids, cmd.params, cmd.request_id, cmd.arrival_time)
                 else:
                     t = cmd.ticket
-                    if cmd.source not in self.endpoints:
-                        self.endpoints[cmd.source] = msgspec.convert(cmd.endpoint, KVEndpoint)
+                    # a restarted prefill instance comes back with another endpoint
+                    self.endpoints[cmd.source] = msgspec.convert(cmd.endpoint, KVEndpoint)
                     e.add(t.prompt_token_ids, cmd.params, t.request_id, t.arrival_time,
                           Migration(t, cmd.source))
             except (ValueError, msgspec.ValidationError) as err:
@@ -146,6 +181,8 @@ class InstanceLoop:
         step = self.engine.step()
         if step.kv_pulled:
             self._send(m.Migrated(self.instance_id, step.kv_pulled))
+        for request_id, reason in step.kv_failed:
+            self._send(m.PullFailed(self.instance_id, request_id, reason))
         if step.outputs:
             self._send(m.Outputs(self.instance_id, step.outputs))
             if self.trace is not None and self.role == "prefill":
@@ -164,7 +201,13 @@ class InstanceLoop:
                            self.transfer_bytes, self.transfer_seconds, self.num_transfers))
 
     def close(self) -> None:
-        self._maybe_send_stats(force=True)
+        self._stopping.set()
+        self._heartbeat.join(2)
+        try:
+            self.out.setsockopt(zmq.SNDTIMEO, 500)
+            self._maybe_send_stats(force=True)
+        except ControllerGone:
+            pass
         for closable in (self.source, self.puller, self.trace):
             if closable is not None:
                 closable.close()
@@ -203,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with torch.inference_mode():
             loop.run()
+    except ControllerGone as e:
+        log.warning("%s: controller gone (%s), exiting", args.instance_id, e)
     finally:
         loop.close()
     return 0

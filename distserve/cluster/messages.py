@@ -149,8 +149,26 @@ class Failed(msgspec.Struct, tag=True):
     message: str
 
 
+class Heartbeat(msgspec.Struct, tag=True):
+    """Sent every HEARTBEAT_S from a thread of its own, model steps or not: an instance that
+    stops sending (killed, stopped, wedged) is found within HEARTBEAT_TIMEOUT_S."""
+    instance_id: str
+    busy_s: float = 0.0   # how long the engine iteration in progress has run (0: between)
+
+
+class PullFailed(msgspec.Struct, tag=True):
+    """A decode instance could not pull a request's KV (its source died, a checksum failed):
+    the request is dropped there, blocks freed, and the controller runs it again."""
+    instance_id: str
+    request_id: str
+    message: str
+
+
 ToInstance = Union[AddRequest, AddMigration, Release, Abort, Shutdown]
-ToController = Union[Ready, Outputs, Tickets, Migrated, Rejected, Stats, Failed]
+ToController = Union[Ready, Outputs, Tickets, Migrated, Rejected, Stats, Failed, Heartbeat,
+                     PullFailed]
+HEARTBEAT_S = 0.25
+HEARTBEAT_TIMEOUT_S = 1.5
 
 _encoder = msgspec.msgpack.Encoder()
 _to_instance = msgspec.msgpack.Decoder(ToInstance)

@@ -28,6 +28,7 @@ from distserve.engine.postprocess import StopChecker, apply_samples
 from distserve.engine.scheduler import ROLES, Scheduler
 from distserve.kv.cache_manager import KVCacheManager
 from distserve.request import FinishReason, Request, RequestStatus, SamplingParams
+from distserve.transfer.base import TransferError
 
 # pull(source, src_blocks, dst_blocks) -> (bytes moved, seconds)
 PullFn = Callable[[str, list[int], list[int]], tuple[int, float]]
@@ -46,6 +47,7 @@ class StepOutput:
     outputs: list[RequestOutput] = field(default_factory=list)
     kv_ready: list[MigrationTicket] = field(default_factory=list)  # prefill: KV held to pull
     kv_pulled: list[MigrationDone] = field(default_factory=list)   # decode: the source may free
+    kv_failed: list[tuple[str, str]] = field(default_factory=list)  # decode: (request, why) dropped
 
 
 class Engine:
@@ -146,7 +148,11 @@ class Engine:
 
     def step(self) -> StepOutput:
         batch = self.scheduler.schedule()
-        out = StepOutput(kv_pulled=[self._pull(req) for req in batch.pulls])
+        out = StepOutput()
+        for req in batch.pulls:
+            self._pull(req, out)
+        if out.kv_failed:
+            batch.decodes = [r for r in batch.decodes if r.request_id in self.requests]
         if batch.is_empty:
             return out
         result = self.executor.execute(batch.prefills, batch.decodes)
@@ -176,11 +182,22 @@ class Engine:
             queued_tokens=self.scheduler.num_waiting_tokens if prefill else 0)
 
     # ---------------------------------------------------------------- the hand-over
-    def _pull(self, req: Request) -> MigrationDone:
-        m = self.migrations.pop(req.request_id)
-        nbytes, seconds = self.pull(m.source, m.ticket.block_ids[:len(req.block_table)],
-                                    req.block_table)
-        return MigrationDone(req.request_id, m.source, nbytes, seconds)
+    def _pull(self, req: Request, out: StepOutput) -> None:
+        """The request's KV from its source, tried twice; a pull that still fails drops the
+        request here alone (blocks freed) and says why, so that it runs again elsewhere."""
+        m = self.migrations[req.request_id]
+        src = m.ticket.block_ids[:len(req.block_table)]
+        for attempt in (1, 2):
+            try:
+                nbytes, seconds = self.pull(m.source, src, req.block_table)
+            except TransferError as e:
+                if attempt == 2:
+                    self.abort(req.request_id)
+                    out.kv_failed.append((req.request_id, str(e)))
+                continue
+            self.migrations.pop(req.request_id)
+            out.kv_pulled.append(MigrationDone(req.request_id, m.source, nbytes, seconds))
+            return
 
     def _hold(self, req: Request, first_text: str) -> MigrationTicket:
         self.scheduler.hand_over(req)

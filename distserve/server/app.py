@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from distserve.engine.async_engine import EngineClient
-from distserve.server.errors import APIError, error_body, install_error_handlers
+from distserve.server.errors import RETRY_AFTER_S, APIError, error_body, install_error_handlers
 from distserve.server.generation import ClientGone, cancel_on_disconnect
 from distserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from distserve.server.prompts import PromptEncoder
@@ -64,15 +64,21 @@ def build_app(client: EngineClient, served_model_name: str | None = None,
 
     @app.get("/health")
     async def health():
+        """200 {"status": "ok"}, or "degraded" with the instances that are missing while
+        every role still serves; 503 when it cannot serve."""
+        detail = client.health() if hasattr(client, "health") else {"status": "ok"}
         if not client.is_healthy:
-            raise APIError(503, "the engine is not running", "engine_unavailable")
-        return JSONResponse({"status": "ok"})
+            raise APIError(503, f"the engine is not running ({detail})", "engine_unavailable",
+                           headers={"Retry-After": RETRY_AFTER_S})
+        return JSONResponse(detail)
 
     @app.get("/metrics")
     async def prometheus_metrics():
         instances = client.instance_stats() if hasattr(client, "instance_stats") else None
-        dropped = getattr(client, "num_dropped_messages", 0)
-        return Response(metrics.render(client.stats(), instances, dropped),
+        counts = client.counts() if hasattr(client, "counts") else None
+        up = client.health().get("instances") if hasattr(client, "health") else None
+        up = {iid: state == "up" for iid, state in (up or {}).items()}
+        return Response(metrics.render(client.stats(), instances, counts, up),
                         media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")

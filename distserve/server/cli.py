@@ -31,6 +31,8 @@ def register(sub) -> None:
                         "(default: $DISTSERVE_API_KEY, which keeps the key out of `ps`)")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="largest request body accepted (default 4 MiB); larger ones get 413")
+    p.add_argument("--drain-timeout", type=float, default=5.0,
+                   help="seconds in-flight requests get to finish after SIGTERM or Ctrl-C")
     p.add_argument("--log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(p)
@@ -133,13 +135,38 @@ async def _serve(args, config, deployment, slo) -> int:
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 with {what} "
           f"(context {client.max_model_len} tokens, {client.stats().num_blocks} KV blocks)",
           flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
-                                           log_level=args.log_level, timeout_graceful_shutdown=5))
+    http_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                 timeout_graceful_shutdown=args.drain_timeout)
+    server = _draining_server()(http_config)
     try:
         await server.serve()
-    finally:
+    finally:   # SIGTERM and Ctrl-C come here too: every instance is stopped
         if deployment is None:
             client.shutdown()
         else:
             await client.shutdown()
+    if server.stopped_by:
+        print(f"stopped by signal {server.stopped_by[0]}: drained and shut down", flush=True)
     return 0
+
+
+def _draining_server():
+    import contextlib
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM or Ctrl-C uvicorn stops admitting, lets in-flight requests finish for
+        --drain-timeout seconds, and then re-raises the signal, which would end the process
+        before the deployment is shut down and leave its instances behind. This one keeps the
+        signal to itself: serve() returns, and the caller shuts the deployment down."""
+        stopped_by: list = []
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                self.stopped_by = list(self._captured_signals)
+                self._captured_signals.clear()
+
+    return DrainingServer

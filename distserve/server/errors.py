@@ -24,6 +24,9 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error",
           500: "internal_server_error", 503: "service_unavailable"}
 
 
+RETRY_AFTER_S = "5"   # seconds a client should wait after a 503 (an instance restarts in about that)
+
+
 class APIError(Exception):
     """Raised anywhere in a handler to answer with an OpenAI-shaped error."""
 
@@ -64,7 +67,8 @@ def as_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, ValueError):
         return bad_request(str(exc))
     if isinstance(exc, EngineDeadError):
-        return APIError(503, f"the engine is not available: {exc}", "engine_unavailable")
+        return APIError(503, f"the engine is not available: {exc}", "engine_unavailable",
+                        headers={"Retry-After": RETRY_AFTER_S})
     log.error("internal error", exc_info=exc)
     return APIError(500, f"internal error: {type(exc).__name__}", "internal_error")
 

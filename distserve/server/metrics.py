@@ -25,6 +25,15 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+RELIABILITY = {   # what the controller counts since start (Controller.counts)
+    "internal_messages_dropped": "Frames on the deployment's internal ports that were not "
+                                 "authentic messages of one of its instances.",
+    "instance_failures": "Instances found dead or silent (no heartbeat), and restarts that failed.",
+    "instance_restarts": "Instances started again after a failure.",
+    "requests_rerun": "Requests run again on another instance after theirs failed.",
+}
+
+
 class ServerMetrics:
     def __init__(self, model_name: str, slo: SLOWindow | None = None) -> None:
         self.slo = slo
@@ -56,9 +65,7 @@ class ServerMetrics:
         self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (0..1).")
         self.kv_free = gauge("kv_cache_free_blocks", "KV blocks free.")
         self.kv_total = gauge("kv_cache_total_blocks", "KV blocks in the cache.")
-        self.dropped = gauge("internal_messages_dropped",
-                             "Frames on the deployment's internal ports that were not authentic "
-                             "messages of one of its instances (since start).")
+        self.reliability = {key: gauge(key, doc) for key, doc in RELIABILITY.items()}
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self._success = Counter("distserve:request_success", "Requests that finished.",
@@ -75,7 +82,9 @@ class ServerMetrics:
         per_instance = ["model_name", "instance", "role"]
         self._instance_gauges = {
             key: Gauge(f"distserve:instance_{key}", doc, per_instance, registry=reg)
-            for key, doc in (("num_requests_running", "Requests running (decode/colocated) or "
+            for key, doc in (("up", "1 while the instance is serving, 0 while it is down or "
+                              "restarting."),
+                             ("num_requests_running", "Requests running (decode/colocated) or "
                               "holding KV for migration (prefill)."),
                              ("num_requests_waiting", "Requests queued on the instance."),
                              ("queued_prompt_tokens", "Prompt tokens waiting (prefill)."),
@@ -91,10 +100,15 @@ class ServerMetrics:
         self._success.labels(self._model_name, reason).inc()
 
     def render(self, stats: EngineStats, instances: list | None = None,
-               dropped_messages: int = 0) -> bytes:
+               counts: dict | None = None, up: dict | None = None) -> bytes:
         """The text exposition, with the gauges read from the engine's latest snapshot and,
-        for a multi-instance deployment, each instance's last report and the count of frames
-        its controller dropped."""
+        for a multi-instance deployment, each instance's last report, whether it is up, and
+        the controller's counts of RELIABILITY events."""
+        for key, value in (counts or {}).items():
+            self.reliability[key].set(value)
+        for inst in instances or []:
+            self._instance_gauges["up"].labels(self._model_name, inst.instance_id, inst.role).set(
+                1 if (up or {}).get(inst.instance_id, True) else 0)
         for inst in instances or []:
             values = {"num_requests_running": inst.num_running,
                       "num_requests_waiting": inst.num_waiting,
@@ -117,7 +131,6 @@ class ServerMetrics:
         self.kv_usage.set(stats.kv_usage)
         self.kv_free.set(stats.num_free_blocks)
         self.kv_total.set(stats.num_blocks)
-        self.dropped.set(dropped_messages)
         return generate_latest(self.registry)
 
 

@@ -99,7 +99,7 @@ def test_stray_frames_forged_messages_and_tiny_temperatures_end_nothing(tiny_lla
             assert c.is_healthy
             assert await _all_free(c), c.instance_stats()
             metrics = ServerMetrics("tiny").render(c.stats(), c.instance_stats(),
-                                                   c.num_dropped_messages).decode()
+                                                   c.counts()).decode()
             return expected, victim, tiny, after, c.num_dropped_messages, metrics
         finally:
             await c.shutdown()

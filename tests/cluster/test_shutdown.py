@@ -1,0 +1,96 @@
+"""SIGTERM on a real `distserve serve` with instance processes, mid-stream (and after one of
+its instances was killed): it drains, exits, and leaves no process and no shared-memory
+segment behind."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
+def _segments() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("psm_")}
+
+
+def _stream(url: str, events: list) -> None:
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True,
+            "temperature": 0, "stream": True}
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+    except httpx.HTTPError as e:   # the server closed the connection at the end of the drain
+        events.append(f"closed: {type(e).__name__}")
+
+
+@pytest.mark.parametrize("kill_first", [None, "decode"])
+def test_sigterm_drains_and_leaves_nothing_behind(tiny_llama, kill_first):
+    port = _free_port()
+    before = _segments()
+    cmd = [sys.executable, "-m", "distserve.cli", "serve", str(tiny_llama), "--port", str(port),
+           "--served-model-name", "tiny", "--dtype", "float32", "--num-kv-blocks", "64",
+           "--prefill-instances", "1", "--decode-instances", "1", "--no-pin-cpus",
+           "--drain-timeout", "3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        instances = _children(proc.pid)
+        assert len(instances) == 2 and _segments() - before
+        if kill_first:
+            victim = next(p for p in instances
+                          if f"{kill_first}-0" in open(f"/proc/{p}/cmdline").read())
+            os.kill(victim, signal.SIGKILL)
+        events: list = []
+        client = threading.Thread(target=_stream, args=(url, events))
+        client.start()
+        while not events and client.is_alive():
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        client.join(30)
+        assert not client.is_alive()
+        output = proc.stdout.read().decode()
+        assert "drained and shut down" in output, output
+        for pid in instances:   # no orphan: each instance process is gone
+            assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+        assert not (_segments() - before)
+        last = events[-1]
+        if last not in ("[DONE]",) and not last.startswith("closed"):
+            assert "error" in json.loads(last)   # the stream ends in an error event, not silence
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
