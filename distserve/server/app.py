@@ -17,14 +17,15 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from distserve.engine.async_engine import EngineClient
+from distserve.server.admission import DEFAULT_MAX_QUEUED, Admission
 from distserve.server.errors import RETRY_AFTER_S, APIError, error_body, install_error_handlers
 from distserve.server.generation import ClientGone, cancel_on_disconnect
 from distserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from distserve.server.prompts import PromptEncoder
 from distserve.server.protocol import ChatCompletionRequest, CompletionRequest, model_card
 from distserve.server.serving_chat import ChatService
-from distserve.server.slo import SLOWindow
 from distserve.server.serving_completion import CompletionService
+from distserve.server.slo import SLOWindow
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 DEFAULT_MAX_BODY_BYTES = 4 << 20  # nginx's default is 1 MiB; a full 128k-token prompt fits
@@ -32,19 +33,22 @@ DEFAULT_MAX_BODY_BYTES = 4 << 20  # nginx's default is 1 MiB; a full 128k-token 
 
 def build_app(client: EngineClient, served_model_name: str | None = None,
               api_key: str | None = None, slo: SLOWindow | None = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              max_queued_requests: int | None = DEFAULT_MAX_QUEUED) -> FastAPI:
     name = served_model_name or client.model_name
     created = int(time.time())
     metrics = ServerMetrics(name, slo)
     encoder = PromptEncoder(client.tokenizer, client.max_model_len)
-    completion = CompletionService(client, name, metrics, encoder)
-    chat = ChatService(client, name, metrics, encoder)
+    admission = Admission(max_queued_requests)
+    completion = CompletionService(client, name, metrics, encoder, admission)
+    chat = ChatService(client, name, metrics, encoder, admission)
     seq = itertools.count()  # keeps engine ids unique when clients reuse an X-Request-Id
 
     app = FastAPI(title="distserve", docs_url=None, redoc_url=None)
     app.state.client = client
     app.state.metrics = metrics
     app.state.encoder = encoder
+    app.state.admission = admission
     install_error_handlers(app)
     app.add_middleware(RequestContext, api_key=api_key, max_body_bytes=max_body_bytes)
 
@@ -75,7 +79,8 @@ def build_app(client: EngineClient, served_model_name: str | None = None,
     @app.get("/metrics")
     async def prometheus_metrics():
         instances = client.instance_stats() if hasattr(client, "instance_stats") else None
-        counts = client.counts() if hasattr(client, "counts") else None
+        counts = {**(client.counts() if hasattr(client, "counts") else {}),
+                  "requests_rejected_busy": admission.num_rejected}
         up = client.health().get("instances") if hasattr(client, "health") else None
         up = {iid: state == "up" for iid, state in (up or {}).items()}
         return Response(metrics.render(client.stats(), instances, counts, up),

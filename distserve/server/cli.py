@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import os
 
+from distserve.server.admission import DEFAULT_MAX_QUEUED
 from distserve.server.app import DEFAULT_MAX_BODY_BYTES
 
 
@@ -31,6 +32,9 @@ def register(sub) -> None:
                         "(default: $DISTSERVE_API_KEY, which keeps the key out of `ps`)")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="largest request body accepted (default 4 MiB); larger ones get 413")
+    p.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED,
+                   help="requests waiting for their first token before new ones get 429 with "
+                        f"Retry-After (default {DEFAULT_MAX_QUEUED})")
     p.add_argument("--drain-timeout", type=float, default=5.0,
                    help="seconds in-flight requests get to finish after SIGTERM or Ctrl-C")
     p.add_argument("--log-level", default="warning",
@@ -101,6 +105,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.max_queued_requests < 1:
+        raise ValueError(f"--max-queued-requests must be >= 1, got {args.max_queued_requests}")
+    if args.drain_timeout < 0:
+        raise ValueError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     config = engine_config_from_args(args, args.model)
@@ -130,7 +138,8 @@ async def _serve(args, config, deployment, slo) -> int:
         await client.start()
         what = ", ".join(f"{s.instance_id} (cpus {s.devices or 'any'})" for s in deployment.specs)
     app = build_app(client, args.served_model_name, args.api_key, slo,
-                    max_body_bytes=args.max_request_bytes)
+                    max_body_bytes=args.max_request_bytes,
+                    max_queued_requests=args.max_queued_requests)
     name = args.served_model_name or client.model_name
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 with {what} "
           f"(context {client.max_model_len} tokens, {client.stats().num_blocks} KV blocks)",

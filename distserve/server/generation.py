@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 from starlette.responses import StreamingResponse
 
-from distserve.engine.async_engine import EngineClient, RequestStream
 from distserve.cluster.messages import RequestOutput
+from distserve.engine.async_engine import EngineClient, RequestStream
 from distserve.request import SamplingParams
+from distserve.server.admission import Admission
 from distserve.server.errors import APIError, as_api_error, sse_error
 from distserve.server.metrics import RequestTracker, ServerMetrics
 
@@ -47,25 +48,43 @@ class ChoiceState:
 class Choices:
     """The engine requests behind one HTTP request, one per (prompt, n) pair."""
 
-    def __init__(self, metrics: ServerMetrics) -> None:
+    def __init__(self, metrics: ServerMetrics, admission: Admission | None = None) -> None:
         self.metrics = metrics
+        self.admission = admission
         self.streams: list[RequestStream] = []
         self.states: list[ChoiceState] = []
         self.trackers: list[RequestTracker] = []
+        self.waiting: list[bool] = []   # per choice: admitted, no output yet
 
     async def submit(self, client: EngineClient, prompt_ids: list[int],
                      params: SamplingParams, request_id: str) -> None:
-        """Starts one choice; on a bad request the ones already started are aborted."""
+        """Starts one choice; on a bad request (or a full queue: 429) the ones already
+        started are aborted."""
         try:
-            stream = await client.generate(prompt_ids, params, request_id)
+            if self.admission is not None:
+                self.admission.admit()
+            try:
+                stream = await client.generate(prompt_ids, params, request_id)
+            except BaseException:
+                if self.admission is not None:
+                    self.admission.started()
+                raise
         except BaseException as e:
             await self.close()
             raise (as_api_error(e) if isinstance(e, Exception) else e) from e
+        self.waiting.append(self.admission is not None)
         self.streams.append(stream)
         self.states.append(ChoiceState(len(self.states), len(prompt_ids)))
         self.trackers.append(self.metrics.track())
 
+    def _started(self, index: int) -> None:
+        if self.waiting[index]:
+            self.waiting[index] = False
+            self.admission.started()
+
     async def close(self) -> None:
+        for index in range(len(self.waiting)):
+            self._started(index)
         for stream, state in zip(self.streams, self.states, strict=True):
             if state.finish_reason is None:
                 state.finish_reason = "abort"
@@ -77,6 +96,7 @@ class Choices:
         pairs = _single(self.streams[0]) if len(self.streams) == 1 else _merge(self.streams)
         async with aclosing(pairs):  # closing us must stop _merge's tasks now, not at GC
             async for index, out in pairs:
+                self._started(index)
                 self.trackers[index].observe(out)
                 self.states[index].add(out)
                 yield self.states[index], out

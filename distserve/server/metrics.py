@@ -31,6 +31,7 @@ RELIABILITY = {   # what the controller counts since start (Controller.counts)
     "instance_failures": "Instances found dead or silent (no heartbeat), and restarts that failed.",
     "instance_restarts": "Instances started again after a failure.",
     "requests_rerun": "Requests run again on another instance after theirs failed.",
+    "requests_rejected_busy": "Requests refused with 429: --max-queued-requests were waiting.",
 }
 
 

@@ -7,6 +7,7 @@ from contextlib import aclosing
 from fastapi.responses import JSONResponse
 
 from distserve.engine.async_engine import EngineClient
+from distserve.server.admission import Admission
 from distserve.server.generation import (SSE_DONE, Choices, ChoiceState, SSEResponse,
                                          sse, sse_guard)
 from distserve.server.metrics import ServerMetrics
@@ -16,8 +17,9 @@ from distserve.server.protocol import ChatCompletionRequest, now
 
 class ChatService:
     def __init__(self, client: EngineClient, model_name: str, metrics: ServerMetrics,
-                 encoder: PromptEncoder) -> None:
+                 encoder: PromptEncoder, admission: Admission | None = None) -> None:
         self.client = client
+        self.admission = admission
         self.model_name = model_name
         self.metrics = metrics
         self.encoder = encoder
@@ -30,7 +32,7 @@ class ChatService:
         logprobs = body.engine_logprobs()
         params = [body.sampling_params(body.requested_max_tokens(), logprobs, i)
                   for i in range(body.n)]
-        choices = Choices(self.metrics)
+        choices = Choices(self.metrics, self.admission)
         for i in range(body.n):
             await choices.submit(self.client, ids, params[i], f"{request_id}-{i}")
         return choices, len(ids)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from fastapi.responses import JSONResponse
 
 from distserve.engine.async_engine import EngineClient
+from distserve.server.admission import Admission
 from distserve.server.errors import bad_request
 from distserve.server.generation import (SSE_DONE, Choices, ChoiceState, SSEResponse,
                                          sse, sse_guard)
@@ -24,8 +25,9 @@ class PromptInfo:
 
 class CompletionService:
     def __init__(self, client: EngineClient, model_name: str, metrics: ServerMetrics,
-                 encoder: PromptEncoder) -> None:
+                 encoder: PromptEncoder, admission: Admission | None = None) -> None:
         self.client = client
+        self.admission = admission
         self.model_name = model_name
         self.metrics = metrics
         self.encoder = encoder
@@ -51,7 +53,7 @@ class CompletionService:
         ids = [await self._encode(p) for p in prompts]
         params = [body.sampling_params(body.max_tokens, body.logprobs, i)
                   for i in range(body.n)]
-        choices = Choices(self.metrics)
+        choices = Choices(self.metrics, self.admission)
         for p, prompt_ids in enumerate(ids):
             for i in range(body.n):
                 await choices.submit(self.client, prompt_ids, params[i],

@@ -45,10 +45,10 @@ class Served:
         assert not self.client.engine.requests
 
 
-def _serve(model_dir, num_kv_blocks: int, api_key: str | None = None):
+def _serve(model_dir, num_kv_blocks: int, api_key: str | None = None, **app_kwargs):
     client = AsyncEngine(Engine(EngineConfig(
         model=str(model_dir), dtype="float32", num_kv_blocks=num_kv_blocks, num_threads=1)))
-    app = build_app(client, MODEL, api_key)
+    app = build_app(client, MODEL, api_key, **app_kwargs)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -88,3 +88,13 @@ def oai(served):
     with openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0,
                        timeout=30) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def bounded(tiny_llama):
+    """A server that lets at most 2 requests wait for their first token."""
+    s, server, thread = _serve(tiny_llama, num_kv_blocks=64, max_queued_requests=2)
+    yield s
+    server.should_exit = True
+    thread.join(10)
+    s.client.shutdown()
