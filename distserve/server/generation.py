@@ -102,10 +102,14 @@ class Choices:
                 yield self.states[index], out
 
     async def run_to_end(self) -> list[ChoiceState]:
+        """Every choice to its end; a request lost on the way (its instance died with none
+        to take over) is an HTTP error in the OpenAI shape (503), not a traceback."""
         try:
             async with aclosing(self.outputs()) as outputs:
                 async for _ in outputs:
                     pass
+        except Exception as e:
+            raise as_api_error(e) from None
         finally:
             await self.close()
         return self.states

@@ -155,6 +155,10 @@ def test_health_and_metrics_tell_a_client_what_happened(tiny_llama, reference):
         try:
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
                 assert (await http.get("/health")).json()["status"] == "ok"
+                os.kill(c.instances["decode-0"].process.proc.pid, signal.SIGSTOP)
+                lost = await http.post("/v1/completions", timeout=30, json={   # not streamed
+                    "model": "tiny", "prompt": "hi", "max_tokens": 50})
+                assert lost.status_code == 503 and "no decode instance" in lost.json()["error"]["message"]
                 c.instances["decode-0"].process.proc.kill()
                 await _until(lambda: not c.is_healthy, 10)
                 down = await http.get("/health")
