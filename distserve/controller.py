@@ -383,6 +383,14 @@ class Controller(Failover):
             kv_usage=(blocks - free) / blocks if blocks else 0.0,
             num_free_blocks=free, num_blocks=blocks)
 
+    def predict_ttft(self, num_tokens: int) -> float | None:
+        """Queueing plus prefill of a new prompt on the instance it would go to."""
+        target = self._least_loaded("prefill" if self.disaggregated else "colocated")
+        if target is None or target.stats is None:
+            return None
+        queued = target.queued_tokens if self.disaggregated else target.stats.queued_tokens
+        return m.predicted_ttft(queued, num_tokens, target.stats.prefill_seconds_per_token)
+
     def counts(self) -> dict[str, int]:
         """Reliability events since start (server/metrics.RELIABILITY says what each is)."""
         return {"internal_messages_dropped": self.num_dropped_messages,

@@ -198,7 +198,8 @@ class InstanceLoop:
         s = self.engine.stats()
         self._send(m.Stats(self.instance_id, self.role, s.num_running, s.num_waiting,
                            s.queued_tokens, s.kv_usage, s.num_free_blocks, s.num_blocks,
-                           self.transfer_bytes, self.transfer_seconds, self.num_transfers))
+                           self.transfer_bytes, self.transfer_seconds, self.num_transfers,
+                           s.prefill_seconds_per_token))
 
     def close(self) -> None:
         self._stopping.set()

@@ -28,6 +28,13 @@ class EngineStats:
     num_free_blocks: int = 0
     num_blocks: int = 0
     queued_tokens: int = 0         # prefill: prompt tokens waiting to run
+    prefill_seconds_per_token: float = 0.0   # measured on recent prompt steps (0: none yet)
+
+
+def predicted_ttft(queued_tokens: int, num_tokens: int, seconds_per_token: float) -> float | None:
+    """Queueing plus prefill of a new prompt of `num_tokens` behind `queued_tokens`, at the
+    measured prefill speed; None before any prompt was measured."""
+    return (queued_tokens + num_tokens) * seconds_per_token if seconds_per_token > 0 else None
 
 
 @dataclass
@@ -142,6 +149,7 @@ class Stats(msgspec.Struct, tag=True):
     transfer_bytes: int = 0
     transfer_seconds: float = 0.0
     num_transfers: int = 0
+    prefill_seconds_per_token: float = 0.0
 
 
 class Failed(msgspec.Struct, tag=True):

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
-from distserve.cluster.messages import EngineStats, RequestOutput
+from distserve.cluster.messages import EngineStats, RequestOutput, predicted_ttft
 from distserve.request import SamplingParams, fit_to_context
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,11 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         """The numbers after the last step (a snapshot: never reads the engine itself)."""
         return self._stats
+
+    def predict_ttft(self, num_tokens: int) -> float | None:
+        """Queueing plus prefill of a new prompt, at the speed its last prompts ran."""
+        s = self._stats
+        return predicted_ttft(s.queued_tokens, num_tokens, s.prefill_seconds_per_token)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)

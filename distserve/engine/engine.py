@@ -73,6 +73,7 @@ class Engine:
         self.migrations: dict[str, Migration] = {}  # decode: waiting for its KV
         self.held: dict[str, Request] = {}          # prefill: first token out, KV not pulled
         self._ids = itertools.count()
+        self._prefill_s_per_token = 0.0   # EWMA over steps with prompt tokens (for --reject-late)
 
     @property
     def model_name(self) -> str:
@@ -155,7 +156,13 @@ class Engine:
             batch.decodes = [r for r in batch.decodes if r.request_id in self.requests]
         if batch.is_empty:
             return out
+        started = time.perf_counter()
         result = self.executor.execute(batch.prefills, batch.decodes)
+        prompt_tokens = sum(n for _, n in batch.prefills)
+        if prompt_tokens:
+            rate = (time.perf_counter() - started) / prompt_tokens
+            old = self._prefill_s_per_token
+            self._prefill_s_per_token = rate if not old else 0.7 * old + 0.3 * rate
         for req, n in batch.prefills:
             req.num_computed_tokens += n
         for req in batch.decodes:
@@ -179,7 +186,8 @@ class Engine:
             num_running=len(self.held) if prefill else len(self.scheduler.running),
             num_waiting=self.scheduler.num_waiting, kv_usage=self.kv.usage,
             num_free_blocks=alloc.num_free, num_blocks=alloc.num_blocks,
-            queued_tokens=self.scheduler.num_waiting_tokens if prefill else 0)
+            queued_tokens=self.scheduler.num_waiting_tokens if self.role != "decode" else 0,
+            prefill_seconds_per_token=self._prefill_s_per_token)
 
     # ---------------------------------------------------------------- the hand-over
     def _pull(self, req: Request, out: StepOutput) -> None:

@@ -34,12 +34,15 @@ DEFAULT_MAX_BODY_BYTES = 4 << 20  # nginx's default is 1 MiB; a full 128k-token 
 def build_app(client: EngineClient, served_model_name: str | None = None,
               api_key: str | None = None, slo: SLOWindow | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-              max_queued_requests: int | None = DEFAULT_MAX_QUEUED) -> FastAPI:
+              max_queued_requests: int | None = DEFAULT_MAX_QUEUED,
+              reject_late: bool = False) -> FastAPI:
     name = served_model_name or client.model_name
     created = int(time.time())
     metrics = ServerMetrics(name, slo)
     encoder = PromptEncoder(client.tokenizer, client.max_model_len)
-    admission = Admission(max_queued_requests)
+    if reject_late and slo is None:
+        raise ValueError("--reject-late needs a TTFT SLO: give --ttft-slo and --tpot-slo (or a --plan)")
+    admission = Admission(max_queued_requests, slo.ttft_slo if reject_late else None)
     completion = CompletionService(client, name, metrics, encoder, admission)
     chat = ChatService(client, name, metrics, encoder, admission)
     seq = itertools.count()  # keeps engine ids unique when clients reuse an X-Request-Id
@@ -80,7 +83,8 @@ def build_app(client: EngineClient, served_model_name: str | None = None,
     async def prometheus_metrics():
         instances = client.instance_stats() if hasattr(client, "instance_stats") else None
         counts = {**(client.counts() if hasattr(client, "counts") else {}),
-                  "requests_rejected_busy": admission.num_rejected}
+                  "requests_rejected_busy": admission.num_rejected,
+                  "requests_rejected_late": admission.num_rejected_late}
         up = client.health().get("instances") if hasattr(client, "health") else None
         up = {iid: state == "up" for iid, state in (up or {}).items()}
         return Response(metrics.render(client.stats(), instances, counts, up),

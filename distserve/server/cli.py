@@ -35,6 +35,9 @@ def register(sub) -> None:
     p.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED,
                    help="requests waiting for their first token before new ones get 429 with "
                         f"Retry-After (default {DEFAULT_MAX_QUEUED})")
+    p.add_argument("--reject-late", action="store_true",
+                   help="refuse (429) a request whose predicted queueing + prefill exceeds the "
+                        "TTFT SLO (needs --ttft-slo/--tpot-slo or a --plan)")
     p.add_argument("--drain-timeout", type=float, default=5.0,
                    help="seconds in-flight requests get to finish after SIGTERM or Ctrl-C")
     p.add_argument("--log-level", default="warning",
@@ -116,6 +119,8 @@ def run_serve(args: argparse.Namespace) -> int:
     for warning in deployment.warnings if deployment is not None else ():
         print(f"warning: {warning}", flush=True)
     slo = slo_from_args(args, deployment)
+    if args.reject_late and slo is None:
+        raise ValueError("--reject-late needs a TTFT SLO: give --ttft-slo and --tpot-slo (or a --plan)")
     return asyncio.run(_serve(args, config, deployment, slo))
 
 
@@ -139,7 +144,7 @@ async def _serve(args, config, deployment, slo) -> int:
         what = ", ".join(f"{s.instance_id} (cpus {s.devices or 'any'})" for s in deployment.specs)
     app = build_app(client, args.served_model_name, args.api_key, slo,
                     max_body_bytes=args.max_request_bytes,
-                    max_queued_requests=args.max_queued_requests)
+                    max_queued_requests=args.max_queued_requests, reject_late=args.reject_late)
     name = args.served_model_name or client.model_name
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 with {what} "
           f"(context {client.max_model_len} tokens, {client.stats().num_blocks} KV blocks)",

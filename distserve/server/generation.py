@@ -62,6 +62,8 @@ class Choices:
         started are aborted."""
         try:
             if self.admission is not None:
+                if not self.streams and hasattr(client, "predict_ttft"):   # once per HTTP request
+                    self.admission.check_late(client.predict_ttft(len(prompt_ids)))
                 self.admission.admit()
             try:
                 stream = await client.generate(prompt_ids, params, request_id)

@@ -32,6 +32,8 @@ RELIABILITY = {   # what the controller counts since start (Controller.counts)
     "instance_restarts": "Instances started again after a failure.",
     "requests_rerun": "Requests run again on another instance after theirs failed.",
     "requests_rejected_busy": "Requests refused with 429: --max-queued-requests were waiting.",
+    "requests_rejected_late": "Requests refused with 429 by --reject-late: their predicted TTFT "
+                              "was over the TTFT SLO.",
 }
 
 

@@ -177,6 +177,8 @@ def test_health_and_metrics_tell_a_client_what_happened(tiny_llama, reference):
                     "model": "tiny", "prompt": PROMPTS[0], "max_tokens": 160, "temperature": 0,
                     "ignore_eos": True})
                 assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == reference[1][0]
+                await _until(lambda: c.predict_ttft(10) is not None, 5)   # the prefill speed,
+                assert 0 < c.predict_ttft(10) < c.predict_ttft(1000)      # as the instance measured it
         finally:
             await c.shutdown()
 

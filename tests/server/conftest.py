@@ -98,3 +98,15 @@ def bounded(tiny_llama):
     server.should_exit = True
     thread.join(10)
     s.client.shutdown()
+
+
+@pytest.fixture(scope="session")
+def late(tiny_llama):
+    """A server with --reject-late and a TTFT SLO no prompt can meet (1 microsecond)."""
+    from distserve.server.slo import SLOWindow
+    s, server, thread = _serve(tiny_llama, num_kv_blocks=64, slo=SLOWindow(1e-6, 1.0),
+                               reject_late=True)
+    yield s
+    server.should_exit = True
+    thread.join(10)
+    s.client.shutdown()
