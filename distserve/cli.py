@@ -38,6 +38,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--policy", default="prefill-first", choices=["prefill-first", "chunked"])
     g.add_argument("--num-threads", type=int, default=None)
+    g.add_argument("--kv-checksum", action="store_true", help="disaggregated: verify every KV "
+                   "block a decode instance pulls against the prefill side's checksum (CRC-32); "
+                   "a request whose KV fails it is computed again, never decoded from bad KV")
 
 
 def engine_config_from_args(args: argparse.Namespace, model: str | None):
@@ -46,7 +49,8 @@ def engine_config_from_args(args: argparse.Namespace, model: str | None):
         model=model, dtype=args.dtype, device=args.device, block_size=args.block_size,
         kv_cache_memory_gib=args.kv_cache_memory_gib, num_kv_blocks=args.num_kv_blocks,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, policy=args.policy, num_threads=args.num_threads)
+        max_model_len=args.max_model_len, policy=args.policy, num_threads=args.num_threads,
+        kv_checksum=args.kv_checksum)
 
 
 def _run_generate(args: argparse.Namespace) -> int:

@@ -20,6 +20,8 @@ class EngineConfig:
     policy: str = "prefill-first"       # prefill-first (vLLM default) | chunked (chunked prefill)
     num_threads: int | None = None      # torch intra-op threads on CPU
     seed: int = 0
+    kv_checksum: bool = False           # prefill: checksum each block handed over; decode:
+    #                                     verify after the pull (a bad block is never decoded)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

@@ -67,6 +67,7 @@ class MigrationTicket:
     block_ids: list[int]
     arrival_time: float
     first_token_time: float
+    block_checksums: list[int] | None = None   # CRC-32 of each block's bytes (--kv-checksum)
 
 
 @dataclass

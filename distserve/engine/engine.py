@@ -29,6 +29,7 @@ from distserve.engine.scheduler import ROLES, Scheduler
 from distserve.kv.cache_manager import KVCacheManager
 from distserve.request import FinishReason, Request, RequestStatus, SamplingParams
 from distserve.transfer.base import TransferError
+from distserve.transfer.checksum import block_checksums, verify_blocks
 
 # pull(source, src_blocks, dst_blocks) -> (bytes moved, seconds)
 PullFn = Callable[[str, list[int], list[int]], tuple[int, float]]
@@ -198,6 +199,9 @@ class Engine:
         for attempt in (1, 2):
             try:
                 nbytes, seconds = self.pull(m.source, src, req.block_table)
+                if m.ticket.block_checksums is not None:
+                    verify_blocks(self.executor.kv_cache, req.block_table,
+                                  m.ticket.block_checksums[:len(src)])
             except TransferError as e:
                 if attempt == 2:
                     self.abort(req.request_id)
@@ -214,4 +218,5 @@ class Engine:
         return MigrationTicket(
             req.request_id, req.prompt_token_ids, req.output_token_ids[0], first_text,
             req.output_logprobs[0] if req.output_logprobs else None, list(req.block_table),
-            req.arrival_time, req.first_token_time)
+            req.arrival_time, req.first_token_time,
+            block_checksums(self.executor.kv_cache, req.block_table) if self.config.kv_checksum else None)

@@ -38,9 +38,9 @@ def expected(tiny_llama):
     return out, [r.text for r in colocated]
 
 
-def _deployment(model, prefill, decode, transfer, decode_blocks=64):
+def _deployment(model, prefill, decode, transfer, decode_blocks=64, kv_checksum=False):
     """A small decode cache makes migrations wait for room, and preempts on the decode side."""
-    base = EngineConfig(model=str(model), dtype="float32", num_kv_blocks=64)
+    base = EngineConfig(model=str(model), dtype="float32", num_kv_blocks=64, kv_checksum=kv_checksum)
     return Deployment(base, "disaggregated", prefill=PhaseSettings(prefill),
                       decode=PhaseSettings(decode, num_kv_blocks=decode_blocks), transfer=transfer)
 
@@ -64,14 +64,14 @@ async def _wait_all_free(controller, timeout=10.0):
     return controller.instance_stats()
 
 
-@pytest.mark.parametrize("prefill,decode,transfer,decode_blocks", [
-    (1, 1, "shm", 64), (2, 1, "tcp", 64), (1, 1, "shm", 10)])
+@pytest.mark.parametrize("prefill,decode,transfer,decode_blocks,kv_checksum", [
+    (1, 1, "shm", 64, False), (2, 1, "tcp", 64, True), (1, 1, "shm", 10, False)])
 def test_disaggregated_matches_colocated_and_transformers(tiny_llama, expected, prefill, decode,
-                                                          transfer, decode_blocks):
+                                                          transfer, decode_blocks, kv_checksum):
     tokens, texts = expected
 
     async def run():
-        c = Controller(_deployment(tiny_llama, prefill, decode, transfer, decode_blocks).specs,
+        c = Controller(_deployment(tiny_llama, prefill, decode, transfer, decode_blocks, kv_checksum).specs,
                        str(tiny_llama), LocalLauncher(), transfer=transfer)
         await c.start()
         try:

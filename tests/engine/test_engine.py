@@ -116,3 +116,51 @@ def test_roles_take_what_they_can_run(tiny_llama):
     colocated = Engine(_config(tiny_llama), executor)
     with pytest.raises(ValueError, match="takes no migrations"):
         colocated.add([1, 2], GREEDY, "m", migration=object())
+
+
+def test_kv_checksum_passes_good_copies_and_stops_a_corrupted_one(tiny_llama, colocated_tokens):
+    """--kv-checksum: the pair still gives the colocated tokens; a copy with one byte flipped
+    (injected: a bad copy cannot be caused for real on one machine) is tried again, then the
+    request is dropped from the decode engine alone, its blocks freed, never decoded."""
+    import dataclasses
+
+    from distserve.transfer.base import byte_rows
+
+    config = dataclasses.replace(_config(tiny_llama), kv_checksum=True)
+    prefill = Engine(config, role="prefill")
+    calls = []
+
+    def pull(source, src_blocks, dst_blocks):
+        src, dst = prefill.executor.kv_cache, decode.executor.kv_cache
+        dst[dst_blocks] = src[src_blocks]
+        calls.append(list(dst_blocks))
+        if corrupt:
+            byte_rows(dst)[dst_blocks[0], 7] ^= 0x10
+        return len(src_blocks) * src[0].nbytes, 0.0
+
+    decode = Engine(config, role="decode", pull=pull)
+    for corrupt in (False, True):
+        prefill.add(PROMPTS[1], GREEDY, f"c{corrupt}")
+        tokens, failed = [], []
+        while prefill.has_unfinished or decode.has_unfinished:
+            step = prefill.step() if prefill.has_unfinished else None
+            for ticket in step.kv_ready if step else []:
+                assert ticket.block_checksums and len(ticket.block_checksums) == len(ticket.block_ids)
+                tokens += step.outputs[0].new_token_ids
+                decode.add(ticket.prompt_token_ids, GREEDY, ticket.request_id,
+                           ticket.arrival_time, Migration(ticket, "prefill-0"))
+            step = decode.step()
+            failed += step.kv_failed
+            for done in step.kv_pulled:
+                prefill.release(done.request_id)
+            for out in step.outputs:
+                tokens += out.new_token_ids
+        if not corrupt:
+            assert tokens == colocated_tokens["r1"] and not failed
+        else:
+            assert [rid for rid, _ in failed] == ["cTrue"] and "checksum" in failed[0][1]
+            assert calls[-1] == calls[-2]                 # tried twice
+            prefill.release("cTrue")                      # what the controller does next
+    for engine in (prefill, decode):
+        s = engine.stats()
+        assert s.num_free_blocks == s.num_blocks and not engine.requests
