@@ -30,8 +30,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda if present)")
     g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--kv-cache-memory", type=float, default=2.0, dest="kv_cache_memory_gib",
-                   help="KV cache budget in GiB")
+    g.add_argument("--kv-cache-memory", type=float, default=None, dest="kv_cache_memory_gib",
+                   help="KV cache budget in GiB per instance (default 2, or less where all "
+                        "instances' KV would take over half the memory available)")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="overrides --kv-cache-memory")
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -47,7 +48,8 @@ def engine_config_from_args(args: argparse.Namespace, model: str | None):
     from distserve.config import EngineConfig
     return EngineConfig(
         model=model, dtype=args.dtype, device=args.device, block_size=args.block_size,
-        kv_cache_memory_gib=args.kv_cache_memory_gib, num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_gib=2.0 if args.kv_cache_memory_gib is None else args.kv_cache_memory_gib,
+        num_kv_blocks=args.num_kv_blocks,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, policy=args.policy, num_threads=args.num_threads,
         kv_checksum=args.kv_checksum)

@@ -15,6 +15,29 @@ from distserve.cluster.launcher import InstanceSpec
 from distserve.config import EngineConfig
 
 
+DEFAULT_KV_GIB = 2.0      # per instance, where the machine has the memory for it
+KV_SHARE_OF_MEMORY = 0.5  # of the memory available at start, for all instances' KV together
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def default_kv_budget_gib(num_instances: int, available: int | None) -> float:
+    """Each instance's KV budget when none is given: DEFAULT_KV_GIB, or less so that all of
+    them together take at most KV_SHARE_OF_MEMORY of what is available (the weights, the
+    activations and the rest of the machine need the other part)."""
+    if available is None:
+        return DEFAULT_KV_GIB
+    fair = KV_SHARE_OF_MEMORY * available / 2 ** 30 / max(num_instances, 1)
+    return max(min(DEFAULT_KV_GIB, round(fair, 2)), 0.05)
+
+
 def usable_cores() -> list[int]:
     """The CPU cores this process may run on (empty where the OS does not say)."""
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []

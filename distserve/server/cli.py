@@ -92,6 +92,21 @@ def deployment_from_args(args: argparse.Namespace, config):
         args.transfer, pin_cpus)
 
 
+def _fit_kv_to_memory(args, config, deployment):
+    """The default KV budget, shrunk so that every instance's together fit the machine."""
+    import dataclasses
+
+    from distserve.cluster.deployment import available_memory_bytes, default_kv_budget_gib
+    n = deployment.num_instances if deployment is not None else 1
+    budget = default_kv_budget_gib(n, available_memory_bytes())
+    if budget >= config.kv_cache_memory_gib:
+        return config, deployment
+    print(f"note: KV cache {budget:g} GiB per instance ({n} instance(s)), so that together they "
+          "take at most half the memory available; --kv-cache-memory sets it", flush=True)
+    config = dataclasses.replace(config, kv_cache_memory_gib=budget)
+    return config, deployment_from_args(args, config)
+
+
 def slo_from_args(args: argparse.Namespace, deployment=None):
     """--ttft-slo/--tpot-slo, or else the plan's SLOs."""
     from distserve.server.slo import SLOWindow
@@ -116,6 +131,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     config = engine_config_from_args(args, args.model)
     deployment = deployment_from_args(args, config)
+    if args.kv_cache_memory_gib is None and args.num_kv_blocks is None:
+        config, deployment = _fit_kv_to_memory(args, config, deployment)
     for warning in deployment.warnings if deployment is not None else ():
         print(f"warning: {warning}", flush=True)
     slo = slo_from_args(args, deployment)

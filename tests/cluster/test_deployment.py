@@ -83,3 +83,13 @@ def test_the_local_launcher_refuses_parallel_instances_by_name():
         LocalLauncher().start(spec, "tcp://127.0.0.1:1", "shm", b"0123456789abcdef")
     with pytest.raises(ValueError, match="TP and PP must be >= 1"):
         InstanceSpec("decode", "decode-0", EngineConfig(), pp=0)
+
+
+def test_the_default_kv_budget_fits_the_machine_with_all_instances_counted():
+    from distserve.cluster.deployment import default_kv_budget_gib
+    gib = 2 ** 30
+    assert default_kv_budget_gib(3, 24 * gib) == 2.0           # plenty: the default
+    assert default_kv_budget_gib(3, 6 * gib) == 1.0            # 3 x 1 GiB = half of 6 GiB
+    assert default_kv_budget_gib(4, 1 * gib) == 0.12           # a small machine: much less
+    assert default_kv_budget_gib(1000, gib) == 0.05            # never nothing
+    assert default_kv_budget_gib(2, None) == 2.0               # no /proc/meminfo: the default
