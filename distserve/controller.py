@@ -34,6 +34,7 @@ from distserve.request import SamplingParams, fit_to_context
 from distserve.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
+SEND_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -118,45 +119,11 @@ class Controller(Failover):
         self.vocab_size = readies[0].vocab_size
         # a request must fit each instance's KV cache on its own, and the model's context
         self.max_model_len = min(min(r.max_model_len, r.num_kv_blocks * r.block_size) for r in readies)
+        now = time.monotonic()   # heartbeats queued while the tokenizer loaded are not late
+        for iid in self.instances:
+            self.supervisor.beat(iid, now)
         self._receiver = asyncio.create_task(self._receive_loop())
         self._watchdog = asyncio.create_task(self._watch())
-
-    async def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.ready_timeout_s
-        pending = set(self.instances)
-        while pending:
-            for iid in pending:
-                inst = self.instances[iid]
-                if not inst.process.alive:
-                    await self.shutdown()
-                    raise RuntimeError(f"instance {iid} exited while starting:\n"
-                                       f"{inst.process.output_tail()}")
-            if time.monotonic() > deadline:
-                await self.shutdown()
-                raise TimeoutError(f"instances {sorted(pending)} not ready after {self.ready_timeout_s} s")
-            if not await self._inbox.poll(200):
-                continue
-            msg = self._decode(await self._inbox.recv())
-            if isinstance(msg, m.Failed):
-                await self.shutdown()
-                raise RuntimeError(f"instance {msg.instance_id} failed to start: {msg.message}")
-            if isinstance(msg, m.Ready):
-                self._attach(msg)
-                pending.discard(msg.instance_id)
-
-    def _attach(self, msg: m.Ready) -> None:
-        """An instance said Ready (first start or restart): commands go to its new port."""
-        inst = self.instances[msg.instance_id]
-        if inst.socket is not None:
-            inst.socket.close(linger=0)
-        inst.ready = msg
-        inst.stats = m.Stats(msg.instance_id, msg.role, 0, 0, 0, 0.0,
-                             msg.num_kv_blocks, msg.num_kv_blocks)
-        inst.load = inst.queued_tokens = 0
-        inst.socket = self._ctx.socket(zmq.PUSH)
-        inst.socket.setsockopt(zmq.LINGER, 1000)
-        inst.socket.connect(msg.command_address)
-        self.supervisor.ready(msg.instance_id, time.monotonic())
 
     async def shutdown(self) -> None:
         for task in (self._receiver, self._watchdog):
@@ -165,7 +132,7 @@ class Controller(Failover):
         self._receiver = self._watchdog = None
         for iid, inst in self.instances.items():
             if inst.socket is not None and self.supervisor.is_up(iid):
-                await inst.socket.send(self.sealer.seal(m.Shutdown()))
+                await self._push(inst, m.Shutdown())
         for inst in self.instances.values():
             await asyncio.to_thread(inst.process.stop)
             if inst.socket is not None:
@@ -213,7 +180,7 @@ class Controller(Failover):
             tracked.decode = target.spec.instance_id
         arrival = tracked.progress.arrival_time
         tracked.run_params = params
-        await target.socket.send(self.sealer.seal(m.AddRequest(tracked.request_id, ids, params, arrival)))
+        await self._push(target, m.AddRequest(tracked.request_id, ids, params, arrival))
 
     def _least_loaded(self, role: str) -> _Instance | None:
         pool = [i for iid, i in self.instances.items() if i.spec.role == role and self.supervisor.is_up(iid)]
@@ -236,7 +203,17 @@ class Controller(Failover):
     async def _send(self, iid: str, msg) -> None:
         """A command to an instance that is up (one that is down has nothing to act on)."""
         if self.supervisor.is_up(iid):
-            await self.instances[iid].socket.send(self.sealer.seal(msg))
+            await self._push(self.instances[iid], msg)
+
+    async def _push(self, inst: _Instance, msg) -> None:
+        """Every command is sent with a bound: an instance that takes none for SEND_TIMEOUT_S
+        (its queue is full: it is wedged) loses the command, and its silence gets it
+        replaced; the controller never waits on it for good."""
+        try:
+            await asyncio.wait_for(inst.socket.send(self.sealer.seal(msg)), SEND_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.error("instance %s took no command for %g s; dropped a %s", inst.spec.instance_id,
+                      SEND_TIMEOUT_S, type(msg).__name__)
 
     def _forget(self, request_id: str) -> _Tracked | None:
         tracked = self.requests.pop(request_id, None)
@@ -365,7 +342,7 @@ class Controller(Failover):
         target.load += 1
         tracked.decode, tracked.ticket_at = target.spec.instance_id, time.monotonic()
         endpoint = self.instances[source].ready.endpoint
-        await target.socket.send(self.sealer.seal(m.AddMigration(ticket, tracked.run_params, source, endpoint)))
+        await self._push(target, m.AddMigration(ticket, tracked.run_params, source, endpoint))
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self.requests):

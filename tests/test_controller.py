@@ -119,8 +119,9 @@ def _run(tiny_llama, specs, body, **kwargs):
 
 def test_prompts_go_to_the_prefill_instance_with_the_fewest_queued_tokens(tiny_llama):
     async def body(c, fakes):
+        streams = []   # held: a dropped stream aborts its request
         for rid, n in (("long", 300), ("a", 10), ("b", 10), ("c", 10)):
-            await c.generate(list(range(1, n + 1)), PARAMS, rid)
+            streams.append(await c.generate(list(range(1, n + 1)), PARAMS, rid))
         p0, p1 = fakes["prefill-0"], fakes["prefill-1"]
         await _until(lambda: len(p0.got(m.AddRequest)) + len(p1.got(m.AddRequest)) == 4)
         return ([a.request_id for a in p0.got(m.AddRequest)],
@@ -168,13 +169,12 @@ def test_a_rejected_request_ends_its_stream_with_the_instances_reason(tiny_llama
 
 def test_colocated_requests_go_to_the_instance_with_the_fewest_requests(tiny_llama):
     async def body(c, fakes):
-        for i in range(4):
-            await c.generate([1, 2], PARAMS, f"r{i}")
+        streams = [await c.generate([1, 2], PARAMS, f"r{i}") for i in range(4)]  # held
         f0, f1 = fakes["colocated-0"], fakes["colocated-1"]
         await _until(lambda: len(f0.got(m.AddRequest)) + len(f1.got(m.AddRequest)) == 4)
-        return len(f0.got(m.AddRequest)), len(f1.got(m.AddRequest))
+        return len(f0.got(m.AddRequest)), len(f1.got(m.AddRequest)), len(streams)
 
-    assert _run(tiny_llama, _specs(colocated=2), body) == (2, 2)
+    assert _run(tiny_llama, _specs(colocated=2), body) == (2, 2, 4)
 
 
 def test_kv_never_pulled_is_taken_back_after_its_lease_and_the_request_runs_again(tiny_llama):

@@ -1,7 +1,7 @@
-"""What the controller does when an instance fails: it finds instances that died or went
-silent (no heartbeat), runs the requests they held again on the others (recovery.Progress:
-the stream continues where it was), and starts them again after their back-off
-(supervision.Supervisor). A part of distserve.controller.Controller, kept apart so the
+"""The controller's side of its instances' lives: it waits for them to say Ready (at start
+and after a restart), finds the ones that died or went silent (no heartbeat), runs the
+requests they held again on the others (recovery.Progress: the stream continues where it
+was), and starts them again after their back-off (supervision.Supervisor). A part of distserve.controller.Controller, kept apart so the
 dispatch path stays short; it uses the controller's instances, requests, supervisor,
 launcher and dispatch. Imports no torch.
 """
@@ -11,6 +11,8 @@ import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING
+
+import zmq
 
 from distserve.cluster import messages as m
 from distserve.cluster.messages import RequestOutput
@@ -24,6 +26,43 @@ if TYPE_CHECKING:
 
 
 class Failover:
+    async def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        pending = set(self.instances)
+        while pending:
+            for iid in pending:
+                inst = self.instances[iid]
+                if not inst.process.alive:
+                    await self.shutdown()
+                    raise RuntimeError(f"instance {iid} exited while starting:\n"
+                                       f"{inst.process.output_tail()}")
+            if time.monotonic() > deadline:
+                await self.shutdown()
+                raise TimeoutError(f"instances {sorted(pending)} not ready after {self.ready_timeout_s} s")
+            if not await self._inbox.poll(200):
+                continue
+            msg = self._decode(await self._inbox.recv())
+            if isinstance(msg, m.Failed):
+                await self.shutdown()
+                raise RuntimeError(f"instance {msg.instance_id} failed to start: {msg.message}")
+            if isinstance(msg, m.Ready):
+                self._attach(msg)
+                pending.discard(msg.instance_id)
+
+    def _attach(self, msg: m.Ready) -> None:
+        """An instance said Ready (first start or restart): commands go to its new port."""
+        inst = self.instances[msg.instance_id]
+        if inst.socket is not None:
+            inst.socket.close(linger=0)
+        inst.ready = msg
+        inst.stats = m.Stats(msg.instance_id, msg.role, 0, 0, 0, 0.0,
+                             msg.num_kv_blocks, msg.num_kv_blocks)
+        inst.load = inst.queued_tokens = 0
+        inst.socket = self._ctx.socket(zmq.PUSH)
+        inst.socket.setsockopt(zmq.LINGER, 1000)
+        inst.socket.connect(msg.command_address)
+        self.supervisor.ready(msg.instance_id, time.monotonic())
+
     async def _watch(self, interval_s: float = 0.25) -> None:
         """Finds instances that died or went silent, runs their requests again elsewhere and
         starts them again when their back-off is over."""
