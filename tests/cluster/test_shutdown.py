@@ -6,22 +6,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
+from helpers.serve_process import free_port, start_serve
+
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid: int) -> list[int]:
@@ -47,26 +40,13 @@ def _stream(url: str, events: list) -> None:
 
 @pytest.mark.parametrize("kill_first", [None, "decode"])
 def test_sigterm_drains_and_leaves_nothing_behind(tiny_llama, kill_first):
-    port = _free_port()
+    port = free_port()
     before = _segments()
-    cmd = [sys.executable, "-m", "distserve.cli", "serve", str(tiny_llama), "--port", str(port),
-           "--served-model-name", "tiny", "--dtype", "float32", "--num-kv-blocks", "64",
-           "--prefill-instances", "1", "--decode-instances", "1", "--no-pin-cpus",
-           "--drain-timeout", "3"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = start_serve([str(tiny_llama), "--served-model-name", "tiny", "--dtype", "float32",
+                        "--num-kv-blocks", "64", "--prefill-instances", "1", "--decode-instances",
+                        "1", "--no-pin-cpus", "--drain-timeout", "3"], port)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
         instances = _children(proc.pid)
         assert len(instances) == 2 and _segments() - before
         if kill_first:

@@ -63,23 +63,24 @@ def _serve(model_dir, num_kv_blocks: int, api_key: str | None = None, **app_kwar
     return Served(f"http://127.0.0.1:{port}", client, app), server, thread
 
 
-@pytest.fixture(scope="session")
-def served(tiny_llama):
-    s, server, thread = _serve(tiny_llama, num_kv_blocks=128)
+def _serving(model_dir, num_kv_blocks: int, **kwargs):
+    """A fixture's body: the server for the session, stopped at its end."""
+    s, server, thread = _serve(model_dir, num_kv_blocks, **kwargs)
     yield s
     server.should_exit = True
     thread.join(10)
     s.client.shutdown()
+
+
+@pytest.fixture(scope="session")
+def served(tiny_llama):
+    yield from _serving(tiny_llama, num_kv_blocks=128)
 
 
 @pytest.fixture(scope="session")
 def keyed(tiny_llama):
     """A second server that wants an API key (its own small engine: one loop per engine)."""
-    s, server, thread = _serve(tiny_llama, num_kv_blocks=16, api_key="sesame")
-    yield s
-    server.should_exit = True
-    thread.join(10)
-    s.client.shutdown()
+    yield from _serving(tiny_llama, num_kv_blocks=16, api_key="sesame")
 
 
 @pytest.fixture
@@ -93,20 +94,11 @@ def oai(served):
 @pytest.fixture(scope="session")
 def bounded(tiny_llama):
     """A server that lets at most 2 requests wait for their first token."""
-    s, server, thread = _serve(tiny_llama, num_kv_blocks=64, max_queued_requests=2)
-    yield s
-    server.should_exit = True
-    thread.join(10)
-    s.client.shutdown()
+    yield from _serving(tiny_llama, num_kv_blocks=64, max_queued_requests=2)
 
 
 @pytest.fixture(scope="session")
 def late(tiny_llama):
     """A server with --reject-late and a TTFT SLO no prompt can meet (1 microsecond)."""
     from distserve.server.slo import SLOWindow
-    s, server, thread = _serve(tiny_llama, num_kv_blocks=64, slo=SLOWindow(1e-6, 1.0),
-                               reject_late=True)
-    yield s
-    server.should_exit = True
-    thread.join(10)
-    s.client.shutdown()
+    yield from _serving(tiny_llama, num_kv_blocks=64, slo=SLOWindow(1e-6, 1.0), reject_late=True)

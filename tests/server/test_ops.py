@@ -1,15 +1,12 @@
 """/health, /v1/models, /metrics, and `distserve serve` as a real process."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from helpers.serve_process import free_port, start_serve
 
 
 def _samples(url: str) -> dict[tuple[str, tuple], float]:
@@ -57,32 +54,13 @@ def test_metrics_move(served):
     assert _value(after, "distserve:kv_cache_total_blocks") == served.allocator.num_blocks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_serve_command(tiny_llama):
-    port = _free_port()
-    cmd = [sys.executable, "-m", "distserve.cli", "serve", str(tiny_llama), "--port", str(port),
-           "--served-model-name", "cli-tiny", "--dtype", "float32", "--num-kv-blocks", "16",
-           "--num-threads", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    port = free_port()
+    proc = start_serve([str(tiny_llama), "--served-model-name", "cli-tiny", "--dtype", "float32",
+                        "--num-kv-blocks", "16", "--num-threads", "1"], port)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up in 60 s"
-            time.sleep(0.2)
         r = httpx.post(f"{url}/v1/completions", timeout=30,
                        json={"model": "cli-tiny", "prompt": "hi", "max_tokens": 3})
         assert r.status_code == 200 and r.json()["model"] == "cli-tiny"
