@@ -30,6 +30,7 @@ class FakeInstance(threading.Thread):
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.address = ""
         self._bound = threading.Event()
+        self._dead = threading.Event()
         self.start()
         self._bound.wait(5)
 
@@ -45,7 +46,7 @@ class FakeInstance(threading.Thread):
         out.send(self.sealer.seal(m.Ready(self.spec.instance_id, self.spec.role, self.address, 64, 16,
                                   512, 1000, endpoint if self.spec.role == "prefill" else None)))
         beat = 0.0
-        while True:
+        while not self._dead.is_set():
             if time.monotonic() - beat > m.HEARTBEAT_S:   # alive, as the protocol says
                 out.send(self.sealer.seal(m.Heartbeat(self.spec.instance_id)))
                 beat = time.monotonic()
@@ -62,6 +63,11 @@ class FakeInstance(threading.Thread):
 
     def send(self, msg) -> None:
         self.outbox.put(msg)
+
+    def die(self) -> None:
+        """Ends like a killed process: no goodbye, its sockets just go."""
+        self._dead.set()
+        self.join(5)
 
     def got(self, kind) -> list:
         return [c for c in self.received if isinstance(c, kind)]
@@ -196,3 +202,27 @@ def test_kv_never_pulled_is_taken_back_after_its_lease_and_the_request_runs_agai
 
     prompt, max_tokens, reruns = _run(tiny_llama, _specs(prefill=1, decode=1), body, kv_lease_s=0.5)
     assert prompt == [1, 2, 3, 5] and max_tokens == PARAMS.max_tokens - 1 and reruns == 1
+
+
+def test_a_request_whose_every_token_was_out_finishes_when_its_instance_dies(tiny_llama):
+    """Its instance died after streaming all of max_tokens but before the finish: nothing is
+    run again; the stream ends with the finish, its counts those of the whole request."""
+    async def body(c, fakes):
+        stream = await c.generate([1, 2, 3], PARAMS, "r0")
+        await _until(lambda: any(f.got(m.AddRequest) for f in fakes.values()))
+        holder = next(f for f in fakes.values() if f.got(m.AddRequest))
+        iid = holder.spec.instance_id
+        holder.send(m.Outputs(iid, [m.RequestOutput("r0", [7, 8, 9, 10], "abcd", False,
+                                                     num_prompt_tokens=3, num_output_tokens=4)]))
+        outs = [await stream.__anext__()]
+        holder.die()
+        outs += [o async for o in stream]
+        others = [f for f in fakes.values() if f is not holder]
+        return outs, sum(len(f.got(m.AddRequest)) for f in others), c.counts()
+
+    outs, resent, counts = _run(tiny_llama, _specs(colocated=2), body)
+    assert [o.new_token_ids for o in outs] == [[7, 8, 9, 10], []]
+    last = outs[-1]
+    assert last.finished and last.finish_reason == "length"
+    assert (last.num_prompt_tokens, last.num_output_tokens) == (3, 4)
+    assert resent == 0 and counts["instance_failures"] == 1 and counts["requests_rerun"] == 0

@@ -115,7 +115,7 @@ class Failover:
         instance of the role it needs is up."""
         rid = tracked.request_id
         for iid in {tracked.prefill, tracked.decode} - {None}:   # free what the living hold
-            if iid is not None and self.supervisor.is_up(iid):
+            if self.supervisor.is_up(iid):
                 await self._send(iid, m.Release(rid) if iid == tracked.prefill else m.Abort(rid))
         self._unassign(tracked)
         tracked.former |= {tracked.prefill, tracked.decode} - {None}
@@ -132,8 +132,11 @@ class Failover:
                    if self._least_loaded(r) is None]
         if again is None:   # every token was out; only the finish was lost with the instance
             self.requests.pop(rid, None)
-            tracked.outputs.put_nowait(tracked.progress.seen(RequestOutput(
-                rid, [], "", True, "length", num_output_tokens=0, finish_time=time.monotonic())))
+            p = tracked.progress
+            tracked.outputs.put_nowait(RequestOutput(
+                rid, [], "", True, "length", num_prompt_tokens=len(p.prompt_ids),
+                num_output_tokens=len(p.generated), arrival_time=p.arrival_time,
+                first_token_time=p.first_token_time, finish_time=time.monotonic()))
             return
         if lacking or len(again[0]) >= self.max_model_len:
             self.requests.pop(rid, None)
