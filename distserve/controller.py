@@ -286,7 +286,7 @@ class Controller(Failover):
             if self.supervisor.is_up(msg.instance_id):
                 self.instances[msg.instance_id].stats = msg
         elif isinstance(msg, m.Ready):
-            if msg.instance_id in self.supervisor.starting():
+            if self.supervisor.is_starting(msg.instance_id):
                 self._attach(msg)
         elif isinstance(msg, m.PullFailed):
             tracked = self.requests.get(msg.request_id)
@@ -299,7 +299,7 @@ class Controller(Failover):
             if tracked is not None:
                 tracked.outputs.put_nowait(ValueError(msg.message))
         elif isinstance(msg, m.Failed):   # it could not start again: it is down
-            if msg.instance_id in self.supervisor.starting():
+            if self.supervisor.is_starting(msg.instance_id):
                 self.supervisor.down(msg.instance_id, time.monotonic(), msg.message)
 
     def _deliver(self, instance_id: str, out: RequestOutput) -> None:

@@ -77,7 +77,7 @@ class Failover:
             for iid, inst in self.instances.items():
                 if sup.is_up(iid) and not inst.process.alive:
                     await self._lose(iid, f"instance {iid} exited")
-                elif iid in sup.starting() and not inst.process.alive:
+                elif sup.is_starting(iid) and not inst.process.alive:
                     sup.down(iid, now, f"instance {iid} exited while restarting")
             for iid in sup.silent(now):
                 await self._lose(iid, f"instance {iid} sent no heartbeat for {sup.heartbeat_timeout_s:g} s")

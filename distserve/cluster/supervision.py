@@ -87,8 +87,8 @@ class Supervisor:
         return [iid for iid, m in self.members.items()
                 if m.state == STARTING and m.ready_deadline and now > m.ready_deadline]
 
-    def starting(self) -> list[str]:
-        return [iid for iid, m in self.members.items() if m.state == STARTING]
+    def is_starting(self, iid: str) -> bool:
+        return self.members[iid].state == STARTING
 
     def health(self) -> dict:
         """"ok" with every instance up; "degraded" while some are not but every role still

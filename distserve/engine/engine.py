@@ -196,20 +196,20 @@ class Engine:
         request here alone (blocks freed) and says why, so that it runs again elsewhere."""
         m = self.migrations[req.request_id]
         src = m.ticket.block_ids[:len(req.block_table)]
-        for attempt in (1, 2):
+        for _ in range(2):
             try:
                 nbytes, seconds = self.pull(m.source, src, req.block_table)
                 if m.ticket.block_checksums is not None:
                     verify_blocks(self.executor.kv_cache, req.block_table,
                                   m.ticket.block_checksums[:len(src)])
             except TransferError as e:
-                if attempt == 2:
-                    self.abort(req.request_id)
-                    out.kv_failed.append((req.request_id, str(e)))
+                error = e
                 continue
             self.migrations.pop(req.request_id)
             out.kv_pulled.append(MigrationDone(req.request_id, m.source, nbytes, seconds))
             return
+        self.abort(req.request_id)
+        out.kv_failed.append((req.request_id, str(error)))
 
     def _hold(self, req: Request, first_text: str) -> MigrationTicket:
         self.scheduler.hand_over(req)
