@@ -22,6 +22,12 @@ class EngineConfig:
     seed: int = 0
     kv_checksum: bool = False           # prefill: checksum each block handed over; decode:
     #                                     verify after the pull (a bad block is never decoded)
+    tensor_parallel_size: int = 1       # workers that split every layer (heads, FFN columns)
+    pipeline_parallel_size: int = 1     # stages that split the layers
+
+    @property
+    def num_workers(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -38,3 +44,9 @@ class EngineConfig:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_checksum and self.num_workers > 1:
+            raise ValueError("kv_checksum is not supported yet for tensor- or pipeline-parallel "
+                             "instances")

@@ -32,6 +32,16 @@ class LLM:
         self.engine = Engine(EngineConfig(model=model, **options))
         self.tokenizer = self.engine.tokenizer
 
+    def close(self) -> None:
+        """Stops the workers of a parallel instance (nothing to do for one worker)."""
+        self.engine.executor.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LLM":
         return cls(**{f.name: getattr(config, f.name) for f in fields(EngineConfig)})

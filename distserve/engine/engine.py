@@ -23,7 +23,7 @@ from distserve.cluster.messages import (EngineStats, MigrationDone, MigrationTic
                                         RequestOutput)
 from distserve.config import EngineConfig
 from distserve.engine.detokenizer import IncrementalDetokenizer
-from distserve.engine.executor import Executor, LocalExecutor
+from distserve.engine.executor import Executor, load_executor
 from distserve.engine.postprocess import StopChecker, apply_samples
 from distserve.engine.scheduler import ROLES, Scheduler
 from distserve.kv.cache_manager import KVCacheManager
@@ -60,7 +60,7 @@ class Engine:
             raise ValueError("a decode engine needs a pull function, and only a decode engine")
         self.config = config or EngineConfig()
         self.role = role
-        self.executor = executor or LocalExecutor.load(self.config)
+        self.executor = executor or load_executor(self.config)
         self.tokenizer = self.executor.tokenizer
         self.pull = pull
         # a request must fit the KV cache on its own, or it would be preempted forever

@@ -3,8 +3,8 @@
 The engine hands each step's prefills and decodes to its executor and gets one sampled token
 per finished row back; it never touches the model, the device or the KV tensors itself.
 `LocalExecutor` runs one worker (model, KV cache, model runner) in this process on one
-device. A tensor- or pipeline-parallel executor (several worker processes over
-torch.distributed) implements the same interface, so no engine changes with it.
+device; `ParallelExecutor` (parallel_executor.py) runs TP x PP workers over
+torch.distributed behind the same interface, so the engine is the same for both.
 """
 from __future__ import annotations
 
@@ -21,6 +21,15 @@ from distserve.request import Request
 
 
 @dataclass
+class KVShard:
+    """One worker's share of the instance's KV cache: its layers and its KV heads."""
+    cache: torch.Tensor   # [num_blocks, layers, 2, block_size, kv_heads, head_dim]
+    layer_start: int = 0
+    head_start: int = 0
+    owner: Any = None     # what frees the memory (a shared-memory segment), or None
+
+
+@dataclass
 class ExecuteResult:
     sampled: list[Request]          # requests whose last token was computed this step
     samples: SampleResult | None    # their next tokens, in the same order
@@ -33,10 +42,25 @@ class Executor(Protocol):
     num_kv_blocks: int
     max_model_len: int              # the model's positions (or the configured limit)
     eos_token_ids: set[int]
-    kv_cache: torch.Tensor          # where pulled KV lands (each worker's share, in time)
+    kv_cache: torch.Tensor          # rank 0's KV cache (the whole cache with one worker)
+    kv_shards: list[KVShard]        # every worker's share, where KV transfers read and write
+    on_step: Any                    # on_step(start, end, prefills, decodes): a step trace
 
     def execute(self, prefills: list[tuple[Request, int]],
                 decodes: list[Request]) -> ExecuteResult: ...
+
+    def close(self) -> None: ...
+
+
+def load_executor(config: EngineConfig, allocate_cache: CacheAllocator = allocate_kv_cache,
+                  pin_cores: bool = False) -> Executor:
+    """One worker here, or TP x PP workers (whose caches always live in shared memory, so
+    `allocate_cache` is for the one-worker case; `pin_cores` deals this process's cores out
+    to them)."""
+    if config.num_workers > 1:
+        from distserve.engine.parallel_executor import ParallelExecutor
+        return ParallelExecutor(config, pin_cores)
+    return LocalExecutor.load(config, allocate_cache)
 
 
 class LocalExecutor:
@@ -51,6 +75,15 @@ class LocalExecutor:
         self.max_model_len = worker.max_model_len
         self.eos_token_ids = worker.eos_token_ids
         self.kv_cache = worker.runner.kv_cache
+        self.kv_shards = [KVShard(self.kv_cache)]
+
+    @property
+    def on_step(self):
+        return self.worker.runner.on_step
+
+    @on_step.setter
+    def on_step(self, hook) -> None:
+        self.worker.runner.on_step = hook
 
     @classmethod
     def load(cls, config: EngineConfig,
@@ -64,3 +97,6 @@ class LocalExecutor:
         if not result.sampled:
             return ExecuteResult([], None)
         return ExecuteResult(result.sampled, sample(result.logits, result.sampled))
+
+    def close(self) -> None:
+        pass  # the model and cache go with this process's memory

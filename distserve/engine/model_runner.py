@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from distserve.models.attention import AttentionMetadata, PrefillSegment
+from distserve.engine.batch import Batch, prepare, warm_up_batches
 from distserve.request import Request
 
 
@@ -19,6 +19,11 @@ from distserve.request import Request
 class StepResult:
     logits: torch.Tensor | None        # [N, vocab] in the model dtype, one row per sampled request
     sampled: list[Request]             # requests whose last token was computed this step
+
+
+def sampled_requests(prefills: list[tuple[Request, int]], decodes: list[Request]) -> list[Request]:
+    """The requests whose logits a step returns, in the order of its rows."""
+    return [r for r, n in prefills if r.num_computed_tokens + n == r.num_tokens] + list(decodes)
 
 
 class ModelRunner:
@@ -34,9 +39,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, prefills: list[tuple[Request, int]], decodes: list[Request]) -> StepResult:
         start = time.monotonic()
-        input_ids, positions, meta, logit_rows, sampled = self._prepare(prefills, decodes)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta)
-        logits = self.model.compute_logits(hidden[logit_rows]) if sampled else None
+        sampled = sampled_requests(prefills, decodes)
+        logits = self.run_batch(Batch.of(prefills, decodes))
         if self.on_step is not None:
             if logits is not None and logits.device.type == "cuda":
                 torch.cuda.synchronize(logits.device)
@@ -44,73 +48,19 @@ class ModelRunner:
         return StepResult(logits, sampled)
 
     @torch.inference_mode()
+    def run_batch(self, batch: Batch) -> torch.Tensor | None:
+        x = prepare(batch, self.block_size, self.device)
+        hidden = self.model(x.input_ids, x.positions, self.kv_cache, x.meta)
+        return self.model.compute_logits(hidden[x.logit_rows]) if batch.num_sampled else None
+
+    @torch.inference_mode()
     def warm_up(self, num_tokens: int) -> None:
         """One prefill of `num_tokens` and one decode step, before any request is admitted.
 
         The first pass at a size pays for thread start-up, kernel selection and faulting in
         activation memory: 0.7 s more than a warm 1700-token prefill here, enough to miss a
-        TTFT SLO. Scratch K/V lands in the first blocks, which nobody owns yet; a request
-        that later gets them writes each slot before reading it.
+        TTFT SLO.
         """
-        if num_tokens < 1:
-            return
-        bs = self.block_size
-        table = torch.arange(num_tokens // bs + 1, dtype=torch.long)  # + the decode slot
-        positions = torch.arange(num_tokens)
-        meta = AttentionMetadata(table[positions // bs].to(self.device), (positions % bs).to(self.device),
-                                 [PrefillSegment(0, num_tokens, num_tokens, table.to(self.device))],
-                                 num_tokens, None, None)
-        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, positions.to(self.device), self.kv_cache, meta)
-        self.model.compute_logits(hidden[-1:])
-        step = torch.tensor([num_tokens], dtype=torch.long)
-        meta = AttentionMetadata(table[step // bs].to(self.device), (step % bs).to(self.device), [], 0,
-                                 table[None].to(self.device), (step + 1).to(self.device))
-        hidden = self.model(ids[:1], step.to(self.device), self.kv_cache, meta)
-        self.model.compute_logits(hidden)
-
-    def _prepare(self, prefills, decodes):
-        bs = self.block_size
-        ids: list[int] = []
-        segments: list[PrefillSegment] = []
-        slot_parts: list[torch.Tensor] = []
-        pos_parts: list[torch.Tensor] = []
-        logit_rows: list[int] = []
-        sampled: list[Request] = []
-        for req, n in prefills:
-            start, c = len(ids), req.num_computed_tokens
-            ids.extend(req.all_token_ids[c:c + n])
-            table = torch.tensor(req.block_table, dtype=torch.long)
-            p = torch.arange(c, c + n)
-            pos_parts.append(p)
-            slot_parts.append(table[p // bs])
-            segments.append(PrefillSegment(start, n, c + n, table.to(self.device)))
-            if c + n == req.num_tokens:
-                logit_rows.append(start + n - 1)
-                sampled.append(req)
-        num_prefill = len(ids)
-        decode_tables = decode_lens = None
-        if decodes:
-            width = max(len(r.block_table) for r in decodes)
-            padded = torch.zeros(len(decodes), width, dtype=torch.long)
-            for row, r in enumerate(decodes):
-                padded[row, :len(r.block_table)] = torch.tensor(r.block_table, dtype=torch.long)
-                logit_rows.append(len(ids))
-                ids.append(r.all_token_ids[-1])
-            sampled.extend(decodes)
-            lens = torch.tensor([r.num_tokens for r in decodes], dtype=torch.long)
-            pos_parts.append(lens - 1)
-            slot_parts.append(padded.gather(1, ((lens - 1) // bs)[:, None])[:, 0])
-            decode_tables, decode_lens = padded.to(self.device), lens.to(self.device)
-        positions = torch.cat(pos_parts)
-        meta = AttentionMetadata(
-            slot_blocks=torch.cat(slot_parts).to(self.device),
-            slot_offsets=(positions % bs).to(self.device),
-            prefills=segments,
-            num_prefill_tokens=num_prefill,
-            decode_block_tables=decode_tables,
-            decode_context_lens=decode_lens,
-        )
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
-        return input_ids, positions.to(self.device), meta, rows, sampled
+        if num_tokens >= 1:
+            for batch in warm_up_batches(num_tokens, self.block_size):
+                self.run_batch(batch)

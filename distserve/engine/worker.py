@@ -39,13 +39,8 @@ class Worker:
 def load_worker(config: EngineConfig, allocate_cache: CacheAllocator = allocate_kv_cache) -> Worker:
     """`allocate_cache(shape, num_blocks, dtype, device)` lets a transfer backend own the
     cache memory (shared memory for the same-host path)."""
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    torch.manual_seed(config.seed)
     device = torch.device(config.device) if config.device else default_device()
-    if device.type == "cpu":
-        reuse_freed_memory()
-        paged_kernel.kernel_available()  # built (once per machine) before the first request
+    prepare_device(config, device)
     dtype = resolve_dtype(config.dtype, device)
     source = find_model(config.model)
     model = build_model(source, dtype, device)
@@ -64,6 +59,16 @@ def load_worker(config: EngineConfig, allocate_cache: CacheAllocator = allocate_
     runner.warm_up(min(config.max_num_batched_tokens, max_len - 1, num_blocks * config.block_size - 1))
     return Worker(config, source.name, model, tokenizer, runner,
                   num_blocks, max_len, _eos_ids(source.hf_config, tokenizer), dtype, device)
+
+
+def prepare_device(config: EngineConfig, device: torch.device) -> None:
+    """Threads, seed, allocator and kernels, before a worker loads its model."""
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    torch.manual_seed(config.seed)
+    if device.type == "cpu":
+        reuse_freed_memory()
+        paged_kernel.kernel_available()  # built (once per machine) before the first request
 
 
 def reuse_freed_memory() -> None:

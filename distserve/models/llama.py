@@ -14,7 +14,13 @@ from torch import nn
 from distserve.models import fused
 from distserve.models.attention import AttentionMetadata, paged_attention
 from distserve.models.layers import RMSNorm, RotaryEmbedding, apply_rotary
+from distserve.models.sharding import ModelDims, Shard, make_shard, no_reduce, shard_weights
 from distserve.models.weights import load_weights
+
+# how tensor parallelism cuts each checkpoint weight (see sharding.py)
+TP_CUTS = {"q_proj": (0, "heads"), "k_proj": (0, "kv_heads"), "v_proj": (0, "kv_heads"),
+           "o_proj": (1, "heads"), "gate_proj": (0, "ffn"), "up_proj": (0, "ffn"),
+           "down_proj": (1, "ffn"), "lm_head": (0, "vocab")}
 
 
 @dataclass
@@ -56,13 +62,14 @@ class LlamaArgs:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, a: LlamaArgs) -> None:
+    def __init__(self, a: LlamaArgs, num_heads: int, num_kv_heads: int) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
-        self.q_size, self.kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, a.head_dim
+        self.q_size, self.kv_size = num_heads * a.head_dim, num_kv_heads * a.head_dim
         self.qkv_proj = nn.Linear(a.hidden_size, self.q_size + 2 * self.kv_size, bias=a.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, a.hidden_size, bias=False)
         self.scale = a.head_dim ** -0.5
+        self.tp_reduce = no_reduce   # the sum over tensor-parallel workers, set by the executor
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], layer_cache,
                 meta: AttentionMetadata):
@@ -71,30 +78,31 @@ class LlamaAttention(nn.Module):
                                     self.num_heads):
             q, k, v = heads.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
             o = paged_attention(q, k, v, layer_cache, meta, self.scale, cache_written=True)
-            return self.o_proj(o.reshape(-1, self.q_size))
+            return self.tp_reduce(self.o_proj(o.reshape(-1, self.q_size)))
         qk_heads = self.num_heads + self.num_kv_heads  # q and k are adjacent: rotate both at once
         q, k = apply_rotary(heads[:, :qk_heads], *rope).split([self.num_heads, self.num_kv_heads], dim=1)
         o = paged_attention(q, k, heads[:, qk_heads:], layer_cache, meta, self.scale)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        return self.tp_reduce(self.o_proj(o.reshape(-1, self.q_size)))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, a: LlamaArgs) -> None:
+    def __init__(self, a: LlamaArgs, ffn: int) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(a.hidden_size, 2 * a.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(a.hidden_size, 2 * ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, a.hidden_size, bias=False)
+        self.tp_reduce = no_reduce
 
     def forward(self, x):
-        return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
+        return self.tp_reduce(self.down_proj(fused.silu_mul(self.gate_up_proj(x))))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, a: LlamaArgs) -> None:
+    def __init__(self, a: LlamaArgs, s: Shard) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.self_attn = LlamaAttention(a)
+        self.self_attn = LlamaAttention(a, s.heads[1] - s.heads[0], s.kv_heads[1] - s.kv_heads[0])
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.mlp = LlamaMLP(a)
+        self.mlp = LlamaMLP(a, s.ffn[1] - s.ffn[0])
 
     def forward(self, x, residual, rope, layer_cache, meta):
         """(this layer's output, the residual stream before it is added): adding it is left
@@ -109,46 +117,75 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, hf_config: dict) -> None:
+    """The whole model, or one tensor/pipeline-parallel worker's part of it (`shard`)."""
+
+    STAGE_TENSORS = 2   # what one pipeline stage hands the next: hidden states and residual
+
+    def __init__(self, hf_config: dict, shard: Shard | None = None) -> None:
         super().__init__()
         a = self.args = LlamaArgs.from_hf(hf_config)
+        s = self.shard = shard or make_shard(self.dims(hf_config), 1, 1, 0)
         self.rotary = RotaryEmbedding(a.head_dim, a.max_positions, a.rope_theta, a.rope_scaling)
-        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(a) for _ in range(a.num_layers))
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)  # on every stage: tied heads
+        self.layers = nn.ModuleList(LlamaDecoderLayer(a, s) for _ in range(*s.layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
+        self.lm_head = (nn.Linear(a.hidden_size, s.vocab[1] - s.vocab[0], bias=False)
+                        if s.is_last_stage and not (a.tie_word_embeddings and s.tp > 1) else None)
         self.tie_weights()
 
-    # -- what the engine needs to know to size the KV cache
-    num_layers = property(lambda self: self.args.num_layers)
-    num_kv_heads = property(lambda self: self.args.num_kv_heads)
+    @staticmethod
+    def dims(hf_config: dict) -> ModelDims:
+        a = LlamaArgs.from_hf(hf_config)
+        return ModelDims(a.num_layers, a.num_heads, a.num_kv_heads, a.intermediate_size,
+                         a.vocab_size)
+
+    # -- what the engine needs to know to size the KV cache (this worker's share)
+    num_layers = property(lambda self: len(self.layers))
+    num_kv_heads = property(lambda self: self.shard.kv_heads[1] - self.shard.kv_heads[0])
     head_dim = property(lambda self: self.args.head_dim)
     max_positions = property(lambda self: self.args.max_positions)
 
     def tie_weights(self) -> None:
-        if self.args.tie_word_embeddings:
+        if self.args.tie_word_embeddings and self.lm_head is not None:
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        return self.finish(self.run_layers(self.embed(input_ids, positions), positions, kv_cache, meta))
+
+    # -- the three parts a pipeline stage runs (first: embed; last: finish)
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple:
+        return self.embed_tokens(input_ids), None
+
+    def run_layers(self, state: tuple, positions: torch.Tensor, kv_cache: torch.Tensor,
+                   meta: AttentionMetadata) -> tuple:
+        x, residual = state
         rope = self.rotary.cos_sin(positions, x.dtype)
-        residual = None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, rope, kv_cache[:, i], meta)
+        return x, residual
+
+    def finish(self, state: tuple) -> torch.Tensor:
+        x, residual = state
         return self.norm(x, residual)[0] if residual is not None else self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)  # in the model dtype: the sampler widens only when it must
+        """This worker's vocabulary range of the logits, in the model dtype (the sampler
+        widens only when it must)."""
+        if self.lm_head is None:  # a tied head cut by vocabulary: a view of the embedding rows
+            lo, hi = self.shard.vocab
+            return torch.nn.functional.linear(hidden, self.embed_tokens.weight[lo:hi])
+        return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up."""
-        a = self.args
-        q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        """Copy Hugging Face-named tensors in (this worker's slices), fusing q/k/v and gate/up."""
+        a, s = self.args, self.shard
+        q = (s.heads[1] - s.heads[0]) * a.head_dim
+        kv = (s.kv_heads[1] - s.kv_heads[0]) * a.head_dim
+        ffn = s.ffn[1] - s.ffn[0]
         fused = {"q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, kv),
                  "v_proj": ("qkv_proj", q + kv, kv),
-                 "gate_proj": ("gate_up_proj", 0, a.intermediate_size),
-                 "up_proj": ("gate_up_proj", a.intermediate_size, a.intermediate_size)}
+                 "gate_proj": ("gate_up_proj", 0, ffn), "up_proj": ("gate_up_proj", ffn, ffn)}
 
         def normalise(name: str) -> str | None:
             name = name.removeprefix("model.")
@@ -156,4 +193,6 @@ class LlamaForCausalLM(nn.Module):
                 return None
             return name
 
-        load_weights(self, weights, normalise, fused)
+        named = ((n.removeprefix("model."), t) for n, t in weights)
+        load_weights(self, shard_weights(named, s, TP_CUTS, a.head_dim, ("lm_head",)),
+                     normalise, fused)

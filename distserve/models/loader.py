@@ -18,6 +18,7 @@ from torch import nn
 from distserve.models.locate import locate_model
 from distserve.models.packed_linear import can_pack, pack_linears
 from distserve.models.registry import model_class
+from distserve.models.sharding import Shard
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +80,16 @@ def find_model(model: str | None) -> ModelSource:
     return ModelSource(name, json.loads((path / "config.json").read_text()), path)
 
 
-def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
+                shard: Shard | None = None) -> nn.Module:
+    """The whole model, or one parallel worker's `shard` of it."""
     cls = model_class(source.hf_config.get("model_type", "<missing>"))
     start = time.perf_counter()
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = cls(source.hf_config)
+            model = cls(source.hf_config, shard)
     finally:
         torch.set_default_dtype(previous)
     model.to_empty(device=device)

@@ -138,3 +138,14 @@ class ShmPuller:
 
     def close(self) -> None:
         self._caches.clear()  # unmapped once no tensor views them; never unlinked from here
+
+
+def attach_shm_cache(name: str, shape: KVCacheShape, num_blocks: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """Map a cache another process of this instance allocated (a parallel worker's share),
+    untracked: the allocating process owns and unlinks it."""
+    mapping = _map_segment(name)
+    expected = num_blocks * shape.bytes_per_block(dtype)
+    if len(mapping) != expected:
+        raise TransferError(f"shm segment {name!r} holds {len(mapping)} bytes, not {expected}")
+    return torch.frombuffer(mapping, dtype=dtype).view(shape.tensor_shape(num_blocks))
