@@ -38,7 +38,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--policy", default="prefill-first", choices=["prefill-first", "chunked"])
-    g.add_argument("--num-threads", type=int, default=None)
+    g.add_argument("--num-threads", type=int, default=None, help="torch threads per worker")
+    g.add_argument("--tensor-parallel-size", "--tp", "-tp", type=int, default=1,
+                   dest="tensor_parallel_size", help="workers that split each layer (attention "
+                   "heads, FFN columns) of an instance, over torch.distributed")
+    g.add_argument("--pipeline-parallel-size", "--pp", "-pp", type=int, default=1,
+                   dest="pipeline_parallel_size", help="pipeline stages (layer ranges) of an "
+                   "instance; each step runs as micro-batches through them")
     g.add_argument("--kv-checksum", action="store_true", help="disaggregated: verify every KV "
                    "block a decode instance pulls against the prefill side's checksum (CRC-32); "
                    "a request whose KV fails it is computed again, never decoded from bad KV")
@@ -52,7 +58,8 @@ def engine_config_from_args(args: argparse.Namespace, model: str | None):
         num_kv_blocks=args.num_kv_blocks,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, policy=args.policy, num_threads=args.num_threads,
-        kv_checksum=args.kv_checksum)
+        kv_checksum=args.kv_checksum, tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size)
 
 
 def _run_generate(args: argparse.Namespace) -> int:

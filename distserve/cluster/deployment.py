@@ -51,6 +51,8 @@ class PhaseSettings:
     max_num_batched_tokens: int | None = None
     kv_cache_memory_gib: float | None = None
     num_kv_blocks: int | None = None
+    tensor_parallel_size: int | None = None
+    pipeline_parallel_size: int | None = None
 
     def apply(self, base: EngineConfig) -> EngineConfig:
         changes = {k: v for k, v in dataclasses.asdict(self).items()
@@ -86,13 +88,14 @@ class Deployment:
         next_core = 0
         for role, phase in phases:
             config = phase.apply(self.base)
-            threads = config.num_threads or 1
+            threads = config.num_threads or 1   # per worker
             config = dataclasses.replace(config, num_threads=threads)
+            need = threads * config.num_workers
             for i in range(phase.instances):
                 cpus: list[int] = []
-                if self.pin_cpus and next_core + threads <= len(cores):
-                    cpus = cores[next_core:next_core + threads]
-                    next_core += threads
+                if self.pin_cpus and next_core + need <= len(cores):
+                    cpus = cores[next_core:next_core + need]
+                    next_core += need
                 self.specs.append(InstanceSpec(role, f"{role}-{i}", config, cpus))
 
     @property
@@ -107,7 +110,10 @@ class Deployment:
                    decode_max_num_seqs: int | None = None,
                    prefill_kv_cache_memory: float | None = None,
                    decode_kv_cache_memory: float | None = None,
-                   transfer: str = "shm", pin_cpus: bool = True) -> Deployment | None:
+                   transfer: str = "shm", pin_cpus: bool = True,
+                   prefill_tp: int | None = None, prefill_pp: int | None = None,
+                   decode_tp: int | None = None,
+                   decode_pp: int | None = None) -> Deployment | None:
         """What `serve`'s flags describe; None for one engine inside the server's process."""
         mode = mode or ("disaggregated" if prefill_instances or decode_instances else "colocated")
         if mode == "colocated":
@@ -118,8 +124,11 @@ class Deployment:
                 raise ValueError(f"--instances must be >= 0, got {instances}")
             if instances == 0:
                 return None
+            if any(v is not None for v in (prefill_tp, prefill_pp, decode_tp, decode_pp)):
+                raise ValueError("--prefill-tp/--prefill-pp/--decode-tp/--decode-pp need a "
+                                 "disaggregated deployment; colocated instances take --tp/--pp")
             cores = len(usable_cores()) or os.cpu_count() or 1
-            threads = base.num_threads or max(1, cores // instances)
+            threads = base.num_threads or max(1, cores // (instances * base.num_workers))
             return cls(base, "colocated", colocated=PhaseSettings(instances, threads),
                        pin_cpus=pin_cpus)
         if prefill_instances < 1 or decode_instances < 1:
@@ -128,9 +137,11 @@ class Deployment:
                              f"{decode_instances}")
         prefill = PhaseSettings(prefill_instances, prefill_threads,
                                 max_num_batched_tokens=prefill_max_num_batched_tokens,
-                                kv_cache_memory_gib=prefill_kv_cache_memory)
+                                kv_cache_memory_gib=prefill_kv_cache_memory,
+                                tensor_parallel_size=prefill_tp, pipeline_parallel_size=prefill_pp)
         decode = PhaseSettings(decode_instances, decode_threads, max_num_seqs=decode_max_num_seqs,
-                               kv_cache_memory_gib=decode_kv_cache_memory)
+                               kv_cache_memory_gib=decode_kv_cache_memory,
+                               tensor_parallel_size=decode_tp, pipeline_parallel_size=decode_pp)
         return cls(base, "disaggregated", prefill=prefill, decode=decode, transfer=transfer,
                    pin_cpus=pin_cpus)
 
@@ -138,14 +149,9 @@ class Deployment:
     def from_plan(cls, plan, base: EngineConfig, transfer: str = "shm",
                   pin_cpus: bool = True) -> Deployment:
         """The deployment a plan (distserve.planner.plan.Plan) describes: its instance counts,
-        batching limits and SLOs. Each instance runs on one device of this machine, so TP, PP,
-        several nodes and another machine's hardware are named in `warnings`."""
+        TP and PP, batching limits and SLOs. Several nodes and another machine's hardware are
+        named in `warnings` (every instance runs on this machine)."""
         warnings = []
-        for phase in ("prefill", "decode"):
-            p = getattr(plan, phase)
-            if p.tp * p.pp > 1:
-                warnings.append(f"the plan's {phase} instances use TP {p.tp} x PP {p.pp}; each "
-                                "is deployed on one device here (one worker per instance)")
         if plan.nodes > 1 or len({p.get("node", 0) for p in plan.placement}) > 1:
             warnings.append(f"the plan places instances on {plan.nodes} nodes; all are "
                             "deployed on this machine")
@@ -154,8 +160,12 @@ class Deployment:
                             "CPU, so its predicted goodput does not apply here")
         return cls(base, "disaggregated",
                    prefill=PhaseSettings(plan.prefill.instances,
-                                         max_num_batched_tokens=plan.prefill.max_num_batched_tokens),
+                                         max_num_batched_tokens=plan.prefill.max_num_batched_tokens,
+                                         tensor_parallel_size=plan.prefill.tp,
+                                         pipeline_parallel_size=plan.prefill.pp),
                    decode=PhaseSettings(plan.decode.instances,
-                                        max_num_seqs=plan.decode.max_num_seqs),
+                                        max_num_seqs=plan.decode.max_num_seqs,
+                                        tensor_parallel_size=plan.decode.tp,
+                                        pipeline_parallel_size=plan.decode.pp),
                    transfer=transfer, pin_cpus=pin_cpus, ttft_slo=plan.ttft_slo,
                    tpot_slo=plan.tpot_slo, warnings=warnings)

@@ -23,8 +23,9 @@ from distserve.cluster import messages as m
 from distserve.cluster.step_trace import StepTrace
 from distserve.config import EngineConfig
 from distserve.engine.engine import Engine, Migration
-from distserve.engine.executor import LocalExecutor
-from distserve.transfer import KVEndpoint, make_puller, make_source
+from distserve.engine.executor import load_executor
+from distserve.transfer import InstanceEndpoint, export_shares, make_puller, make_source
+from distserve.transfer.reshard import pull_resharded
 
 log = logging.getLogger("distserve.instance")
 ROLES = ("prefill", "decode", "colocated")
@@ -49,16 +50,17 @@ class InstanceLoop:
         self.commands = self.ctx.socket(zmq.PULL)
         port = self.commands.bind_to_random_port(f"tcp://{host}")
         self.command_address = f"tcp://{host}:{port}"
-        self.engine, self.source, self.puller = self._build_engine(role, config, transfer, host)
+        self.engine, self.sources, self.puller = self._build_engine(role, config, transfer, host)
         executor = self.engine.executor
         self.trace = StepTrace.from_env(instance_id)
         if self.trace is not None:
-            executor.worker.runner.on_step = self.trace.step
-        self.endpoints: dict[str, KVEndpoint] = {}
+            executor.on_step = self.trace.step
+        self.endpoints: dict[str, InstanceEndpoint] = {}
         self.transfer_bytes, self.transfer_seconds, self.num_transfers = 0, 0.0, 0
         self._last_stats = 0.0
         self.num_dropped_messages = 0
-        endpoint = msgspec.to_builtins(self.source.endpoint) if self.source else None
+        endpoint = (msgspec.to_builtins(InstanceEndpoint([src.endpoint for src in self.sources]))
+                    if self.sources else None)
         self._iteration_started = 0.0   # monotonic start of the engine iteration, 0 between
         self._stopping = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, args=(controller,), daemon=True,
@@ -69,8 +71,9 @@ class InstanceLoop:
                            endpoint))
 
     def _build_engine(self, role: str, config: EngineConfig, transfer: str, host: str):
-        """(engine, KV source, KV puller): a prefill instance's cache lives where decode
-        instances can pull from it; a decode instance pulls."""
+        """(engine, KV sources, KV puller): a prefill instance's cache lives where decode
+        instances can pull from it (every worker's share, for TP x PP); a decode instance
+        pulls."""
         if role == "prefill":
             sources = []
 
@@ -79,11 +82,19 @@ class InstanceLoop:
                                             secret=self.sealer.secret)
                 sources.append(source)
                 return cache
-            return Engine(config, LocalExecutor.load(config, allocate), role), sources[0], None
+            executor = load_executor(config, allocate, pin_cores=True)
+            if not sources:  # parallel workers: their shares are shared memory already
+                sources = export_shares(transfer, executor.kv_shards, host, self.sealer.secret)
+            return Engine(config, executor, role), sources, None
+        executor = load_executor(config, pin_cores=True)
         if role == "decode":
-            return Engine(config, LocalExecutor.load(config), role, self._pull), None, \
+            if len(executor.kv_shards) != config.num_workers:
+                raise ValueError("KV transfer into a tensor- or pipeline-parallel instance needs "
+                                 "its workers' caches in shared memory (CPU); on CUDA it is not "
+                                 "implemented yet")
+            return Engine(config, executor, role, self._pull), [], \
                 make_puller(transfer, secret=self.sealer.secret)
-        return Engine(config, LocalExecutor.load(config), role), None, None
+        return Engine(config, executor, role), [], None
 
     def _send(self, msg) -> None:
         try:
@@ -110,8 +121,8 @@ class InstanceLoop:
             sock.close()
 
     def _pull(self, source: str, src_blocks: list[int], dst_blocks: list[int]) -> tuple[int, float]:
-        stats = self.puller.pull(self.endpoints[source], src_blocks,
-                                 self.engine.executor.kv_cache, dst_blocks)
+        stats = pull_resharded(self.puller, self.endpoints[source], src_blocks,
+                               self.engine.executor.kv_shards, dst_blocks)
         self.transfer_bytes += stats.nbytes
         self.transfer_seconds += stats.seconds
         self.num_transfers += 1
@@ -164,7 +175,7 @@ class InstanceLoop:
                 else:
                     t = cmd.ticket
                     # a restarted prefill instance comes back with another endpoint
-                    self.endpoints[cmd.source] = msgspec.convert(cmd.endpoint, KVEndpoint)
+                    self.endpoints[cmd.source] = msgspec.convert(cmd.endpoint, InstanceEndpoint)
                     e.add(t.prompt_token_ids, cmd.params, t.request_id, t.arrival_time,
                           Migration(t, cmd.source))
             except (ValueError, msgspec.ValidationError) as err:
@@ -209,9 +220,10 @@ class InstanceLoop:
             self._maybe_send_stats(force=True)
         except ControllerGone:
             pass
-        for closable in (self.source, self.puller, self.trace):
+        for closable in (*self.sources, self.puller, self.trace):
             if closable is not None:
                 closable.close()
+        self.engine.executor.close()
         self.out.close()
         self.commands.close()
         self.ctx.term()

@@ -22,13 +22,16 @@ class InstanceSpec:
     #                                                   CUDA device ids on a GPU node
     node: str = "local"            # which machine (a Ray node id, or "local")
     host: str = "127.0.0.1"        # the address its sockets bind to on that machine
-    tp: int = 1                    # tensor-parallel workers
-    pp: int = 1                    # pipeline stages
 
-    def __post_init__(self) -> None:
-        if self.tp < 1 or self.pp < 1:
-            raise ValueError(f"instance {self.instance_id}: TP and PP must be >= 1, "
-                             f"got TP {self.tp}, PP {self.pp}")
+    @property
+    def tp(self) -> int:
+        """Tensor-parallel workers (the engine config's, which the instance runs)."""
+        return self.config.tensor_parallel_size
+
+    @property
+    def pp(self) -> int:
+        """Pipeline stages."""
+        return self.config.pipeline_parallel_size
 
 
 class InstanceHandle(Protocol):

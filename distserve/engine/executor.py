@@ -16,17 +16,8 @@ import torch
 from distserve.config import EngineConfig
 from distserve.engine.sampler import SampleResult, sample
 from distserve.engine.worker import CacheAllocator, Worker, load_worker
-from distserve.kv.cache import allocate_kv_cache
+from distserve.kv.cache import KVShard, allocate_kv_cache
 from distserve.request import Request
-
-
-@dataclass
-class KVShard:
-    """One worker's share of the instance's KV cache: its layers and its KV heads."""
-    cache: torch.Tensor   # [num_blocks, layers, 2, block_size, kv_heads, head_dim]
-    layer_start: int = 0
-    head_start: int = 0
-    owner: Any = None     # what frees the memory (a shared-memory segment), or None
 
 
 @dataclass

@@ -25,11 +25,12 @@ import torch.distributed as dist
 
 from distserve.config import EngineConfig
 from distserve.engine.batch import Batch, encode, split_micro_batches, warm_up_batches
-from distserve.engine.executor import ExecuteResult, KVShard
+from distserve.engine.executor import ExecuteResult
 from distserve.engine.parallel import (INIT_TIMEOUT_S, STEP, STOP, ParallelLayout, StageWorker,
                                        join_group, model_dims, shard_cache_shape)
 from distserve.engine.sampler import sample
 from distserve.engine.worker import _eos_ids, prepare_device
+from distserve.kv.cache import KVShard
 from distserve.models.loader import default_device, find_model, load_tokenizer_for, resolve_dtype
 from distserve.models.sharding import check_parallelism, make_shard
 from distserve.request import Request

@@ -6,6 +6,7 @@ cache is a set of rows of dim 0, which lets a transfer move it with one index_se
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -36,3 +37,13 @@ class KVCacheShape:
 def allocate_kv_cache(shape: KVCacheShape, num_blocks: int, dtype: torch.dtype,
                       device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.zeros(shape.tensor_shape(num_blocks), dtype=dtype, device=device)
+
+
+@dataclass
+class KVShard:
+    """One worker's share of an instance's KV cache: its layers and its KV heads (the whole
+    cache for an instance of one worker)."""
+    cache: torch.Tensor   # [num_blocks, layers, 2, block_size, kv_heads, head_dim]
+    layer_start: int = 0
+    head_start: int = 0
+    owner: Any = None     # what frees the memory (a shared-memory segment), or None

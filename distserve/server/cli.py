@@ -63,6 +63,12 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefill-max-num-batched-tokens", type=int, default=None,
                    help="prompt tokens in one prefill batch (a longer prompt runs alone)")
     g.add_argument("--decode-max-num-seqs", type=int, default=None)
+    g.add_argument("--prefill-tp", type=int, default=None, help="tensor-parallel workers per "
+                   "prefill instance (default: --tp)")
+    g.add_argument("--prefill-pp", type=int, default=None, help="pipeline stages per prefill "
+                   "instance (default: --pp)")
+    g.add_argument("--decode-tp", type=int, default=None)
+    g.add_argument("--decode-pp", type=int, default=None)
     g.add_argument("--prefill-kv-cache-memory", type=float, default=None, help="GiB")
     g.add_argument("--decode-kv-cache-memory", type=float, default=None, help="GiB")
     g.add_argument("--transfer", choices=["shm", "tcp"], default="shm",
@@ -89,7 +95,8 @@ def deployment_from_args(args: argparse.Namespace, config):
         config, args.mode, args.instances, args.prefill_instances, args.decode_instances,
         args.prefill_threads, args.decode_threads, args.prefill_max_num_batched_tokens,
         args.decode_max_num_seqs, args.prefill_kv_cache_memory, args.decode_kv_cache_memory,
-        args.transfer, pin_cpus)
+        args.transfer, pin_cpus, prefill_tp=args.prefill_tp, prefill_pp=args.prefill_pp,
+        decode_tp=args.decode_tp, decode_pp=args.decode_pp)
 
 
 def _fit_kv_to_memory(args, config, deployment):
@@ -158,7 +165,8 @@ async def _serve(args, config, deployment, slo) -> int:
         client = Controller(deployment.specs, args.model, LocalLauncher(),
                             transfer=deployment.transfer)
         await client.start()
-        what = ", ".join(f"{s.instance_id} (cpus {s.devices or 'any'})" for s in deployment.specs)
+        what = ", ".join(f"{s.instance_id} ({_parallelism(s)}cpus {s.devices or 'any'})"
+                         for s in deployment.specs)
     app = build_app(client, args.served_model_name, args.api_key, slo,
                     max_body_bytes=args.max_request_bytes,
                     max_queued_requests=args.max_queued_requests, reject_late=args.reject_late)
@@ -201,3 +209,8 @@ def _draining_server():
                 self._captured_signals.clear()
 
     return DrainingServer
+
+
+def _parallelism(spec) -> str:
+    """'TP 2 x PP 1, ' for an instance of several workers; nothing for one worker."""
+    return f"TP {spec.tp} x PP {spec.pp}, " if spec.tp * spec.pp > 1 else ""

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from distserve.kv.cache import KVCacheShape
-from distserve.transfer.base import (BACKENDS, KVEndpoint, KVPuller, KVSource, TransferError,
-                                     TransferStats)
+import msgspec
+
+from distserve.kv.cache import KVCacheShape, KVShard
+from distserve.transfer.base import (BACKENDS, InstanceEndpoint, KVEndpoint, KVPuller, KVSource,
+                                     TransferError, TransferStats)
 from distserve.transfer.shm import ShmPuller, ShmSource, allocate_shm_cache
 from distserve.transfer.tcp import TcpPuller, TcpSource, allocate_tcp_cache
 
@@ -40,12 +42,42 @@ def make_source(backend: str, shape: KVCacheShape, num_blocks: int, dtype: torch
     return allocate_tcp_cache(shape, num_blocks, dtype, host=host, port=port, secret=secret)
 
 
+class _SharedShare:
+    """A parallel worker's share exported over shm: the executor owns (and unlinks) it."""
+
+    def __init__(self, endpoint: KVEndpoint) -> None:
+        self.endpoint = endpoint
+
+    def close(self) -> None:
+        pass
+
+
+def export_shares(backend: str, shares: list[KVShard], host: str, secret: bytes) -> list:
+    """Sources for every worker's share of a parallel prefill instance's cache (shared
+    memory already), each endpoint saying which layers and KV heads it holds."""
+    _check_backend(backend)
+    out = []
+    for share in shares:
+        where = {"layer_start": share.layer_start, "head_start": share.head_start}
+        if share.cache.device.type != "cpu" or share.owner is None:
+            raise ValueError("KV transfer from a tensor- or pipeline-parallel instance needs its "
+                             "workers' caches in shared memory (CPU); on CUDA it is not "
+                             "implemented yet")
+        if backend == "shm":
+            out.append(_SharedShare(msgspec.structs.replace(share.owner.endpoint, **where)))
+        else:
+            source = TcpSource(share.cache, host, 0, secret=secret)
+            source.endpoint = msgspec.structs.replace(source.endpoint, **where)
+            out.append(source)
+    return out
+
+
 def make_puller(backend: str, *, secret: bytes, timeout: float = 30.0) -> KVPuller:
     """The decode side of `backend`; timeout (tcp only) bounds each pull, in seconds."""
     _check_backend(backend)
     return ShmPuller() if backend == "shm" else TcpPuller(timeout=timeout, secret=secret)
 
 
-__all__ = ["BACKENDS", "KVEndpoint", "KVPuller", "KVSource", "ShmPuller", "ShmSource",
+__all__ = ["BACKENDS", "InstanceEndpoint", "KVEndpoint", "KVPuller", "KVSource", "ShmPuller", "ShmSource",
            "TcpPuller", "TcpSource", "TransferError", "TransferStats", "allocate_shm_cache",
-           "allocate_tcp_cache", "make_puller", "make_source"]
+           "allocate_tcp_cache", "export_shares", "make_puller", "make_source"]

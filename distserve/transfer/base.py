@@ -45,6 +45,8 @@ class KVEndpoint(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     shm_name: str = ""  # shm: the POSIX shared-memory segment that holds the cache
     host: str = ""      # tcp: where the prefill instance's transfer server listens
     port: int = 0
+    layer_start: int = 0  # a parallel worker's share: its first layer and first KV head
+    head_start: int = 0
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -56,6 +58,9 @@ class KVEndpoint(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
         for field in ("num_blocks", "num_layers", "block_size", "num_kv_heads", "head_dim"):
             if getattr(self, field) < 1:
                 raise ValueError(f"endpoint {field} must be >= 1, got {getattr(self, field)}")
+        if self.layer_start < 0 or self.head_start < 0:
+            raise ValueError(f"endpoint layer_start and head_start must be >= 0, got "
+                             f"{self.layer_start} and {self.head_start}")
         if self.backend == "shm" and not self.shm_name:
             raise ValueError("an shm endpoint needs shm_name")
         if self.backend == "tcp" and (not self.host or not 0 < self.port < 65536):
@@ -103,6 +108,16 @@ def check_cache(cache: torch.Tensor) -> None:
     if not cache.is_contiguous():
         raise ValueError("a KV cache to export must be contiguous")
     dtype_name(cache.dtype)
+
+
+class InstanceEndpoint(msgspec.Struct, frozen=True):
+    """How to reach every worker's share of one prefill instance's KV cache (one endpoint
+    for an instance of one worker; one per worker for TP x PP)."""
+    shards: list[KVEndpoint]
+
+    def __post_init__(self) -> None:
+        if not self.shards:
+            raise ValueError("an instance endpoint needs at least one shard")
 
 
 class TransferStats(msgspec.Struct, frozen=True):

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from distserve.cluster import messages as m
@@ -75,14 +77,30 @@ def test_serve_runs_its_engine_in_its_own_process_by_default():
         deployment("--instances", "-1")
 
 
-def test_the_local_launcher_refuses_parallel_instances_by_name():
-    from distserve.cluster.launcher import InstanceSpec
-    from distserve.cluster.local import LocalLauncher
-    spec = InstanceSpec("prefill", "prefill-0", EngineConfig(), tp=2)
-    with pytest.raises(ValueError, match="prefill-0 asks for TP 2 x PP 1"):
-        LocalLauncher().start(spec, "tcp://127.0.0.1:1", "shm", b"0123456789abcdef")
-    with pytest.raises(ValueError, match="TP and PP must be >= 1"):
-        InstanceSpec("decode", "decode-0", EngineConfig(), pp=0)
+def test_parallel_flags_give_each_phase_its_workers_and_their_cores():
+    from distserve.cli import build_parser, engine_config_from_args
+    from distserve.server.cli import deployment_from_args
+
+    def deployment(*flags):
+        args = build_parser().parse_args(["serve", *flags])
+        return deployment_from_args(args, engine_config_from_args(args, None))
+
+    dep = deployment("--prefill-instances", "1", "--decode-instances", "1", "--prefill-tp", "2",
+                     "--decode-pp", "2", "--num-threads", "1", "--no-pin-cpus")
+    assert [(s.role, s.tp, s.pp) for s in dep.specs] == [("prefill", 2, 1), ("decode", 1, 2)]
+    colocated = deployment("--tp", "2", "--no-pin-cpus")
+    assert [(s.tp, s.pp) for s in colocated.specs] == [(2, 1)]
+    # the cores are shared by the instance's workers, one thread each on a 2-core machine
+    cores = len(os.sched_getaffinity(0))
+    assert colocated.specs[0].config.num_threads == max(1, cores // 2)
+    pinned = deployment("--tp", "2", "--num-threads", "1")
+    from distserve.cluster.deployment import usable_cores
+    # both workers' cores pinned, or none where the machine has too few
+    assert len(pinned.specs[0].devices) == (2 if len(usable_cores()) >= 2 else 0)
+    with pytest.raises(ValueError, match="--prefill-tp"):
+        deployment("--prefill-tp", "2")
+    with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
+        deployment("--tp", "0")
 
 
 def test_the_default_kv_budget_fits_the_machine_with_all_instances_counted():

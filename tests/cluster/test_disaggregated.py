@@ -38,11 +38,18 @@ def expected(tiny_llama):
     return out, [r.text for r in colocated]
 
 
-def _deployment(model, prefill, decode, transfer, decode_blocks=64, kv_checksum=False):
-    """A small decode cache makes migrations wait for room, and preempts on the decode side."""
+def _deployment(model, prefill, decode, transfer, decode_blocks=64, kv_checksum=False,
+                prefill_parallel=(None, None), decode_parallel=(None, None)):
+    """A small decode cache makes migrations wait for room, and preempts on the decode side.
+    *_parallel: (TP, PP) of that phase's instances."""
     base = EngineConfig(model=str(model), dtype="float32", num_kv_blocks=64, kv_checksum=kv_checksum)
-    return Deployment(base, "disaggregated", prefill=PhaseSettings(prefill),
-                      decode=PhaseSettings(decode, num_kv_blocks=decode_blocks), transfer=transfer)
+    return Deployment(base, "disaggregated",
+                      prefill=PhaseSettings(prefill, tensor_parallel_size=prefill_parallel[0],
+                                            pipeline_parallel_size=prefill_parallel[1]),
+                      decode=PhaseSettings(decode, num_kv_blocks=decode_blocks,
+                                           tensor_parallel_size=decode_parallel[0],
+                                           pipeline_parallel_size=decode_parallel[1]),
+                      transfer=transfer)
 
 
 async def _collect(controller, prompt, rid, params=GREEDY):
@@ -64,15 +71,20 @@ async def _wait_all_free(controller, timeout=10.0):
     return controller.instance_stats()
 
 
-@pytest.mark.parametrize("prefill,decode,transfer,decode_blocks,kv_checksum", [
-    (1, 1, "shm", 64, False), (2, 1, "tcp", 64, True), (1, 1, "shm", 10, False)])
+@pytest.mark.parametrize("prefill,decode,transfer,decode_blocks,kv_checksum,parallel", [
+    (1, 1, "shm", 64, False, None), (2, 1, "tcp", 64, True, None), (1, 1, "shm", 10, False, None),
+    # phases with their own parallelism: the decode side reshards the KV it pulls
+    (1, 1, "shm", 64, False, ((2, 1), (1, 1))), (1, 1, "tcp", 64, False, ((1, 2), (2, 1)))])
 def test_disaggregated_matches_colocated_and_transformers(tiny_llama, expected, prefill, decode,
-                                                          transfer, decode_blocks, kv_checksum):
+                                                          transfer, decode_blocks, kv_checksum,
+                                                          parallel):
     tokens, texts = expected
+    prefill_parallel, decode_parallel = parallel or ((None, None), (None, None))
 
     async def run():
-        c = Controller(_deployment(tiny_llama, prefill, decode, transfer, decode_blocks, kv_checksum).specs,
-                       str(tiny_llama), LocalLauncher(), transfer=transfer)
+        deployment = _deployment(tiny_llama, prefill, decode, transfer, decode_blocks, kv_checksum,
+                                 prefill_parallel, decode_parallel)
+        c = Controller(deployment.specs, str(tiny_llama), LocalLauncher(), transfer=transfer)
         await c.start()
         try:
             results = await asyncio.gather(*[_collect(c, p, f"r{i}") for i, p in enumerate(PROMPTS)])
@@ -92,11 +104,15 @@ def test_disaggregated_matches_colocated_and_transformers(tiny_llama, expected, 
             await c.shutdown()
 
     results, stats, moved = asyncio.run(run())
+    # float32, tiny model: 2 layers x 2 KV heads x 16 head dim x K and V x 4 bytes a token
+    kv_bytes_per_block = 2 * 2 * 16 * 2 * 4 * 16
     for (toks, text, last), exp_toks, exp_text in zip(results, tokens, texts):
         assert toks == exp_toks
         assert text == exp_text
         assert last.finish_reason == "length"
         assert last.extra["kv_transfer_bytes"] > 0
+        prompt_blocks = -(-last.num_prompt_tokens // 16)
+        assert last.extra["kv_transfer_bytes"] == prompt_blocks * kv_bytes_per_block  # once
     assert moved > 0
     assert {s.role for s in stats} == {"prefill", "decode"}
     for s in stats:
