@@ -139,6 +139,9 @@ class Controller(Failover):
                 inst.socket.close()
         if self._inbox is not None:
             self._inbox.close()
+        close_launcher = getattr(self.launcher, "close", None)
+        if close_launcher is not None:   # a cluster's launcher frees what it reserved
+            close_launcher()
         self._error = self._error or "shut down"
         self._fail_all(EngineDeadError("the controller shut down"))
 

@@ -147,25 +147,43 @@ class Deployment:
 
     @classmethod
     def from_plan(cls, plan, base: EngineConfig, transfer: str = "shm",
-                  pin_cpus: bool = True) -> Deployment:
+                  pin_cpus: bool = True, launcher: str = "local") -> Deployment:
         """The deployment a plan (distserve.planner.plan.Plan) describes: its instance counts,
-        TP and PP, batching limits and SLOs. Several nodes and another machine's hardware are
-        named in `warnings` (every instance runs on this machine)."""
+        TP and PP, batching limits, SLOs and each instance's node (spec.node, which the Ray
+        launcher honours). What cannot be honoured here is named in `warnings`."""
         warnings = []
-        if plan.nodes > 1 or len({p.get("node", 0) for p in plan.placement}) > 1:
+        node_of: dict[str, int] = {}
+        spread: list[str] = []
+        for stage in plan.placement:   # an instance runs on one node: its first stage's
+            name = stage["instance"]
+            node_of.setdefault(name, stage["node"])
+            if stage["node"] != node_of[name] and name not in spread:
+                spread.append(name)
+                warnings.append(f"the plan spreads {name}'s pipeline stages over nodes; all "
+                                f"of them run on node {node_of[name]}")
+        if launcher == "local" and (plan.nodes > 1 or len(set(node_of.values())) > 1):
             warnings.append(f"the plan places instances on {plan.nodes} nodes; all are "
-                            "deployed on this machine")
+                            "deployed on this machine (--launcher ray deploys them on a Ray "
+                            "cluster)")
         if plan.hardware != "cpu" and (base.device or "cpu").startswith("cpu"):
             warnings.append(f"the plan was made for {plan.hardware}; this deployment runs on "
                             "CPU, so its predicted goodput does not apply here")
-        return cls(base, "disaggregated",
-                   prefill=PhaseSettings(plan.prefill.instances,
-                                         max_num_batched_tokens=plan.prefill.max_num_batched_tokens,
-                                         tensor_parallel_size=plan.prefill.tp,
-                                         pipeline_parallel_size=plan.prefill.pp),
-                   decode=PhaseSettings(plan.decode.instances,
-                                        max_num_seqs=plan.decode.max_num_seqs,
-                                        tensor_parallel_size=plan.decode.tp,
-                                        pipeline_parallel_size=plan.decode.pp),
-                   transfer=transfer, pin_cpus=pin_cpus, ttft_slo=plan.ttft_slo,
-                   tpot_slo=plan.tpot_slo, warnings=warnings)
+        deployment = cls(
+            base, "disaggregated",
+            prefill=PhaseSettings(plan.prefill.instances,
+                                  max_num_batched_tokens=plan.prefill.max_num_batched_tokens,
+                                  tensor_parallel_size=plan.prefill.tp,
+                                  pipeline_parallel_size=plan.prefill.pp),
+            decode=PhaseSettings(plan.decode.instances, max_num_seqs=plan.decode.max_num_seqs,
+                                 tensor_parallel_size=plan.decode.tp,
+                                 pipeline_parallel_size=plan.decode.pp),
+            transfer=transfer, pin_cpus=pin_cpus and launcher == "local",
+            ttft_slo=plan.ttft_slo, tpot_slo=plan.tpot_slo, warnings=warnings)
+        for spec in deployment.specs:
+            spec.node = node_of.get(spec.instance_id)
+        return deployment
+
+    @property
+    def nodes(self) -> set[int]:
+        """The plan nodes the instances are placed on (empty: no placement)."""
+        return {s.node for s in self.specs if s.node is not None}

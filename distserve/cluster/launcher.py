@@ -20,7 +20,8 @@ class InstanceSpec:
     config: EngineConfig
     devices: list[int] = field(default_factory=list)  # CPU cores to pin to (empty: any), or
     #                                                   CUDA device ids on a GPU node
-    node: str = "local"            # which machine (a Ray node id, or "local")
+    node: int | None = None        # the plan's node index (None: wherever the launcher
+    #                                placing it finds room; the local launcher: this machine)
     host: str = "127.0.0.1"        # the address its sockets bind to on that machine
 
     @property

@@ -71,8 +71,15 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-pp", type=int, default=None)
     g.add_argument("--prefill-kv-cache-memory", type=float, default=None, help="GiB")
     g.add_argument("--decode-kv-cache-memory", type=float, default=None, help="GiB")
-    g.add_argument("--transfer", choices=["shm", "tcp"], default="shm",
-                   help="KV transfer: shm (same host) or tcp (raw bytes over a socket)")
+    g.add_argument("--transfer", choices=["shm", "tcp"], default=None,
+                   help="KV transfer: shm (same host; the default) or tcp (raw bytes over a "
+                        "socket; the default with --launcher ray)")
+    g.add_argument("--launcher", choices=["local", "ray"], default="local",
+                   help="local: instance processes on this machine; ray: Ray actors on the "
+                        "nodes of a Ray cluster, placed as a --plan says (needs .[ray])")
+    g.add_argument("--ray-address", default=None,
+                   help="the Ray cluster to join (default: $RAY_ADDRESS, a cluster started "
+                        "with `ray start` on this machine, or else a new local one)")
     g.add_argument("--no-pin-cpus", action="store_true", help="do not pin instances to cores")
     g.add_argument("--ttft-slo", type=float, default=None, help="seconds; with --tpot-slo, "
                    "/metrics exports SLO attainment and goodput over --slo-window")
@@ -83,19 +90,28 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
 def deployment_from_args(args: argparse.Namespace, config):
     """None for the in-process engine, else the Deployment the flags (or --plan) describe."""
     from distserve.cluster.deployment import Deployment
-    pin_cpus = not args.no_pin_cpus
+    pin_cpus = not args.no_pin_cpus and args.launcher == "local"
+    transfer = args.transfer or ("tcp" if args.launcher == "ray" else "shm")
     if args.plan:
         from distserve.planner.plan import Plan
         if (args.prefill_instances or args.decode_instances or args.instances is not None
                 or args.mode):
             raise ValueError("--plan sets the deployment; drop --mode/--instances/"
                              "--prefill-instances/--decode-instances")
-        return Deployment.from_plan(Plan.load(args.plan), config, args.transfer, pin_cpus)
+        deployment = Deployment.from_plan(Plan.load(args.plan), config, transfer, pin_cpus,
+                                          args.launcher)
+        if len(deployment.nodes) > 1 and transfer == "shm" and args.launcher == "ray":
+            raise ValueError("--transfer shm reaches only instances on one node; the plan "
+                             "places them on several: use --transfer tcp")
+        return deployment
+    if args.launcher == "ray" and args.instances == 0:
+        raise ValueError("--launcher ray starts instance processes; --instances 0 runs the "
+                         "engine inside the server's process")
     return Deployment.from_flags(
         config, args.mode, args.instances, args.prefill_instances, args.decode_instances,
         args.prefill_threads, args.decode_threads, args.prefill_max_num_batched_tokens,
         args.decode_max_num_seqs, args.prefill_kv_cache_memory, args.decode_kv_cache_memory,
-        args.transfer, pin_cpus, prefill_tp=args.prefill_tp, prefill_pp=args.prefill_pp,
+        transfer, pin_cpus, prefill_tp=args.prefill_tp, prefill_pp=args.prefill_pp,
         decode_tp=args.decode_tp, decode_pp=args.decode_pp)
 
 
@@ -161,12 +177,14 @@ async def _serve(args, config, deployment, slo) -> int:
         what = "1 colocated engine in-process"
     else:
         from distserve.controller import Controller
-        from distserve.cluster.local import LocalLauncher
-        client = Controller(deployment.specs, args.model, LocalLauncher(),
-                            transfer=deployment.transfer)
+        launcher, host = _launcher(args, deployment)   # before anything runs on the loop
+        client = Controller(deployment.specs, args.model, launcher,
+                            transfer=deployment.transfer, host=host)
         await client.start()
         what = ", ".join(f"{s.instance_id} ({_parallelism(s)}cpus {s.devices or 'any'})"
                          for s in deployment.specs)
+        if args.launcher == "ray":
+            what += f" on the Ray cluster at {launcher.ray.get_runtime_context().gcs_address}"
     app = build_app(client, args.served_model_name, args.api_key, slo,
                     max_body_bytes=args.max_request_bytes,
                     max_queued_requests=args.max_queued_requests, reject_late=args.reject_late)
@@ -209,6 +227,16 @@ def _draining_server():
                 self._captured_signals.clear()
 
     return DrainingServer
+
+
+def _launcher(args, deployment):
+    """(launcher, the address the controller binds to, which every instance must reach)."""
+    if args.launcher == "ray":
+        from distserve.cluster.ray_launcher import RayLauncher
+        launcher = RayLauncher(deployment.specs, args.ray_address)
+        return launcher, launcher.ray.util.get_node_ip_address()
+    from distserve.cluster.local import LocalLauncher
+    return LocalLauncher(), "127.0.0.1"
 
 
 def _parallelism(spec) -> str:

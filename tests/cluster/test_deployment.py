@@ -111,3 +111,23 @@ def test_the_default_kv_budget_fits_the_machine_with_all_instances_counted():
     assert default_kv_budget_gib(4, 1 * gib) == 0.12           # a small machine: much less
     assert default_kv_budget_gib(1000, gib) == 0.05            # never nothing
     assert default_kv_budget_gib(2, None) == 2.0               # no /proc/meminfo: the default
+
+
+def test_the_ray_launcher_flags_move_kv_over_tcp_and_pin_nothing_here():
+    from distserve.cli import build_parser, engine_config_from_args
+    from distserve.server.cli import deployment_from_args
+    args = build_parser().parse_args(["serve", "--launcher", "ray", "--prefill-instances", "1",
+                                      "--decode-instances", "1"])
+    dep = deployment_from_args(args, engine_config_from_args(args, None))
+    assert dep.transfer == "tcp" and all(s.devices == [] for s in dep.specs)
+    args = build_parser().parse_args(["serve", "--launcher", "ray", "--instances", "0"])
+    with pytest.raises(ValueError, match="--instances 0"):
+        deployment_from_args(args, engine_config_from_args(args, None))
+
+
+def test_without_ray_the_ray_launcher_says_how_to_get_it(monkeypatch):
+    import sys
+    from distserve.cluster.ray_launcher import import_ray
+    monkeypatch.setitem(sys.modules, "ray", None)   # Ray is installed here: hide it
+    with pytest.raises(RuntimeError, match=r'pip install -e "\.\[ray\]"'):
+        import_ray()

@@ -28,17 +28,25 @@ def reference(tiny_llama):
     return [r.token_ids for r in out], [r.text for r in out]
 
 
-def _controller(model, mode, transfer="shm", **phases):
+def _controller(model, mode, transfer="shm", tp=None, **phases):
     base = EngineConfig(model=str(model), dtype="float32", num_kv_blocks=128)
     dep = Deployment(base, mode, transfer=transfer, pin_cpus=False,
-                     **{k: PhaseSettings(v) for k, v in phases.items()})
+                     **{k: PhaseSettings(v, num_threads=1, tensor_parallel_size=tp)
+                        for k, v in phases.items()})
     return Controller(dep.specs, str(model), LocalLauncher())
 
 
 async def _serve_all(c, victim=None, after_tokens=0, sig=signal.SIGKILL, before=False):
     """Runs PROMPTS at once; `victim` gets `sig` before they are sent or once the first
-    stream has `after_tokens` tokens. (tokens, text, last output) per prompt."""
-    pid = c.instances[victim].process.proc.pid if victim else None
+    stream has `after_tokens` tokens; "colocated-1/worker" is that instance's worker of rank 1.
+    (tokens, text, last output) per prompt."""
+    pid = None
+    if victim:
+        instance, _, worker = victim.partition("/")
+        pid = c.instances[instance].process.proc.pid
+        if worker:
+            (pid,) = [kid for kid in _children(pid)
+                      if b"distserve.engine.parallel" in open(f"/proc/{kid}/cmdline", "rb").read()]
     if before:
         os.kill(pid, sig)
     seen = asyncio.Event()
@@ -60,6 +68,20 @@ async def _serve_all(c, victim=None, after_tokens=0, sig=signal.SIGKILL, before=
     return await asyncio.gather(*tasks)
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (an instance's parallel workers)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == pid:
+            kids.append(int(entry))
+    return kids
+
+
 async def _until(predicate, timeout):
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
@@ -79,14 +101,16 @@ def _check(results, reference):
     assert all(r[2].num_prompt_tokens < 40 for r in results)   # the original prompt, not + tokens
 
 
-@pytest.mark.parametrize("victim,mode,phases,transfer", [
-    ("decode-0", "disaggregated", {"prefill": 1, "decode": 2}, "shm"),
-    ("colocated-1", "colocated", {"colocated": 2}, "shm"),
+@pytest.mark.parametrize("victim,mode,phases,transfer,tp", [
+    ("decode-0", "disaggregated", {"prefill": 1, "decode": 2}, "shm", None),
+    ("colocated-1", "colocated", {"colocated": 2}, "shm", None),
+    # one worker of a tensor-parallel instance dies: the instance ends with it and restarts
+    ("colocated-1/worker", "colocated", {"colocated": 2}, "shm", 2),
 ])
 def test_a_killed_instance_loses_nothing_and_comes_back(tiny_llama, reference, victim, mode,
-                                                        phases, transfer):
+                                                        phases, transfer, tp):
     async def run():
-        c = _controller(tiny_llama, mode, transfer, **phases)
+        c = _controller(tiny_llama, mode, transfer, tp, **phases)
         await c.start()
         try:
             results = await _serve_all(c, victim, after_tokens=8)
