@@ -43,6 +43,26 @@ def usable_cores() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 
 
+def visible_gpus() -> list[int]:
+    """The CUDA devices instances may use, without importing torch: $CUDA_VISIBLE_DEVICES
+    (as indices into it) or the /dev/nvidiaN device files."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return list(range(len([d for d in env.split(",") if d.strip() and d.strip() != "-1"])))
+    try:
+        names = os.listdir("/dev")
+    except OSError:
+        return []
+    return sorted(int(n[6:]) for n in names if n.startswith("nvidia") and n[6:].isdigit())
+
+
+def visible_device_ids(index: list[int]) -> list[str]:
+    """$CUDA_VISIBLE_DEVICES entries at these indices (the ids themselves where it is unset)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in env.split(",") if d.strip()] if env is not None else None
+    return [ids[i] if ids else str(i) for i in index]
+
+
 @dataclass
 class PhaseSettings:
     instances: int
@@ -84,19 +104,23 @@ class Deployment:
         for role, phase in phases:
             if phase is None or phase.instances < 1:
                 raise ValueError(f"a {self.mode} deployment needs at least one {role} instance")
-        cores = usable_cores()
+        gpus = visible_gpus() if (self.base.device or "cuda").startswith("cuda") else []
+        cores = gpus or usable_cores()   # on a GPU node the devices dealt out are GPUs
         next_core = 0
         for role, phase in phases:
             config = phase.apply(self.base)
             threads = config.num_threads or 1   # per worker
             config = dataclasses.replace(config, num_threads=threads)
-            need = threads * config.num_workers
+            need = config.num_workers * (1 if gpus else threads)
             for i in range(phase.instances):
-                cpus: list[int] = []
-                if self.pin_cpus and next_core + need <= len(cores):
-                    cpus = cores[next_core:next_core + need]
+                devices: list[int] = []
+                if (self.pin_cpus or gpus) and next_core + need <= len(cores):
+                    devices = cores[next_core:next_core + need]
                     next_core += need
-                self.specs.append(InstanceSpec(role, f"{role}-{i}", config, cpus))
+                elif gpus:
+                    raise ValueError(f"the deployment needs more than the {len(gpus)} visible "
+                                     f"CUDA devices ({role}-{i} needs {need} more)")
+                self.specs.append(InstanceSpec(role, f"{role}-{i}", config, devices))
 
     @property
     def num_instances(self) -> int:

@@ -12,6 +12,7 @@ import sys
 import tempfile
 from dataclasses import asdict
 
+from distserve.cluster.deployment import visible_device_ids, visible_gpus
 from distserve.cluster.launcher import InstanceSpec
 from distserve.cluster.messages import SECRET_ENV
 
@@ -34,13 +35,16 @@ class LocalProcess:
         env[SECRET_ENV] = secret.hex()  # the environment, unlike argv, is not world-readable
         if spec.config.num_threads:
             env["OMP_NUM_THREADS"] = str(spec.config.num_threads)
+        on_gpus = spec.devices and (spec.config.device or "cuda").startswith("cuda") and visible_gpus()
+        if on_gpus:   # its devices are CUDA devices: worker r takes the r-th of them
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(visible_device_ids(spec.devices))
         cmd = [sys.executable, "-m", "distserve.cluster.instance", "--role", spec.role,
                "--instance-id", spec.instance_id, "--controller", controller,
                "--config-json", json.dumps(asdict(spec.config)), "--transfer", transfer,
                "--host", spec.host]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      stdin=subprocess.DEVNULL)
-        if spec.devices:
+        if spec.devices and not on_gpus:
             try:
                 os.sched_setaffinity(self.proc.pid, spec.devices)
             except OSError:

@@ -1,8 +1,10 @@
 """The latency model of an instance: its profile entry (distserve.planner.profiles) or, for a
 (model, TP) the profile lacks, the roofline calibrated on that profile
 (distserve.planner.roofline), with its PP degree. With PP stages p, a prefill batch spends
-prefill_ms / p + PP_STAGE_MS * p in each stage, and a decode micro-batch decode_ms / p per
-stage (so decode_ms through the whole pipeline). Pure Python: never imports torch.
+prefill_ms / p + stage_ms * p in each stage, and a decode micro-batch decode_factor *
+decode_ms / p per stage (so decode_factor * decode_ms through the whole pipeline). stage_ms
+is the artifact's provisional PP_STAGE_MS and decode_factor 1, unless the profile holds what
+`distserve profile --pp` measured ("_pipeline"). Pure Python: never imports torch.
 """
 from __future__ import annotations
 
@@ -25,11 +27,13 @@ class InstanceLatency:
     tp: int = 1
     pp: int = 1
     source: str = "profile"
+    stage_ms: float = PP_STAGE_MS     # a prefill batch's extra time per stage is stage_ms * pp
+    decode_factor: float = 1.0        # a decode micro-batch's time over decode_ms, with PP
 
     def prefill_stage(self, sum_len: float, sum_sq: float) -> float:
         """Seconds a prefill batch spends in each pipeline stage."""
         a, b, c = self.entry.prefill
-        return ((a + b * sum_len + c * sum_sq) / self.pp + (PP_STAGE_MS * self.pp if self.pp > 1 else 0.0)) * 1e-3
+        return ((a + b * sum_len + c * sum_sq) / self.pp + (self.stage_ms * self.pp if self.pp > 1 else 0.0)) * 1e-3
 
     def prefill(self, lens) -> float:
         """Seconds from the start of a prefill batch to its first tokens (all stages)."""
@@ -41,7 +45,8 @@ class InstanceLatency:
         a + b * sum(context + 1) + c * batch."""
         e = self.entry
         a, b, c = e.decode_small if batch < e.threshold else e.decode_large
-        return a * 1e-3, b * 1e-3, c * 1e-3
+        f = (self.decode_factor if self.pp > 1 else 1.0) * 1e-3
+        return a * f, b * f, c * f
 
     def decode(self, context_lens) -> float:
         ctx = np.asarray(context_lens, dtype=float)
@@ -56,7 +61,10 @@ def instance_latency(model, tp: int, pp: int = 1, profile: str | Profile | None 
     if isinstance(profile, str):
         profile = load_profile(profile)
     entry = profile.get(model.name, tp) if profile is not None else None
+    pipeline = {}
+    if profile is not None and (hardware is None or hardware.name == profile.hardware):
+        pipeline = profile.pipeline(model.name, pp)
     if entry is not None and (hardware is None or hardware.name == profile.hardware):
-        return InstanceLatency(entry, tp, pp, "profile")
+        return InstanceLatency(entry, tp, pp, "profile", **pipeline)
     hw = hardware or get_hardware(profile.hardware if profile is not None else "a100-80g")
-    return InstanceLatency(roofline_entry(model, hw, tp, profile), tp, pp, "roofline")
+    return InstanceLatency(roofline_entry(model, hw, tp, profile), tp, pp, "roofline", **pipeline)

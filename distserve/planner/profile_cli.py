@@ -57,6 +57,11 @@ def register(sub) -> None:
     p.add_argument("--engine-overhead", action=argparse.BooleanOptionalAction, default=True,
                    help="also time what a whole engine step (scheduling, sampling, "
                    "detokenisation) adds to the model runner, and add it to the fits")
+    p.add_argument("--tp", default="1", help="tensor-parallel degrees to profile, e.g. 1,2: "
+                   "each gets its own fitted entry (TP workers of --num-threads each) and "
+                   "its speed-up K over TP 1")
+    p.add_argument("--pp", default="1", help="pipeline degrees to time, e.g. 1,2: their "
+                   "measured stage cost and decode factor go to the planner's PP model")
     p.add_argument("--json", action="store_true", help="print the written profile as JSON")
     p.set_defaults(func=run_profile)
 
@@ -129,7 +134,35 @@ def _decode_error(entry: ProfileEntry, decode) -> float:
     return sum(abs(entry.decode_ms(c) / t - 1) for c, t in decode) / len(decode)
 
 
+def speedup(base: list, measured: list) -> float:
+    """The paper's K: the median over shapes measured both ways of base ms / measured ms."""
+    ms = {json.dumps(x): t for x, t in base}
+    ratios = [ms[json.dumps(x)] / t for x, t in measured if json.dumps(x) in ms and t > 0]
+    if not ratios:
+        raise ValueError("no shape was measured both ways")
+    return float(np.median(ratios))
+
+
+def pipeline_fit(base: dict, measured: dict, pp: int) -> dict:
+    """The PP model's two numbers from a PP instance's times and TP 1's ({"prefill": [(lens,
+    ms)], "decode": [(contexts, ms)]} each). stage_ms: one prompt's latency through p stages
+    is prefill_ms + stage_ms * p^2 (p stages of prefill_ms / p + stage_ms each). decode_factor:
+    the simulator runs p decode micro-batches side by side, each through every stage, so a
+    step of batch B, split into p micro-batches, takes decode_factor * decode_ms(B / p)."""
+    one = {x[0]: t for x, t in base["prefill"] if len(x) == 1}
+    stage = [(t - one[x[0]]) / pp ** 2 for x, t in measured["prefill"]
+             if len(x) == 1 and x[0] in one]
+    dec = {(len(c), c[0]): t for c, t in base["decode"] if min(c) == max(c)}
+    factor = [t / dec[(len(c) // pp, c[0])] for c, t in measured["decode"]
+              if min(c) == max(c) and len(c) % pp == 0 and (len(c) // pp, c[0]) in dec]
+    if not stage or not factor:
+        raise ValueError(f"PP {pp}: need one-prompt prefills and decode batches of a multiple "
+                         f"of {pp} requests whose 1/{pp} was measured at TP 1 too")
+    return {"stage_ms": max(0.0, float(np.median(stage))), "decode_factor": float(np.median(factor))}
+
+
 def run_profile(args: argparse.Namespace) -> int:
+    tps, pps = _ints(args.tp, "--tp"), _ints(args.pp, "--pp")
     lens = _ints(args.prefill_lens, "--prefill-lens")
     pbatches = _ints(args.prefill_batches, "--prefill-batches")
     batches = _ints(args.batch_sizes, "--batch-sizes")
@@ -145,13 +178,19 @@ def run_profile(args: argparse.Namespace) -> int:
         decode_shapes += [[lo] * (b - 1) + [hi] for b in batches
                           if b >= 4 and (b - 1) * lo + hi <= args.max_decode_tokens]
     overhead_batches = sorted({b for b in (1, 8, 32) if b <= max(batches)}) if args.engine_overhead else []
-    m = measure(args.model, args.dtype, args.device, args.num_threads,
-                [[n] * k for n in lens for k in pbatches if n * k <= args.max_num_batched_tokens],
-                decode_shapes, args.repeats,
-                progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+    prefill_shapes = [[n] * k for n in lens for k in pbatches if n * k <= args.max_num_batched_tokens]
+    progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    m = measure(args.model, args.dtype, args.device, args.num_threads, prefill_shapes,
+                decode_shapes, args.repeats, progress=progress,
                 overhead_batches=overhead_batches, clock=args.clock)
     entry, errors = fit_entry(m["prefill"], m["decode"], overhead=m["overhead"] or None)
     name = args.name or m["model"]
+    parallel = {}   # (tp, pp) -> measurements, for the degrees above 1
+    for tp, pp in [(tp, 1) for tp in tps if tp > 1] + [(1, pp) for pp in pps if pp > 1]:
+        progress(f"TP {tp} x PP {pp} instance:")
+        parallel[tp, pp] = measure(args.model, args.dtype, args.device, args.num_threads,
+                                   prefill_shapes, decode_shapes, args.repeats,
+                                   progress=progress, tp=tp, pp=pp)
     try:
         with open(args.output, encoding="utf-8") as f:
             doc = json.load(f)
@@ -164,6 +203,18 @@ def run_profile(args: argparse.Namespace) -> int:
     doc.setdefault("_measurements", {})[name] = {"prefill": m["prefill"], "decode": m["decode"],
                                                  "engine_overhead": m["overhead"]}
     doc.setdefault(name, {})["1"] = entry.to_dict()
+    for (tp, pp), pm in parallel.items():
+        key = f"tp{tp}" if pp == 1 else f"pp{pp}"
+        doc["_measurements"][name][key] = {"prefill": pm["prefill"], "decode": pm["decode"]}
+        k = {phase: speedup(m[phase], pm[phase]) for phase in ("prefill", "decode")}
+        doc.setdefault("_speedup", {}).setdefault(name, {})[key] = k
+        if pp == 1:   # the TP entry, with the engine's own step cost measured at TP 1
+            tp_entry, tp_errors = fit_entry(pm["prefill"], pm["decode"],
+                                            overhead=m["overhead"] or None)
+            doc[name][str(tp)] = tp_entry.to_dict()
+            doc["_fit_error"].setdefault(f"{name} tp{tp}", tp_errors)
+        else:
+            doc.setdefault("_pipeline", {}).setdefault(name, {})[str(pp)] = pipeline_fit(m, pm, pp)
     with open(args.output, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=2)
     if args.json:
@@ -186,4 +237,11 @@ def run_profile(args: argparse.Namespace) -> int:
         o = errors["engine_overhead_ms"]
         print(f"  engine step overhead (included above): {o['per_step']:.3g} ms + "
               f"{o['per_request']:.3g} ms per request")
+    for tp, pp in parallel:
+        k = doc["_speedup"][name][f"tp{tp}" if pp == 1 else f"pp{pp}"]
+        print(f"  TP {tp} x PP {pp}: speed-up K over TP 1 (median over the shapes): prefill "
+              f"{k['prefill']:.2f}, decode step {k['decode']:.2f}")
+    for pp, fit in doc.get("_pipeline", {}).get(name, {}).items():
+        print(f"  PP {pp} model: {fit['stage_ms']:.3g} ms per stage per prefill batch, decode "
+              f"micro-batch factor {fit['decode_factor']:.2f}")
     return 0

@@ -6,6 +6,7 @@ whatever the cache holds, which costs the same as real context.
 """
 from __future__ import annotations
 
+import os
 import random
 import statistics
 import time
@@ -31,28 +32,86 @@ def _hardware_tag(device: torch.device) -> str:
 
 def measure(model: str | None, dtype: str, device: str | None, num_threads: int | None,
             prefill_shapes: list[list[int]], decode_shapes: list, repeats: int,
-            progress=lambda msg: None, overhead_batches: list[int] = (), clock: str = "wall") -> dict:
+            progress=lambda msg: None, overhead_batches: list[int] = (), clock: str = "wall",
+            tp: int = 1, pp: int = 1) -> dict:
     """{"prefill": [(lens, ms)], "decode": [(context lens, ms)], "model", "device", "hardware",
     "overhead": [(batch, ms)]}. A decode shape is (batch, context) or a list of contexts (a
     mixed batch). `overhead_batches`: batch sizes at which to time what a real engine step
     adds to the model runner (scheduling, sampling, detokenisation, stop checks).
     clock "cpu": this process's CPU time instead of wall time, for a one-thread CPU engine on a
-    machine that other jobs share (their time slices on its core are not counted)."""
+    machine that other jobs share (their time slices on its core are not counted).
+    tp, pp: time an instance of TP x PP workers (num_threads each, on this process's cores):
+    a whole step of its executor, which also samples (greedy: an argmax per request)."""
     if clock not in ("wall", "cpu"):
         raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
-    now = time.perf_counter if clock == "wall" else time.process_time
     decode_shapes = [list(s) if isinstance(s, list) else [s[1]] * s[0] for s in decode_shapes]
-    need = max([sum(s) for s in prefill_shapes] + [sum(c + 2 for c in s) for s in decode_shapes]
-               + [b * (_OVERHEAD_CONTEXT + 2 * _OVERHEAD_STEPS) for b in overhead_batches])
-    block = 16
-    config = EngineConfig(model=model, dtype=dtype, device=device, num_threads=num_threads,
-                          block_size=block, num_kv_blocks=blocks_for(need, block) + 2 * max(
-                              [len(s) for s in prefill_shapes] + [len(s) for s in decode_shapes]) + 8)
+    if tp * pp > 1:
+        if clock != "wall" or overhead_batches:
+            raise ValueError("a parallel instance is timed by the wall clock, without the "
+                             "engine-overhead round")
+        return _measure_parallel(model, dtype, device, num_threads, prefill_shapes,
+                                 decode_shapes, repeats, progress, tp, pp)
+    now = time.perf_counter if clock == "wall" else time.process_time
+    config = _config_for(model, dtype, device, num_threads, prefill_shapes, decode_shapes,
+                         overhead_batches)
+    block = config.block_size
     worker = load_worker(config)
     dev, runner = worker.device, worker.runner
     vocab = worker.model.args.vocab_size
-    kv = KVCacheManager(worker.num_kv_blocks, block)
     gen = torch.Generator().manual_seed(0)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    out = {"model": worker.model_name, "device": str(dev), "hardware": _hardware_tag(dev)}
+    out |= _time_shapes(lambda prefills, decodes: runner.run(prefills, decodes),
+                        KVCacheManager(worker.num_kv_blocks, block), vocab, gen, sync, now,
+                        prefill_shapes, decode_shapes, repeats, progress)
+    out["overhead"] = []
+    if overhead_batches:
+        out["overhead"] = step_overhead(config, worker, overhead_batches, vocab, gen, sync, progress,
+                                        now=now)
+    return out
+
+
+def _config_for(model, dtype, device, num_threads, prefill_shapes, decode_shapes,
+                overhead_batches=(), **parallel) -> EngineConfig:
+    """An engine config with room for the largest shape's KV."""
+    need = max([sum(s) for s in prefill_shapes] + [sum(c + 2 for c in s) for s in decode_shapes]
+               + [b * (_OVERHEAD_CONTEXT + 2 * _OVERHEAD_STEPS) for b in overhead_batches])
+    block = 16
+    extra = 2 * max([len(s) for s in prefill_shapes] + [len(s) for s in decode_shapes]) + 8
+    return EngineConfig(model=model, dtype=dtype, device=device, num_threads=num_threads,
+                        block_size=block, num_kv_blocks=blocks_for(need, block) + extra,
+                        **parallel)
+
+
+def _measure_parallel(model, dtype, device, num_threads, prefill_shapes, decode_shapes,
+                      repeats, progress, tp, pp) -> dict:
+    from distserve.engine.parallel_executor import ParallelExecutor
+    config = _config_for(model, dtype, device, num_threads, prefill_shapes, decode_shapes,
+                         tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    executor = ParallelExecutor(config, pin_cores=True)   # deals this process's cores out
+    try:
+        dev = executor.kv_cache.device
+        sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+        out = {"model": executor.model_name, "device": str(dev), "hardware": _hardware_tag(dev),
+               "tp": tp, "pp": pp, "overhead": []}
+        out |= _time_shapes(executor.execute, KVCacheManager(executor.num_kv_blocks, 16),
+                            executor.vocab_size, torch.Generator().manual_seed(0), sync,
+                            time.perf_counter, prefill_shapes, decode_shapes, repeats, progress)
+        return out
+    finally:
+        executor.close()
+        if cores:
+            os.sched_setaffinity(0, cores)
+
+
+def _time_shapes(step, kv: KVCacheManager, vocab: int, gen, sync, now, prefill_shapes,
+                 decode_shapes, repeats: int, progress) -> dict:
+    """{"prefill": [(lens, ms)], "decode": [(contexts, ms)]} of step(prefills, decodes)."""
     params = SamplingParams(max_tokens=1)
 
     def make(n: int, out_token: bool) -> Request:
@@ -62,10 +121,6 @@ def measure(model: str | None, dtype: str, device: str | None, num_threads: int 
             req.num_computed_tokens = n
         kv.allocate(req, req.num_tokens)
         return req
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
 
     def timed_round_robin(kind: str, shapes: list[list[int]], out_token: bool, batch) -> list[float]:
         """Median ms per shape over `repeats` rounds through all the shapes (after a warm-up
@@ -88,23 +143,18 @@ def measure(model: str | None, dtype: str, device: str | None, num_threads: int 
             random.Random(round_).shuffle(order)
         return [statistics.median(t) for t in times]
 
-    out = {"prefill": [], "decode": [], "model": worker.model_name, "device": str(dev),
-           "hardware": _hardware_tag(dev)}
+    out = {"prefill": [], "decode": []}
     prefill_ms = timed_round_robin("prefill", prefill_shapes, False,
-                                   lambda reqs: runner.run([(r, r.num_tokens) for r in reqs], []))
+                                   lambda reqs: step([(r, r.num_tokens) for r in reqs], []))
     for lens, ms in zip(prefill_shapes, prefill_ms):
         out["prefill"].append((lens, ms))
         progress(f"prefill {len(lens)} x {lens[0]} tokens: {ms:.2f} ms")
-    decode_ms = timed_round_robin("decode", decode_shapes, True, lambda reqs: runner.run([], reqs))
+    decode_ms = timed_round_robin("decode", decode_shapes, True, lambda reqs: step([], reqs))
     for ctxs, ms in zip(decode_shapes, decode_ms):
         out["decode"].append((list(ctxs), ms))
         what = (f"{len(ctxs)} x context {ctxs[0]}" if min(ctxs) == max(ctxs)
                 else f"{len(ctxs)}, contexts {min(ctxs)}..{max(ctxs)} (sum {sum(ctxs)})")
         progress(f"decode batch {what}: {ms:.2f} ms")
-    out["overhead"] = []
-    if overhead_batches:
-        out["overhead"] = step_overhead(config, worker, overhead_batches, vocab, gen, sync, progress,
-                                        now=now)
     return out
 
 

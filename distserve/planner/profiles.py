@@ -111,6 +111,15 @@ class Profile:
     def get(self, model: str, tp: int) -> ProfileEntry | None:
         return self.entries.get(model.lower(), {}).get(tp)
 
+    def pipeline(self, model: str, pp: int) -> dict:
+        """What `distserve profile --pp` measured for PP `pp` of `model`: {"stage_ms",
+        "decode_factor"} (InstanceLatency's fields), or {} (the artifact's model)."""
+        for name, by_pp in self.meta.get("_pipeline", {}).items():
+            if name.lower() == model.lower() and str(pp) in by_pp:
+                m = by_pp[str(pp)]
+                return {"stage_ms": float(m["stage_ms"]), "decode_factor": float(m["decode_factor"])}
+        return {}
+
     @property
     def hardware(self) -> str:
         return self.meta.get("_hardware", "a100-80g")

@@ -131,3 +131,19 @@ def test_without_ray_the_ray_launcher_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)   # Ray is installed here: hide it
     with pytest.raises(RuntimeError, match=r'pip install -e "\.\[ray\]"'):
         import_ray()
+
+
+def test_on_a_gpu_node_each_worker_gets_a_cuda_device(monkeypatch):
+    from distserve.cluster.deployment import visible_device_ids
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")   # what a GPU node's scheduler sets
+    base = EngineConfig(device="cuda")
+    d = Deployment(base, "disaggregated",
+                   prefill=PhaseSettings(1, tensor_parallel_size=2), decode=PhaseSettings(1))
+    assert [s.devices for s in d.specs] == [[0, 1], [2]]
+    assert visible_device_ids(d.specs[0].devices) == ["4", "5"]   # the instance's own view
+    with pytest.raises(ValueError, match="3 visible CUDA devices"):
+        Deployment(base, "disaggregated", prefill=PhaseSettings(2, tensor_parallel_size=2),
+                   decode=PhaseSettings(1))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    cpu = Deployment(base, "colocated", colocated=PhaseSettings(1), pin_cpus=False)
+    assert cpu.specs[0].devices == []                             # no GPU: nothing dealt

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from distserve.planner.cli import main
@@ -126,3 +127,51 @@ def test_profile_fit_finds_the_batch_where_decode_turns_compute_bound():
     assert errors["decode"]["max"] < 1e-9
     line = fit_decode([c for c, _ in decode], [t for _, t in decode])   # one piece instead
     assert max(abs(ProfileEntry(entry.prefill, line, line).decode_ms(c) / t - 1) for c, t in decode) > 0.1
+
+
+def test_speedup_and_pipeline_fit_from_measurements():
+    from distserve.planner.profile_cli import pipeline_fit, speedup
+    base = {"prefill": [([64], 10.0), ([128], 20.0), ([64, 64], 21.0)],
+            "decode": [([32], 4.0), ([32, 32], 5.0), ([32] * 4, 7.0), ([8, 32], 5.0)]}
+    tp2 = {"prefill": [([64], 6.0), ([128], 10.0)], "decode": [([32], 2.0), ([32, 32], 4.0)]}
+    assert speedup(base["prefill"], tp2["prefill"]) == pytest.approx(np.median([10 / 6, 2.0]))
+    assert speedup(base["decode"], tp2["decode"]) == pytest.approx(np.median([2.0, 1.25]))
+    # PP 2: one prompt costs 10 -> 14 ms (4 ms over 2^2 stage slots), a batch of 2 at 6 ms
+    # against 4 ms for one request at TP 1, a batch of 4 at 6 ms against 5 for 2
+    pp2 = {"prefill": [([64], 14.0), ([128], 24.0), ([64, 64], 15.0)],
+           "decode": [([32] * 2, 6.0), ([32] * 4, 6.0), ([32], 3.0)]}
+    fit = pipeline_fit(base, pp2, 2)
+    assert fit["stage_ms"] == pytest.approx(1.0)
+    assert fit["decode_factor"] == pytest.approx(np.median([6 / 4, 6 / 5]))
+    with pytest.raises(ValueError, match="PP 2"):
+        pipeline_fit(base, {"prefill": [([64, 64], 5.0)], "decode": []}, 2)
+
+
+@pytest.mark.slow
+def test_profile_measures_tp_and_pp_instances_and_the_planner_uses_them(tiny_llama, tmp_path,
+                                                                        capsys):
+    from distserve.planner.latency import PP_STAGE_MS, instance_latency
+    import dataclasses
+
+    from distserve.planner.models import from_config_json
+    from distserve.planner.profiles import Profile
+    out = tmp_path / "prof.json"
+    assert main(["profile", str(tiny_llama), "-o", str(out), "--device", "cpu", "--dtype", "float32",
+                 "--prefill-lens", "8,16,32", "--prefill-batches", "1,2", "--batch-sizes", "1,2,4",
+                 "--context-lens", "8,32", "--repeats", "1", "--name", "tiny", "--num-threads", "1",
+                 "--tp", "1,2", "--pp", "1,2", "--no-engine-overhead"]) == 0
+    text = capsys.readouterr().out
+    assert "TP 2 x PP 1: speed-up K" in text and "PP 2 model" in text
+    doc = json.load(open(out))
+    assert set(doc["tiny"]) == {"1", "2"}
+    assert set(doc["_speedup"]["tiny"]) == {"tp2", "pp2"}
+    assert all(k > 0 for v in doc["_speedup"]["tiny"].values() for k in v.values())
+    fit = doc["_pipeline"]["tiny"]["2"]
+    profile = Profile.load(str(out))
+    model = dataclasses.replace(from_config_json(str(tiny_llama)), name="tiny")
+    tp2 = instance_latency(model, 2, 1, profile)
+    assert tp2.source == "profile" and tp2.entry == profile.get("tiny", 2)   # measured, not roofline
+    pp2 = instance_latency(model, 1, 2, profile)
+    assert (pp2.stage_ms, pp2.decode_factor) == (fit["stage_ms"], fit["decode_factor"])
+    # without a measurement the artifact's provisional constant stays
+    assert instance_latency(model, 1, 4, profile).stage_ms == PP_STAGE_MS

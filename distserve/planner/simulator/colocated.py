@@ -15,7 +15,6 @@ from collections import deque
 from dataclasses import dataclass
 
 from distserve.dispatch import least_loaded
-from distserve.planner.latency import PP_STAGE_MS
 from distserve.planner.simulator.common import INF, InstanceConfig, SimResult, decode_coeffs, result
 from distserve.planner.simulator.lane import Lane
 from distserve.planner.workload import Trace
@@ -52,7 +51,7 @@ class _Colocated:
         self.budget = inst.max_num_batched_tokens or (CHUNKED_BUDGET if c.chunked else inst.kv_capacity)
         pp = inst.latency.pp
         a, b, cc = inst.latency.entry.prefill
-        self.pf = ((a + (PP_STAGE_MS * pp * pp if pp > 1 else 0.0)) * 1e-3, b * 1e-3, cc * 1e-3)
+        self.pf = ((a + (inst.latency.stage_ms * pp * pp if pp > 1 else 0.0)) * 1e-3, b * 1e-3, cc * 1e-3)
         self.coeffs = decode_coeffs(inst.latency)
         m = c.num_instances
         self.queue = [deque() for _ in range(m)]

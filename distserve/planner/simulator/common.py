@@ -51,6 +51,7 @@ def result(arrival: list, first: list, last: list, out: list) -> SimResult:
 def decode_coeffs(latency: InstanceLatency):
     """B -> (a, b, c) in seconds, picking the small- or large-batch fit."""
     e = latency.entry
-    small, large = tuple(x * 1e-3 for x in e.decode_small), tuple(x * 1e-3 for x in e.decode_large)
+    f = (latency.decode_factor if latency.pp > 1 else 1.0) * 1e-3
+    small, large = tuple(x * f for x in e.decode_small), tuple(x * f for x in e.decode_large)
     th = e.threshold
     return lambda b: small if b < th else large

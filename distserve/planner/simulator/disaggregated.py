@@ -15,7 +15,6 @@ from collections import deque
 from dataclasses import dataclass
 
 from distserve.dispatch import least_loaded
-from distserve.planner.latency import PP_STAGE_MS
 from distserve.planner.simulator.common import INF, InstanceConfig, SimResult, decode_coeffs, result
 from distserve.planner.simulator.lane import Lane
 from distserve.planner.workload import Trace
@@ -54,7 +53,7 @@ class _Disaggregated:
         self.budget = P.max_num_batched_tokens or P.kv_capacity
         self.pp = P.pp
         a, b, c = P.latency.entry.prefill
-        pc = PP_STAGE_MS * self.pp if self.pp > 1 else 0.0
+        pc = P.latency.stage_ms * self.pp if self.pp > 1 else 0.0
         self.pstage = (a * 1e-3 / self.pp + pc * 1e-3, b * 1e-3 / self.pp, c * 1e-3 / self.pp)
         self.xfer = d.kv_bytes_per_token / d.link_bandwidth if d.link_bandwidth < INF else 0.0
         self.coeffs = decode_coeffs(D.latency)
