@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
-import transformers
 
 from distserve import LLM, SamplingParams
 from distserve.cluster.deployment import Deployment, PhaseSettings
 from distserve.config import EngineConfig
 from distserve.cluster.local import LocalLauncher
 from distserve.controller import Controller
+from helpers.reference import transformers_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -25,14 +24,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def expected(tiny_llama):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
-    tok = transformers.AutoTokenizer.from_pretrained(str(tiny_llama))
-    out = []
-    with torch.no_grad():
-        for p in PROMPTS:
-            ids = tok(p, return_tensors="pt").input_ids
-            gen = hf.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
-            out.append(gen[0, ids.shape[1]:].tolist())
+    out = transformers_greedy(tiny_llama, PROMPTS, 24)
     colocated = LLM(str(tiny_llama), dtype="float32", num_kv_blocks=64).generate(PROMPTS, GREEDY)
     assert [r.token_ids for r in colocated] == out
     return out, [r.text for r in colocated]

@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
-import transformers
 
 from distserve import SamplingParams
 from distserve.cluster.deployment import Deployment
 from distserve.config import EngineConfig
 from distserve.controller import Controller
-from distserve.planner.plan import Plan, PhasePlan
+from distserve.planner.plan import PhasePlan, Plan
+from helpers.reference import transformers_greedy
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -46,15 +45,7 @@ def _plan(model) -> Plan:
 
 
 def test_a_plan_for_two_nodes_serves_on_two_ray_nodes(two_nodes, tiny_llama):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
-    tok = transformers.AutoTokenizer.from_pretrained(str(tiny_llama))
-    expected = []
-    with torch.no_grad():
-        for p in PROMPTS:
-            ids = tok(p, return_tensors="pt").input_ids
-            gen = hf.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                              pad_token_id=0)
-            expected.append(gen[0, ids.shape[1]:].tolist())
+    expected = transformers_greedy(tiny_llama, PROMPTS, 16)
 
     base = EngineConfig(model=str(tiny_llama), dtype="float32", num_kv_blocks=64, num_threads=1)
     deployment = Deployment.from_plan(_plan(tiny_llama), base, transfer="tcp", launcher="ray")
