@@ -48,6 +48,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-checksum", action="store_true", help="disaggregated: verify every KV "
                    "block a decode instance pulls against the prefill side's checksum (CRC-32); "
                    "a request whose KV fails it is computed again, never decoded from bad KV")
+    g.add_argument("--kv-pull-failure", choices=["recompute", "rerun"], default="recompute",
+                   help="disaggregated: what a decode instance does with a request whose KV "
+                   "pull failed twice (its prefill instance died, a checksum failed): compute "
+                   "the prompt itself (recompute), or hand it back to run through a prefill "
+                   "instance again (rerun: no prefill work on the decode instance)")
 
 
 def engine_config_from_args(args: argparse.Namespace, model: str | None):
@@ -58,7 +63,8 @@ def engine_config_from_args(args: argparse.Namespace, model: str | None):
         num_kv_blocks=args.num_kv_blocks,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, policy=args.policy, num_threads=args.num_threads,
-        kv_checksum=args.kv_checksum, tensor_parallel_size=args.tensor_parallel_size,
+        kv_checksum=args.kv_checksum, kv_pull_failure=args.kv_pull_failure,
+        tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 POLICIES = ("prefill-first", "chunked")
+KV_PULL_FAILURE = ("recompute", "rerun")
 
 
 @dataclass
@@ -22,6 +23,8 @@ class EngineConfig:
     seed: int = 0
     kv_checksum: bool = False           # prefill: checksum each block handed over; decode:
     #                                     verify after the pull (a bad block is never decoded)
+    kv_pull_failure: str = "recompute"  # decode, after a pull failed twice: compute the
+    #                                     prompt here, or rerun it through a prefill instance
     tensor_parallel_size: int = 1       # workers that split every layer (heads, FFN columns)
     pipeline_parallel_size: int = 1     # stages that split the layers
 
@@ -42,6 +45,9 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.kv_pull_failure not in KV_PULL_FAILURE:
+            raise ValueError(f"unknown kv_pull_failure {self.kv_pull_failure!r}; choose one of "
+                             f"{', '.join(KV_PULL_FAILURE)}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):

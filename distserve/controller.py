@@ -97,6 +97,7 @@ class Controller(Failover):
         self.supervisor = Supervisor({s.instance_id: s.role for s in specs},
                                      ready_timeout_s=ready_timeout_s)
         self.num_reruns = 0
+        self.num_kv_recomputes = 0   # prompts a decode instance computed after a failed pull
         self.kv_lease_s = kv_lease_s   # a ticket not pulled by then: the KV is taken back
         self.transfer_bytes = 0
         self.transfer_seconds = 0.0
@@ -293,7 +294,14 @@ class Controller(Failover):
                 self._attach(msg)
         elif isinstance(msg, m.PullFailed):
             tracked = self.requests.get(msg.request_id)
-            if tracked is not None and tracked.decode == msg.instance_id:
+            if tracked is not None and tracked.decode == msg.instance_id and msg.recomputed:
+                log.warning("%s computes %s's prompt itself: its KV pull failed (%s)",
+                            msg.instance_id, msg.request_id, msg.message)
+                tracked.migrated = True   # its KV is the decode instance's own now
+                self.num_kv_recomputes += 1
+                if tracked.prefill is not None:
+                    await self._send(tracked.prefill, m.Release(msg.request_id))
+            elif tracked is not None and tracked.decode == msg.instance_id:
                 tracked.decode = None   # it dropped the request and freed its blocks
                 self.instances[msg.instance_id].load -= 1
                 await self._rerun(tracked, f"its KV pull failed ({msg.message})")
@@ -375,7 +383,8 @@ class Controller(Failover):
         """Reliability events since start (server/metrics.RELIABILITY says what each is)."""
         return {"internal_messages_dropped": self.num_dropped_messages,
                 "instance_failures": self.supervisor.num_failures,
-                "instance_restarts": self.supervisor.num_restarts, "requests_rerun": self.num_reruns}
+                "instance_restarts": self.supervisor.num_restarts, "requests_rerun": self.num_reruns,
+                "kv_pulls_recomputed": self.num_kv_recomputes}
 
     def instance_stats(self) -> list[m.Stats]:
         return [i.stats for i in self.instances.values() if i.stats is not None]

@@ -204,6 +204,33 @@ def test_kv_never_pulled_is_taken_back_after_its_lease_and_the_request_runs_agai
     assert prompt == [1, 2, 3, 5] and max_tokens == PARAMS.max_tokens - 1 and reruns == 1
 
 
+def test_a_failed_pull_is_computed_on_the_decode_instance_or_run_again(tiny_llama):
+    """PullFailed(recomputed): the decode instance computes the prompt itself, so the prefill
+    side's blocks are released and the request stays; without it, the request runs again
+    through the prefill instance (the prompt with the token already streamed)."""
+    async def body(c, fakes):
+        p, d = fakes["prefill-0"], fakes["decode-0"]
+        streams = [await c.generate([1, 2, 3], PARAMS, rid) for rid in ("here", "again")]
+        for rid in ("here", "again"):
+            p.send(m.Outputs("prefill-0", [m.RequestOutput(rid, [5], "x", False)]))
+            p.send(m.Tickets("prefill-0", [_ticket(rid, [1, 2, 3])]))
+        await _until(lambda: len(d.got(m.AddMigration)) == 2)
+        d.send(m.PullFailed("decode-0", "here", "checksum mismatch", recomputed=True))
+        d.send(m.PullFailed("decode-0", "again", "source gone"))
+        await _until(lambda: len(p.got(m.AddRequest)) == 3 and len(p.got(m.Release)) == 2)
+        d.send(m.Outputs("decode-0", [m.RequestOutput("here", [6], "y", True, "length")]))
+        texts = [o.new_text async for o in streams[0]]
+        rerun = p.got(m.AddRequest)[2]
+        await streams[1].aclose()
+        return (texts, [r.request_id for r in p.got(m.Release)], rerun.request_id,
+                rerun.prompt_token_ids, c.counts())
+
+    texts, released, rerun_id, prompt, counts = _run(tiny_llama, _specs(prefill=1, decode=1), body)
+    assert texts == ["x", "y"] and sorted(released) == ["again", "here"]   # both holds freed
+    assert rerun_id.startswith("again") and prompt == [1, 2, 3, 5]
+    assert counts["kv_pulls_recomputed"] == 1 and counts["requests_rerun"] == 1
+
+
 def test_a_request_whose_every_token_was_out_finishes_when_its_instance_dies(tiny_llama):
     """Its instance died after streaming all of max_tokens but before the finish: nothing is
     run again; the stream ends with the finish, its counts those of the whole request."""

@@ -24,8 +24,8 @@ from distserve.cluster.step_trace import StepTrace
 from distserve.config import EngineConfig
 from distserve.engine.engine import Engine, Migration
 from distserve.engine.executor import load_executor
-from distserve.transfer import InstanceEndpoint, export_shares, make_puller, make_source
-from distserve.transfer.reshard import pull_resharded
+from distserve.transfer import InstanceEndpoint, make_puller, make_source
+from distserve.transfer.shares import KVLink
 
 log = logging.getLogger("distserve.instance")
 ROLES = ("prefill", "decode", "colocated")
@@ -50,7 +50,8 @@ class InstanceLoop:
         self.commands = self.ctx.socket(zmq.PULL)
         port = self.commands.bind_to_random_port(f"tcp://{host}")
         self.command_address = f"tcp://{host}:{port}"
-        self.engine, self.sources, self.puller = self._build_engine(role, config, transfer, host)
+        self.engine, self.sources, kv_endpoint, self.puller = self._build_engine(
+            role, config, transfer, host)
         executor = self.engine.executor
         self.trace = StepTrace.from_env(instance_id)
         if self.trace is not None:
@@ -59,8 +60,6 @@ class InstanceLoop:
         self.transfer_bytes, self.transfer_seconds, self.num_transfers = 0, 0.0, 0
         self._last_stats = 0.0
         self.num_dropped_messages = 0
-        endpoint = (msgspec.to_builtins(InstanceEndpoint([src.endpoint for src in self.sources]))
-                    if self.sources else None)
         self._iteration_started = 0.0   # monotonic start of the engine iteration, 0 between
         self._stopping = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, args=(controller,), daemon=True,
@@ -68,33 +67,35 @@ class InstanceLoop:
         self._heartbeat.start()
         self._send(m.Ready(instance_id, role, self.command_address, executor.num_kv_blocks,
                            config.block_size, executor.max_model_len, executor.vocab_size,
-                           endpoint))
+                           msgspec.to_builtins(kv_endpoint) if kv_endpoint else None))
 
     def _build_engine(self, role: str, config: EngineConfig, transfer: str, host: str):
-        """(engine, KV sources, KV puller): a prefill instance's cache lives where decode
-        instances can pull from it (every worker's share, for TP x PP); a decode instance
-        pulls."""
+        """(engine, KV sources to close, this instance's KV endpoint, KV puller): a prefill
+        instance's cache lives where decode instances can pull from it (every worker's share
+        for TP x PP, each exported by its worker); a decode instance pulls."""
+        secret = self.sealer.secret
         if role == "prefill":
+            if config.num_workers > 1:
+                executor = load_executor(config, pin_cores=True,
+                                         kv_link=KVLink(transfer, secret, host, export=True))
+                return (Engine(config, executor, role), [],
+                        InstanceEndpoint(executor.kv_endpoints), None)
             sources = []
 
             def allocate(shape, num_blocks, dtype, device):
-                cache, source = make_source(transfer, shape, num_blocks, dtype, host=host,
-                                            secret=self.sealer.secret)
+                cache, source = make_source(transfer, shape, num_blocks, dtype, device,
+                                            host=host, secret=secret)
                 sources.append(source)
                 return cache
             executor = load_executor(config, allocate, pin_cores=True)
-            if not sources:  # parallel workers: their shares are shared memory already
-                sources = export_shares(transfer, executor.kv_shards, host, self.sealer.secret)
-            return Engine(config, executor, role), sources, None
-        executor = load_executor(config, pin_cores=True)
+            return (Engine(config, executor, role), sources,
+                    InstanceEndpoint([src.endpoint for src in sources]), None)
         if role == "decode":
-            if len(executor.kv_shards) != config.num_workers:
-                raise ValueError("KV transfer into a tensor- or pipeline-parallel instance needs "
-                                 "its workers' caches in shared memory (CPU); on CUDA it is not "
-                                 "implemented yet")
-            return Engine(config, executor, role, self._pull), [], \
-                make_puller(transfer, secret=self.sealer.secret)
-        return Engine(config, executor, role), [], None
+            executor = load_executor(config, pin_cores=True,
+                                     kv_link=KVLink(transfer, secret, host, export=False))
+            return (Engine(config, executor, role, self._pull), [], None,
+                    make_puller(transfer, secret=secret))
+        return Engine(config, load_executor(config, pin_cores=True), role), [], None, None
 
     def _send(self, msg) -> None:
         try:
@@ -121,8 +122,8 @@ class InstanceLoop:
             sock.close()
 
     def _pull(self, source: str, src_blocks: list[int], dst_blocks: list[int]) -> tuple[int, float]:
-        stats = pull_resharded(self.puller, self.endpoints[source], src_blocks,
-                               self.engine.executor.kv_shards, dst_blocks)
+        stats = self.engine.executor.pull_kv(self.puller, self.endpoints[source], src_blocks,
+                                             dst_blocks)
         self.transfer_bytes += stats.nbytes
         self.transfer_seconds += stats.seconds
         self.num_transfers += 1
@@ -194,6 +195,8 @@ class InstanceLoop:
             self._send(m.Migrated(self.instance_id, step.kv_pulled))
         for request_id, reason in step.kv_failed:
             self._send(m.PullFailed(self.instance_id, request_id, reason))
+        for request_id, reason in step.kv_recomputed:
+            self._send(m.PullFailed(self.instance_id, request_id, reason, recomputed=True))
         if step.outputs:
             self._send(m.Outputs(self.instance_id, step.outputs))
             if self.trace is not None and self.role == "prefill":

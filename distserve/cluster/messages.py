@@ -167,10 +167,12 @@ class Heartbeat(msgspec.Struct, tag=True):
 
 class PullFailed(msgspec.Struct, tag=True):
     """A decode instance could not pull a request's KV (its source died, a checksum failed):
-    the request is dropped there, blocks freed, and the controller runs it again."""
+    it computes the prompt itself (recomputed: the source's hold may go), or the request is
+    dropped there, blocks freed, and the controller runs it again."""
     instance_id: str
     request_id: str
     message: str
+    recomputed: bool = False
 
 
 ToInstance = Union[AddRequest, AddMigration, Release, Abort, Shutdown]

@@ -49,6 +49,7 @@ class StepOutput:
     kv_ready: list[MigrationTicket] = field(default_factory=list)  # prefill: KV held to pull
     kv_pulled: list[MigrationDone] = field(default_factory=list)   # decode: the source may free
     kv_failed: list[tuple[str, str]] = field(default_factory=list)  # decode: (request, why) dropped
+    kv_recomputed: list[tuple[str, str]] = field(default_factory=list)  # decode: computed here
 
 
 class Engine:
@@ -153,8 +154,8 @@ class Engine:
         out = StepOutput()
         for req in batch.pulls:
             self._pull(req, out)
-        if out.kv_failed:
-            batch.decodes = [r for r in batch.decodes if r.request_id in self.requests]
+        if out.kv_failed or out.kv_recomputed:   # dropped, or back in the queue
+            batch.decodes = [r for r in batch.decodes if r.status == RequestStatus.RUNNING]
         if batch.is_empty:
             return out
         started = time.perf_counter()
@@ -192,8 +193,10 @@ class Engine:
 
     # ---------------------------------------------------------------- the hand-over
     def _pull(self, req: Request, out: StepOutput) -> None:
-        """The request's KV from its source, tried twice; a pull that still fails drops the
-        request here alone (blocks freed) and says why, so that it runs again elsewhere."""
+        """The request's KV from its source, tried twice. A pull that still fails is the
+        request's alone: its prompt is computed here (kv_pull_failure "recompute", as a
+        preempted request's is), or it is dropped here, blocks freed, to run again through a
+        prefill instance ("rerun"); either way it says why."""
         m = self.migrations[req.request_id]
         src = m.ticket.block_ids[:len(req.block_table)]
         for _ in range(2):
@@ -207,6 +210,11 @@ class Engine:
                 continue
             self.migrations.pop(req.request_id)
             out.kv_pulled.append(MigrationDone(req.request_id, m.source, nbytes, seconds))
+            return
+        if self.config.kv_pull_failure == "recompute":
+            self.migrations.pop(req.request_id)
+            self.scheduler.recompute(req)
+            out.kv_recomputed.append((req.request_id, str(error)))
             return
         self.abort(req.request_id)
         out.kv_failed.append((req.request_id, str(error)))

@@ -18,6 +18,8 @@ from distserve.engine.sampler import SampleResult, sample
 from distserve.engine.worker import CacheAllocator, Worker, load_worker
 from distserve.kv.cache import KVShard, allocate_kv_cache
 from distserve.request import Request
+from distserve.transfer.base import InstanceEndpoint, KVPuller, TransferStats
+from distserve.transfer.reshard import pull_resharded
 
 
 @dataclass
@@ -34,23 +36,28 @@ class Executor(Protocol):
     max_model_len: int              # the model's positions (or the configured limit)
     eos_token_ids: set[int]
     kv_cache: torch.Tensor          # rank 0's KV cache (the whole cache with one worker)
-    kv_shards: list[KVShard]        # every worker's share, where KV transfers read and write
+    kv_shards: list[KVShard]        # this process's share of the KV (all of it with one worker)
     on_step: Any                    # on_step(start, end, prefills, decodes): a step trace
 
     def execute(self, prefills: list[tuple[Request, int]],
                 decodes: list[Request]) -> ExecuteResult: ...
 
+    def pull_kv(self, puller: KVPuller, source: InstanceEndpoint, src_blocks: list[int],
+                dst_blocks: list[int]) -> TransferStats:
+        """Fills `dst_blocks` of this instance's KV with `src_blocks` of another's, whatever
+        either's TP and PP; raises TransferError when it fails."""
+
     def close(self) -> None: ...
 
 
 def load_executor(config: EngineConfig, allocate_cache: CacheAllocator = allocate_kv_cache,
-                  pin_cores: bool = False) -> Executor:
-    """One worker here, or TP x PP workers (whose caches always live in shared memory, so
-    `allocate_cache` is for the one-worker case; `pin_cores` deals this process's cores out
-    to them)."""
+                  pin_cores: bool = False, kv_link=None) -> Executor:
+    """One worker here, or TP x PP workers (`allocate_cache` is for the one-worker case;
+    `pin_cores` deals this process's cores out to the workers, and `kv_link`, a
+    transfer.shares.KVLink, says how each worker moves its own share of the KV)."""
     if config.num_workers > 1:
         from distserve.engine.parallel_executor import ParallelExecutor
-        return ParallelExecutor(config, pin_cores)
+        return ParallelExecutor(config, pin_cores, kv_link)
     return LocalExecutor.load(config, allocate_cache)
 
 
@@ -88,6 +95,10 @@ class LocalExecutor:
         if not result.sampled:
             return ExecuteResult([], None)
         return ExecuteResult(result.sampled, sample(result.logits, result.sampled))
+
+    def pull_kv(self, puller: KVPuller, source: InstanceEndpoint, src_blocks: list[int],
+                dst_blocks: list[int]) -> TransferStats:
+        return pull_resharded(puller, source, src_blocks, self.kv_shards, dst_blocks)
 
     def close(self) -> None:
         pass  # the model and cache go with this process's memory

@@ -7,7 +7,11 @@ batch.py); then every worker runs its part: stage 0 embeds, each stage runs its 
 sends the hidden states on to the next stage without waiting (so stage 0 computes micro-batch
 2 while stage 1 computes micro-batch 1), the workers of a stage sum their row-parallel
 matmuls with an all-reduce, and the last stage gathers the vocabulary ranges of the logits
-and sends them to rank 0, which samples. gloo on CPU, NCCL on CUDA; nothing is pickled.
+and sends them to rank 0, which samples. Control tensors (headers, steps, pull orders) travel
+over gloo, CUDA tensors over NCCL; nothing is pickled. A KV transfer is every worker's own:
+each exports its share (prefill) or pulls into it (decode), told what by rank 0
+(transfer/shares.py), so the same code runs where the shares are shared memory and where each
+lives on its worker's GPU.
 
 Run as `python -m distserve.engine.parallel --rank R ...` by the parallel executor.
 """
@@ -23,19 +27,23 @@ import threading
 import time
 from dataclasses import dataclass
 
+import msgspec
 import torch
 import torch.distributed as dist
 
 from distserve.config import EngineConfig
 from distserve.engine.batch import Batch, decode, prepare
-from distserve.kv.cache import KVCacheShape
+from distserve.kv.cache import KVCacheShape, KVShard
 from distserve.models.loader import ModelSource, build_model, resolve_dtype
 from distserve.models.sharding import Shard, make_shard, split_ranges
 from distserve.models.registry import model_class
+from distserve.transfer import make_puller
+from distserve.transfer.shares import (KVLink, check_link_device, decode_order, export_share,
+                                       pull_own_share)
 
 log = logging.getLogger(__name__)
 
-STOP, STEP = 0, 1
+STOP, STEP, PULL = 0, 1, 2   # what rank 0's header broadcast asks of every worker
 INIT_TIMEOUT_S = 300     # every worker loads its shard of the weights before the first step
 
 
@@ -65,10 +73,19 @@ def shard_cache_shape(source: ModelSource, shard: Shard, block_size: int) -> KVC
                         head_dim, block_size)
 
 
-def join_group(layout: ParallelLayout, rank: int, store: dist.Store, backend: str) -> list:
+def group_backend(device: torch.device) -> str:
+    """gloo for CPU tensors always (the control broadcasts are CPU tensors), NCCL for CUDA's."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def join_group(layout: ParallelLayout, rank: int, store: dist.Store,
+               device: torch.device) -> list:
     """Joins the instance's process group; returns every stage's TP group (all ranks create
     them all, in the same order, as torch.distributed requires)."""
-    dist.init_process_group(backend, store=store, rank=rank, world_size=layout.world_size,
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(group_backend(device), store=store, rank=rank,
+                            world_size=layout.world_size,
                             timeout=datetime.timedelta(seconds=INIT_TIMEOUT_S))
     return [dist.new_group(layout.stage_ranks(s)) for s in range(layout.pp)]
 
@@ -80,6 +97,7 @@ class StageWorker:
                  config: EngineConfig, dtype: torch.dtype, device: torch.device,
                  tp_groups: list) -> None:
         self.shard, self.kv_cache, self.device = shard, kv_cache, device
+        self.kv_share = KVShard(kv_cache, shard.layers[0], shard.kv_heads[0])
         self.block_size = config.block_size
         self.model = build_model(source, dtype, device, shard)
         self.dtype = dtype
@@ -184,7 +202,10 @@ def worker_main(argv: list[str] | None = None) -> int:
     host, port = args.store.rsplit(":", 1)
     store = dist.TCPStore(host, int(port), layout.world_size, is_master=False,
                           timeout=datetime.timedelta(seconds=INIT_TIMEOUT_S))
-    groups = join_group(layout, args.rank, store, "nccl" if device.type == "cuda" else "gloo")
+    link = KVLink.from_env()
+    if link is not None:
+        check_link_device(link, device)
+    groups = join_group(layout, args.rank, store, device)
     source = find_model(config.model)
     shard = make_shard(model_dims(source), args.tp, args.pp, args.rank)
     dtype = resolve_dtype(config.dtype, device)
@@ -194,25 +215,50 @@ def worker_main(argv: list[str] | None = None) -> int:
     else:
         cache = torch.zeros(shape.tensor_shape(args.num_blocks), dtype=dtype, device=device)
     worker = StageWorker(source, shard, cache, config, dtype, device, groups)
-    dist.barrier()   # loaded: rank 0 may send the first step
+    exported = None
+    if link is not None and link.export:
+        exported, endpoint = export_share(link, worker.kv_share, args.kv_segment)
+        store.set(endpoint_key(args.rank), msgspec.msgpack.encode(endpoint))
+    dist.barrier()   # loaded (and exported): rank 0 may send the first step
     try:
-        serve_steps(worker)
+        serve_steps(worker, link)
     except (RuntimeError, ConnectionError) as e:  # rank 0 is gone: nothing left to do
         log.warning("stopping: %s", e)
         os._exit(1)
+    if exported is not None:
+        exported.close()
     dist.destroy_process_group()
     return 0
 
 
-def serve_steps(worker: StageWorker) -> None:
+def endpoint_key(rank: int) -> str:
+    """Where a prefill worker publishes its share's KV endpoint in the instance's store."""
+    return f"kv-endpoint/{rank}"
+
+
+def serve_steps(worker: StageWorker, link: KVLink | None) -> None:
     header = torch.empty(2, dtype=torch.long)
-    while True:
-        dist.broadcast(header, 0)
-        if int(header[0]) == STOP:
-            return
-        payload = torch.empty(int(header[1]), dtype=torch.long)
-        dist.broadcast(payload, 0)
-        worker.run(decode(payload))
+    puller = None
+    try:
+        while True:
+            dist.broadcast(header, 0)
+            op, size = int(header[0]), int(header[1])
+            if op == STOP:
+                return
+            if op == PULL:
+                payload = torch.empty(size, dtype=torch.uint8)
+                dist.broadcast(payload, 0)
+                if puller is None:
+                    puller = make_puller(link.backend, secret=link.secret)
+                nbytes, error = pull_own_share(puller, decode_order(payload), worker.kv_share)
+                dist.all_reduce(torch.tensor([int(bool(error)), nbytes], dtype=torch.long))
+                continue
+            payload = torch.empty(size, dtype=torch.long)
+            dist.broadcast(payload, 0)
+            worker.run(decode(payload))
+    finally:
+        if puller is not None:
+            puller.close()
 
 
 def _exit_with_parent() -> None:

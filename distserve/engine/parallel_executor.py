@@ -2,10 +2,13 @@
 
 Rank 0 runs in the instance's process, next to the scheduler; the other workers are
 processes of their own (`python -m distserve.engine.parallel`), pinned to their share of the
-instance's CPU cores, or one CUDA device each. On CPU every worker's KV cache is a shared-
-memory segment this process allocates and maps, so a KV transfer reads and writes every
-worker's share from here (`kv_shards`). A worker that dies takes the instance with it: the
-controller's supervisor restarts the whole instance, as it does for one that crashes.
+instance's CPU cores, or one CUDA device each. Each worker moves its own share of the KV
+cache (`kv_link`): on a prefill instance every worker exports its share (its shared-memory
+segment, which this process allocates so that it is unlinked whatever happens to the worker,
+or a tcp server of its own) and `kv_endpoints` lists them in rank order; on a decode instance
+`pull_kv` tells every worker what to pull into its share and fails the pull if any worker's
+part fails. A worker that dies takes the instance with it: the controller's supervisor
+restarts the whole instance, as it does for one that crashes.
 """
 from __future__ import annotations
 
@@ -20,20 +23,24 @@ import time
 from dataclasses import asdict
 from typing import Callable
 
+import msgspec
 import torch
 import torch.distributed as dist
 
 from distserve.config import EngineConfig
 from distserve.engine.batch import Batch, encode, split_micro_batches, warm_up_batches
 from distserve.engine.executor import ExecuteResult
-from distserve.engine.parallel import (INIT_TIMEOUT_S, STEP, STOP, ParallelLayout, StageWorker,
-                                       join_group, model_dims, shard_cache_shape)
+from distserve.engine.parallel import (INIT_TIMEOUT_S, PULL, STEP, STOP, ParallelLayout,
+                                       StageWorker, endpoint_key, join_group, model_dims,
+                                       shard_cache_shape)
 from distserve.engine.sampler import sample
 from distserve.engine.worker import _eos_ids, prepare_device
-from distserve.kv.cache import KVShard
 from distserve.models.loader import default_device, find_model, load_tokenizer_for, resolve_dtype
 from distserve.models.sharding import check_parallelism, make_shard
 from distserve.request import Request
+from distserve.transfer.base import InstanceEndpoint, KVEndpoint, KVPuller, TransferStats
+from distserve.transfer.shares import (LINK_ENV, KVLink, PullOrder, check_link_device,
+                                       encode_order, export_share, pull_own_share, pull_result)
 
 log = logging.getLogger(__name__)
 _STOP_TIMEOUT_S = 10.0
@@ -56,18 +63,22 @@ def core_shares(cores: list[int], workers: int) -> list[list[int]]:
 
 
 class ParallelExecutor:
-    def __init__(self, config: EngineConfig, pin_cores: bool = False) -> None:
+    def __init__(self, config: EngineConfig, pin_cores: bool = False,
+                 kv_link: KVLink | None = None) -> None:
         """pin_cores: deal this process's CPU cores out to the workers, this process keeping
         the first share (an instance process, pinned by its launcher, does; a library caller
-        keeps its own affinity)."""
+        keeps its own affinity). kv_link: how this instance's KV moves, if it does."""
         from distserve.transfer.shm import allocate_shm_cache
         self.config = config
+        self.kv_link = kv_link
         self._closed = False
         self.layout = ParallelLayout(config.tensor_parallel_size, config.pipeline_parallel_size)
         world = self.layout.world_size
         device = torch.device(config.device) if config.device else default_device()
         if device.type == "cuda":
             device = torch.device("cuda", 0)  # rank r uses visible device r
+        if kv_link is not None:
+            check_link_device(kv_link, device)
         source = find_model(config.model)
         dims = model_dims(source)
         check_parallelism(dims, self.layout.tp, self.layout.pp)
@@ -76,19 +87,20 @@ class ParallelExecutor:
         whole = shard_cache_shape(source, make_shard(dims, 1, 1, 0), config.block_size)
         self.num_kv_blocks = config.num_kv_blocks or whole.num_blocks_for(
             int(config.kv_cache_memory_gib * 2**30), dtype)
-        self.kv_shards: list[KVShard] = []
+        self._segments = []   # the workers' shared-memory caches (CPU), unlinked on close
         segments = [""] * world
+        cache = None
         for r, shard in enumerate(shards):
             shape = shard_cache_shape(source, shard, config.block_size)
             if device.type == "cpu":
-                cache, owner = allocate_shm_cache(shape, self.num_kv_blocks, dtype)
+                segment_cache, owner = allocate_shm_cache(shape, self.num_kv_blocks, dtype)
                 segments[r] = owner.endpoint.shm_name
-            elif r == 0:
-                cache, owner = torch.zeros(shape.tensor_shape(self.num_kv_blocks), dtype=dtype,
-                                           device=device), None
-            else:
-                continue  # on its own GPU, in its own process: not visible from here
-            self.kv_shards.append(KVShard(cache, shard.layers[0], shard.kv_heads[0], owner))
+                self._segments.append(owner)
+                if r == 0:
+                    cache = segment_cache
+            elif r == 0:   # the others are on their own GPUs, in their own processes
+                cache = torch.zeros(shape.tensor_shape(self.num_kv_blocks), dtype=dtype,
+                                    device=device)
         shares = core_shares(_own_cores() if pin_cores else [], world)
         threads = config.num_threads or None
         store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
@@ -100,10 +112,18 @@ class ParallelExecutor:
             os.sched_setaffinity(0, shares[0])
         prepare_device(EngineConfig(**{**asdict(config),
                                        "num_threads": threads or max(len(shares[0]), 1)}), device)
-        groups = join_group(self.layout, 0, store, "nccl" if device.type == "cuda" else "gloo")
-        self.stage = StageWorker(source, shards[0], self.kv_shards[0].cache, config, dtype, device,
-                                 groups)
+        groups = join_group(self.layout, 0, store, device)
+        self.stage = StageWorker(source, shards[0], cache, config, dtype, device, groups)
+        self.kv_shards = [self.stage.kv_share]   # rank 0's; each worker moves its own
+        self._kv_export = None
+        if kv_link is not None and kv_link.export:
+            self._kv_export, own = export_share(kv_link, self.stage.kv_share, segments[0])
         dist.barrier()
+        self.kv_endpoints: list[KVEndpoint] = []
+        if kv_link is not None and kv_link.export:
+            self.kv_endpoints = [own] + [
+                msgspec.msgpack.decode(store.get(endpoint_key(r)), type=KVEndpoint)
+                for r in range(1, world)]
         self._watch = threading.Thread(target=self._watch_workers, daemon=True, name="workers")
         self._watch.start()
         self.model_name = source.name
@@ -114,7 +134,7 @@ class ParallelExecutor:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
                              f"{self.stage.model.max_positions} positions")
         self.eos_token_ids = _eos_ids(source.hf_config, self.tokenizer)
-        self.kv_cache = self.kv_shards[0].cache
+        self.kv_cache = cache
         self.on_step: Callable | None = None
         n = min(config.max_num_batched_tokens, self.max_model_len - 1,
                 self.num_kv_blocks * config.block_size - 1)
@@ -128,6 +148,8 @@ class ParallelExecutor:
                device: torch.device) -> subprocess.Popen:
         env = dict(os.environ)
         env["OMP_NUM_THREADS"] = str(threads or max(len(cores), 1))
+        if self.kv_link is not None:
+            env[LINK_ENV] = self.kv_link.to_env()
         config = asdict(self.config) | {"num_threads": threads or max(len(cores), 1)}
         cmd = [sys.executable, "-m", "distserve.engine.parallel", "--rank", str(rank),
                "--tp", str(self.layout.tp), "--pp", str(self.layout.pp),
@@ -174,6 +196,24 @@ class ParallelExecutor:
             return ExecuteResult([], None)
         return ExecuteResult(sampled, sample(torch.cat(logits), sampled))
 
+    def pull_kv(self, puller: KVPuller, source: InstanceEndpoint, src_blocks: list[int],
+                dst_blocks: list[int]) -> TransferStats:
+        """Every worker pulls its layers and KV heads of `src_blocks` from `source`'s shares
+        into `dst_blocks` of its own; a fault on any worker fails the pull (TransferError),
+        never the instance. `puller` is rank 0's; the others keep their own."""
+        if self.kv_link is None or self.kv_link.export:
+            raise ValueError("this instance was not started to pull KV (kv_link)")
+        start = time.monotonic()
+        order = PullOrder(source, list(src_blocks), list(dst_blocks))
+        payload = encode_order(order)
+        dist.broadcast(torch.tensor([PULL, payload.numel()], dtype=torch.long), 0)
+        dist.broadcast(payload, 0)
+        nbytes, error = pull_own_share(puller, order, self.stage.kv_share)
+        outcome = torch.tensor([int(bool(error)), nbytes], dtype=torch.long)
+        dist.all_reduce(outcome)
+        return pull_result(int(outcome[0]), self.layout.world_size, int(outcome[1]),
+                           time.monotonic() - start, error)
+
     def close(self) -> None:
         if self._closed:
             return
@@ -189,9 +229,10 @@ class ParallelExecutor:
                 proc.kill()
                 proc.wait(5)
         dist.destroy_process_group()
-        for shard in self.kv_shards:
-            if shard.owner is not None:
-                shard.owner.close()
+        if self._kv_export is not None:
+            self._kv_export.close()
+        for segment in self._segments:
+            segment.close()
 
 
 def _own_cores() -> list[int]:

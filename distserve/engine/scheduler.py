@@ -164,11 +164,16 @@ class Scheduler:
             out.prefills.append((req, n))
             budget -= n
 
-    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+    def recompute(self, req: Request) -> None:
+        """A running request's KV is lost (a decode instance's pull failed): its blocks are
+        freed and its tokens computed again, first in the queue."""
         self.running.remove(req)
         self.kv.free(req)
         req.status = RequestStatus.WAITING
-        req.num_preemptions += 1
         self.waiting.appendleft(req)
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.recompute(req)
+        req.num_preemptions += 1
         out.preempted.append(req)
         out.decodes = [r for r in out.decodes if r is not req]

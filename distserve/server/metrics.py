@@ -31,6 +31,8 @@ RELIABILITY = {   # what the controller counts since start (Controller.counts)
     "instance_failures": "Instances found dead or silent (no heartbeat), and restarts that failed.",
     "instance_restarts": "Instances started again after a failure.",
     "requests_rerun": "Requests run again on another instance after theirs failed.",
+    "kv_pulls_recomputed": "Prompts a decode instance computed itself after their KV pull "
+                           "failed twice (--kv-pull-failure recompute).",
     "requests_rejected_busy": "Requests refused with 429: --max-queued-requests were waiting.",
     "requests_rejected_late": "Requests refused with 429 by --reject-late: their predicted TTFT "
                               "was over the TTFT SLO.",

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import torch
 
-import msgspec
-
-from distserve.kv.cache import KVCacheShape, KVShard
+from distserve.kv.cache import KVCacheShape
 from distserve.transfer.base import (BACKENDS, InstanceEndpoint, KVEndpoint, KVPuller, KVSource,
-                                     TransferError, TransferStats)
+                                     TransferError, TransferStats, check_backend_device)
 from distserve.transfer.shm import ShmPuller, ShmSource, allocate_shm_cache
 from distserve.transfer.tcp import TcpPuller, TcpSource, allocate_tcp_cache
 
@@ -27,49 +25,21 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"unknown KV transfer backend {backend!r}; choose one of {BACKENDS}")
 
 
-def make_source(backend: str, shape: KVCacheShape, num_blocks: int, dtype: torch.dtype, *,
-                secret: bytes, host: str = "127.0.0.1",
+def make_source(backend: str, shape: KVCacheShape, num_blocks: int, dtype: torch.dtype,
+                device: torch.device | str = "cpu", *, secret: bytes, host: str = "127.0.0.1",
                 port: int = 0) -> tuple[torch.Tensor, KVSource]:
-    """Allocate a prefill instance's KV cache so that `backend` can export it.
+    """Allocate a prefill instance's KV cache on `device` so that `backend` can export it
+    (shm needs it in host memory; tcp serves a GPU cache through host memory).
 
     host and port (tcp only) are where the transfer server listens; port 0 picks a free one.
     secret: the deployment's; a tcp puller must prove it knows it (shm segments are the
     user's alone, mode 0600).
     """
     _check_backend(backend)
+    check_backend_device(backend, torch.device(device))
     if backend == "shm":
         return allocate_shm_cache(shape, num_blocks, dtype)
-    return allocate_tcp_cache(shape, num_blocks, dtype, host=host, port=port, secret=secret)
-
-
-class _SharedShare:
-    """A parallel worker's share exported over shm: the executor owns (and unlinks) it."""
-
-    def __init__(self, endpoint: KVEndpoint) -> None:
-        self.endpoint = endpoint
-
-    def close(self) -> None:
-        pass
-
-
-def export_shares(backend: str, shares: list[KVShard], host: str, secret: bytes) -> list:
-    """Sources for every worker's share of a parallel prefill instance's cache (shared
-    memory already), each endpoint saying which layers and KV heads it holds."""
-    _check_backend(backend)
-    out = []
-    for share in shares:
-        where = {"layer_start": share.layer_start, "head_start": share.head_start}
-        if share.cache.device.type != "cpu" or share.owner is None:
-            raise ValueError("KV transfer from a tensor- or pipeline-parallel instance needs its "
-                             "workers' caches in shared memory (CPU); on CUDA it is not "
-                             "implemented yet")
-        if backend == "shm":
-            out.append(_SharedShare(msgspec.structs.replace(share.owner.endpoint, **where)))
-        else:
-            source = TcpSource(share.cache, host, 0, secret=secret)
-            source.endpoint = msgspec.structs.replace(source.endpoint, **where)
-            out.append(source)
-    return out
+    return allocate_tcp_cache(shape, num_blocks, dtype, host, port, device, secret=secret)
 
 
 def make_puller(backend: str, *, secret: bytes, timeout: float = 30.0) -> KVPuller:
@@ -80,4 +50,4 @@ def make_puller(backend: str, *, secret: bytes, timeout: float = 30.0) -> KVPull
 
 __all__ = ["BACKENDS", "InstanceEndpoint", "KVEndpoint", "KVPuller", "KVSource", "ShmPuller", "ShmSource",
            "TcpPuller", "TcpSource", "TransferError", "TransferStats", "allocate_shm_cache",
-           "allocate_tcp_cache", "export_shares", "make_puller", "make_source"]
+           "allocate_tcp_cache", "make_puller", "make_source"]

@@ -18,6 +18,13 @@ BACKENDS = ("shm", "tcp")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+
+def check_backend_device(backend: str, device: torch.device) -> None:
+    """shm shares host memory between processes; a GPU's KV goes over tcp (via host memory)."""
+    if backend == "shm" and device.type != "cpu":
+        raise ValueError(f"the shm KV transfer backend needs the KV cache in host memory; "
+                         f"on {device.type} use --transfer tcp")
+
 class TransferError(RuntimeError):
     """A pull failed: bad block ids, mismatched caches, or a source that is gone or silent."""
 
@@ -144,7 +151,37 @@ class KVPuller(Protocol):
     def pull(self, endpoint: KVEndpoint, src_blocks: Sequence[int], dst_cache: torch.Tensor,
              dst_blocks: Sequence[int]) -> TransferStats: ...
 
+    def fetch(self, endpoint: KVEndpoint, src_blocks: Sequence[int], region: Region
+              ) -> tuple[torch.Tensor, TransferStats]:
+        """Only `region`'s layers and KV heads of the blocks, as a host tensor [blocks, layers,
+        2, block_size, heads, head_dim]: what one worker of another TP x PP split needs."""
+        ...
+
     def close(self) -> None: ...
+
+
+class Region(msgspec.Struct, frozen=True, array_like=True):
+    """Layers [layer_start, layer_stop) x KV heads [head_start, head_stop) of a KV share, in
+    the share's own numbering."""
+    layer_start: int
+    layer_stop: int
+    head_start: int
+    head_stop: int
+
+    def check(self, endpoint: KVEndpoint) -> None:
+        if not (0 <= self.layer_start < self.layer_stop <= endpoint.num_layers
+                and 0 <= self.head_start < self.head_stop <= endpoint.num_kv_heads):
+            raise ValueError(f"region {self} lies outside a share of {endpoint.num_layers} "
+                             f"layers x {endpoint.num_kv_heads} KV heads")
+
+    def of(self, rows: torch.Tensor) -> torch.Tensor:
+        """This region of cache rows [blocks, layers, 2, block_size, heads, head_dim]."""
+        return rows[:, self.layer_start:self.layer_stop, :, :, self.head_start:self.head_stop]
+
+    def nbytes(self, endpoint: KVEndpoint, num_blocks: int) -> int:
+        per_layer_head = endpoint.bytes_per_block // (endpoint.num_layers * endpoint.num_kv_heads)
+        return (num_blocks * (self.layer_stop - self.layer_start)
+                * (self.head_stop - self.head_start) * per_layer_head)
 
 
 def check_block_ids(block_ids: Sequence[int], num_blocks: int, what: str) -> list[int]:

@@ -1,10 +1,10 @@
 """Pulling a request's KV between instances whose workers split it differently.
 
 A prefill instance of TP x PP workers holds each block as shares (a worker's layers x its KV
-heads); a decode instance may split it another way. Each source share is pulled once (over
-the instance's backend, shm or tcp) and every destination worker's share gets exactly the
-layers and heads it owns from it, so the bytes moved are the request's KV, once, whatever
-the two layouts. Same layout on both sides with one worker each: a plain pull, no staging.
+heads); a decode instance may split it another way. Every destination share fetches from each
+source share only the region (layers x KV heads) it owns (over the instance's backend, shm or
+tcp), so the bytes moved are the request's KV, once, whatever the two layouts and whichever
+worker pulls. Same layout on both sides with one worker each: a plain pull, no staging.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 
 from distserve.kv.cache import KVShard
-from distserve.transfer.base import (InstanceEndpoint, KVEndpoint, KVPuller, TransferError,
-                                     TransferStats, dtype_name)
+from distserve.transfer.base import (InstanceEndpoint, KVEndpoint, KVPuller, Region,
+                                     TransferError, TransferStats, dtype_name)
 
 
 def _span(start: int, size: int) -> tuple[int, int]:
@@ -84,18 +84,17 @@ def pull_resharded(puller: KVPuller, source: InstanceEndpoint, src_blocks: Seque
     start = time.perf_counter()
     regions = plan_regions(source, shards)
     nbytes = 0
-    dst_ids = list(dst_blocks)
+    index = {}
     for ep, fills in zip(source.shards, regions):
-        if not fills:
-            continue
-        staging = torch.empty((len(src_blocks), *ep.block_shape), dtype=ep.torch_dtype)
-        nbytes += puller.pull(ep, src_blocks, staging, range(len(src_blocks))).nbytes
         for i, (l0, l1), (h0, h1) in fills:
             dst = shards[i]
-            part = staging[:, l0 - ep.layer_start:l1 - ep.layer_start, :, :,
-                           h0 - ep.head_start:h1 - ep.head_start]
-            index = torch.tensor(dst_ids, device=dst.cache.device)
+            rows, stats = puller.fetch(ep, src_blocks, Region(
+                l0 - ep.layer_start, l1 - ep.layer_start, h0 - ep.head_start, h1 - ep.head_start))
+            nbytes += stats.nbytes
+            device = dst.cache.device
+            if device not in index:
+                index[device] = torch.tensor(list(dst_blocks), device=device)
             view = dst.cache[:, l0 - dst.layer_start:l1 - dst.layer_start, :, :,
                              h0 - dst.head_start:h1 - dst.head_start]
-            view.index_copy_(0, index, part.to(dst.cache.device))
+            view.index_copy_(0, index[device], rows.to(device))
     return TransferStats(nbytes, time.perf_counter() - start)

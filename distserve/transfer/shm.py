@@ -21,8 +21,8 @@ from multiprocessing.shared_memory import SharedMemory
 import torch
 
 from distserve.kv.cache import KVCacheShape
-from distserve.transfer.base import (KVEndpoint, TransferError, TransferStats, check_pull,
-                                     copy_rows)
+from distserve.transfer.base import (KVEndpoint, Region, TransferError, TransferStats,
+                                     check_block_ids, check_pull, copy_rows)
 
 try:
     import _posixshmem  # the stdlib's own shm_open, which SharedMemory itself calls
@@ -135,6 +135,14 @@ class ShmPuller:
             return TransferStats(0, time.perf_counter() - start)
         copy_rows(dst_cache, dst, src_cache, src)
         return TransferStats(len(src) * endpoint.bytes_per_block, time.perf_counter() - start)
+
+    def fetch(self, endpoint: KVEndpoint, src_blocks: Sequence[int], region: Region
+              ) -> tuple[torch.Tensor, TransferStats]:
+        start = time.perf_counter()
+        region.check(endpoint)
+        src = check_block_ids(src_blocks, endpoint.num_blocks, "source")
+        rows = region.of(self._attach(endpoint))[torch.tensor(src, dtype=torch.long)]
+        return rows, TransferStats(region.nbytes(endpoint, len(src)), time.perf_counter() - start)
 
     def close(self) -> None:
         self._caches.clear()  # unmapped once no tensor views them; never unlinked from here

@@ -22,14 +22,14 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Callable, TypeVar
 
 import msgspec
 import numpy as np
 import torch
 
 from distserve.kv.cache import KVCacheShape, allocate_kv_cache
-from distserve.transfer.base import (KVEndpoint, TransferError, TransferStats,
+from distserve.transfer.base import (KVEndpoint, Region, TransferError, TransferStats,
                                      byte_rows, check_block_ids, check_cache, check_pull,
                                      copy_rows)
 
@@ -46,9 +46,10 @@ _encoder = msgspec.msgpack.Encoder()
 T = TypeVar("T")
 
 
-class PullRequest(msgspec.Struct, frozen=True):
+class PullRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     request_id: int
     block_ids: list[int]
+    region: Region | None = None   # only these layers x KV heads (None: whole blocks)
 
 
 class PullReply(msgspec.Struct, frozen=True):
@@ -148,13 +149,15 @@ class TcpSource:
                 self._conns[conn] = thread
             thread.start()
 
-    def _rows(self, ids: list[int]) -> list[np.ndarray]:
-        """The bytes of cache[ids]: on CPU each block straight from the cache, no copy."""
-        if self.cache.device.type == "cpu":
+    def _rows(self, ids: list[int], region: Region | None) -> list[np.ndarray]:
+        """The bytes of cache[ids] (of its region): on CPU whole blocks straight from the
+        cache, no copy."""
+        if region is None and self.cache.device.type == "cpu":
             table = byte_rows(self.cache)
             return [table[b] for b in ids]
-        rows = self.cache.index_select(0, torch.tensor(ids, device=self.cache.device)).cpu()
-        return [byte_rows(rows).reshape(-1)]
+        index = torch.tensor(ids, device=self.cache.device)
+        rows = (self.cache if region is None else region.of(self.cache))[index]
+        return [byte_rows(rows.contiguous().cpu()).reshape(-1)]
 
     def _authenticated(self, conn: socket.socket) -> bool:
         challenge = secrets.token_bytes(_CHALLENGE_BYTES)
@@ -183,10 +186,12 @@ class TcpSource:
                     return  # the decode instance hung up
                 try:
                     ids = check_block_ids(req.block_ids, self.cache.shape[0], "source")
+                    if req.region is not None:
+                        req.region.check(self.endpoint)
                 except ValueError as e:
                     _send_header(conn, PullReply(req.request_id, False, error=str(e)))
                     continue
-                chunks = self._rows(ids)
+                chunks = self._rows(ids, req.region)
                 _send_header(conn, PullReply(req.request_id, True,
                                              nbytes=sum(c.nbytes for c in chunks)))
                 for chunk in chunks:
@@ -284,20 +289,45 @@ class TcpPuller:
         start = time.perf_counter()
         if not src:
             return TransferStats(0, 0.0)
-        deadline = time.monotonic() + self.timeout
         expected = len(src) * endpoint.bytes_per_block
-        request_id = next(self._ids)
+        self._request(endpoint, PullRequest(next(self._ids), src), expected,
+                      lambda: self._landing(dst_cache, dst))
+        if dst_cache.device.type != "cpu":
+            rows = self._staging[:expected].view(endpoint.torch_dtype)
+            copy_rows(dst_cache, dst, rows.view(len(src), *endpoint.block_shape),
+                      list(range(len(src))))
+        return TransferStats(expected, time.perf_counter() - start)
+
+    def fetch(self, endpoint: KVEndpoint, src_blocks: Sequence[int], region: Region
+              ) -> tuple[torch.Tensor, TransferStats]:
+        start = time.perf_counter()
+        region.check(endpoint)
+        src = check_block_ids(src_blocks, endpoint.num_blocks, "source")
+        rows = torch.empty((len(src), region.layer_stop - region.layer_start, 2,
+                            endpoint.block_size, region.head_stop - region.head_start,
+                            endpoint.head_dim), dtype=endpoint.torch_dtype)
+        if src:
+            self._request(endpoint, PullRequest(next(self._ids), src, region), rows.nbytes,
+                          lambda: [rows.view(torch.uint8).numpy().reshape(-1)])
+        return rows, TransferStats(rows.nbytes, time.perf_counter() - start)
+
+    def _request(self, endpoint: KVEndpoint, req: PullRequest, expected: int,
+                 landing: Callable[[], list[np.ndarray]]) -> None:
+        """Sends one pull request and receives its `expected` bytes into `landing()`."""
+        src = req.block_ids
+        deadline = time.monotonic() + self.timeout
         try:
             sock = self._connect(endpoint, deadline)
             sock.settimeout(max(deadline - time.monotonic(), 1e-3))
-            _send_header(sock, PullRequest(request_id, src))
+            _send_header(sock, req)
             reply = _recv_header(sock, PullReply, deadline)
-            if reply.request_id != request_id:
-                raise ConnectionError(f"reply to request {reply.request_id}, expected {request_id}")
+            if reply.request_id != req.request_id:
+                raise ConnectionError(f"reply to request {reply.request_id}, "
+                                      f"expected {req.request_id}")
             if reply.ok:
                 if reply.nbytes != expected:
                     raise ConnectionError(f"source sends {reply.nbytes} bytes, expected {expected}")
-                for chunk in self._landing(dst_cache, dst):
+                for chunk in landing():
                     _recv_into(sock, memoryview(chunk), deadline)
         except (OSError, msgspec.DecodeError, msgspec.ValidationError) as e:
             self._drop(endpoint)  # its state mid-message is unknown: never reuse it
@@ -310,11 +340,6 @@ class TcpPuller:
         if not reply.ok:
             raise TransferError(f"the KV source at {endpoint.where} refused the pull: "
                                 f"{reply.error}")
-        if dst_cache.device.type != "cpu":
-            rows = self._staging[:expected].view(endpoint.torch_dtype)
-            copy_rows(dst_cache, dst, rows.view(len(src), *endpoint.block_shape),
-                      list(range(len(src))))
-        return TransferStats(expected, time.perf_counter() - start)
 
     def close(self) -> None:
         for sock in self._conns.values():

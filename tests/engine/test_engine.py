@@ -118,15 +118,19 @@ def test_roles_take_what_they_can_run(tiny_llama):
         colocated.add([1, 2], GREEDY, "m", migration=object())
 
 
-def test_kv_checksum_passes_good_copies_and_stops_a_corrupted_one(tiny_llama, colocated_tokens):
+@pytest.mark.parametrize("policy", ["recompute", "rerun"])
+def test_kv_checksum_passes_good_copies_and_stops_a_corrupted_one(tiny_llama, colocated_tokens,
+                                                                   policy):
     """--kv-checksum: the pair still gives the colocated tokens; a copy with one byte flipped
-    (injected: a bad copy cannot be caused for real on one machine) is tried again, then the
-    request is dropped from the decode engine alone, its blocks freed, never decoded."""
+    (injected: a bad copy cannot be caused for real on one machine) is tried again, then never
+    decoded from: the decode engine computes the prompt itself and still gives the colocated
+    tokens (--kv-pull-failure recompute), or drops the request alone, its blocks freed, to run
+    again elsewhere (rerun)."""
     import dataclasses
 
     from distserve.transfer.base import byte_rows
 
-    config = dataclasses.replace(_config(tiny_llama), kv_checksum=True)
+    config = dataclasses.replace(_config(tiny_llama), kv_checksum=True, kv_pull_failure=policy)
     prefill = Engine(config, role="prefill")
     calls = []
 
@@ -141,7 +145,7 @@ def test_kv_checksum_passes_good_copies_and_stops_a_corrupted_one(tiny_llama, co
     decode = Engine(config, role="decode", pull=pull)
     for corrupt in (False, True):
         prefill.add(PROMPTS[1], GREEDY, f"c{corrupt}")
-        tokens, failed = [], []
+        tokens, failed, recomputed = [], [], []
         while prefill.has_unfinished or decode.has_unfinished:
             step = prefill.step() if prefill.has_unfinished else None
             for ticket in step.kv_ready if step else []:
@@ -151,16 +155,23 @@ def test_kv_checksum_passes_good_copies_and_stops_a_corrupted_one(tiny_llama, co
                            ticket.arrival_time, Migration(ticket, "prefill-0"))
             step = decode.step()
             failed += step.kv_failed
+            recomputed += step.kv_recomputed
             for done in step.kv_pulled:
                 prefill.release(done.request_id)
             for out in step.outputs:
                 tokens += out.new_token_ids
         if not corrupt:
-            assert tokens == colocated_tokens["r1"] and not failed
+            assert tokens == colocated_tokens["r1"] and not failed and not recomputed
+            continue
+        assert calls[-1] == calls[-2]                     # tried twice
+        prefill.release("cTrue")                          # what the controller does next
+        if policy == "recompute":
+            assert not failed and [rid for rid, _ in recomputed] == ["cTrue"]
+            assert "checksum" in recomputed[0][1]
+            assert tokens == colocated_tokens["r1"]      # computed here, never from bad KV
         else:
-            assert [rid for rid, _ in failed] == ["cTrue"] and "checksum" in failed[0][1]
-            assert calls[-1] == calls[-2]                 # tried twice
-            prefill.release("cTrue")                      # what the controller does next
+            assert not recomputed and [rid for rid, _ in failed] == ["cTrue"]
+            assert "checksum" in failed[0][1]
     for engine in (prefill, decode):
         s = engine.stats()
         assert s.num_free_blocks == s.num_blocks and not engine.requests

@@ -6,6 +6,7 @@ clear winners and comparisons with transformers are not decided by rounding.
 from __future__ import annotations
 
 import functools
+import os
 import pathlib
 import shutil
 
@@ -20,6 +21,11 @@ VOCAB = 49152  # SmolLM2's tokenizer
 
 @functools.lru_cache(maxsize=1)
 def smollm2_tokenizer():
+    """SmolLM2's tokenizer, from its GGUF; or from a saved copy at $DISTSERVE_TEST_TOKENIZER,
+    on a machine where the GGUF package cannot be installed (the lent GPU machine)."""
+    saved = os.environ.get("DISTSERVE_TEST_TOKENIZER")
+    if saved:
+        return transformers.AutoTokenizer.from_pretrained(saved)
     return load_gguf_tokenizer(find_default_gguf())
 
 
