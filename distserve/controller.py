@@ -173,7 +173,8 @@ class Controller(Failover):
         await self._dispatch(tracked, ids, params)
         return RequestStream(request_id, tracked.outputs, self._on_stream_closed)
 
-    async def _dispatch(self, tracked: _Tracked, ids: list[int], params: SamplingParams) -> None:
+    async def _dispatch(self, tracked: _Tracked, ids: list[int], params: SamplingParams,
+                        resume: m.Resume | None = None) -> None:
         role = "prefill" if self.disaggregated else "colocated"
         target = self._least_loaded(role)
         if self.disaggregated:
@@ -184,7 +185,7 @@ class Controller(Failover):
             tracked.decode = target.spec.instance_id
         arrival = tracked.progress.arrival_time
         tracked.run_params = params
-        await self._push(target, m.AddRequest(tracked.request_id, ids, params, arrival))
+        await self._push(target, m.AddRequest(tracked.request_id, ids, params, arrival, resume))
 
     def _least_loaded(self, role: str) -> _Instance | None:
         pool = [i for iid, i in self.instances.items() if i.spec.role == role and self.supervisor.is_up(iid)]

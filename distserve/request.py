@@ -120,6 +120,7 @@ class Request:
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         self.num_preemptions = 0
+        self.num_resumed_tokens = 0   # a re-run: outputs of the earlier run, now in the prompt
         self.generator = None  # a torch.Generator when the request has its own seed
         if sampling_params.seed is not None:
             import torch  # here, so that the planner can use requests without torch

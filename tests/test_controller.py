@@ -198,10 +198,13 @@ def test_kv_never_pulled_is_taken_back_after_its_lease_and_the_request_runs_agai
         assert [r.request_id for r in p.got(m.Release)] == ["r0"]
         again = p.got(m.AddRequest)[1]
         await stream.aclose()
-        return again.prompt_token_ids, again.params.max_tokens, c.counts()["requests_rerun"]
+        return (again.prompt_token_ids, again.params.max_tokens, again.resume,
+                c.counts()["requests_rerun"])
 
-    prompt, max_tokens, reruns = _run(tiny_llama, _specs(prefill=1, decode=1), body, kv_lease_s=0.5)
+    prompt, max_tokens, resume, reruns = _run(tiny_llama, _specs(prefill=1, decode=1), body,
+                                              kv_lease_s=0.5)
     assert prompt == [1, 2, 3, 5] and max_tokens == PARAMS.max_tokens - 1 and reruns == 1
+    assert resume == m.Resume(1, 1)   # token 5 was an output, its text "x" was sent
 
 
 def test_a_failed_pull_is_computed_on_the_decode_instance_or_run_again(tiny_llama):

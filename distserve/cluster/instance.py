@@ -172,7 +172,8 @@ class InstanceLoop:
                     if self.trace is not None:
                         self.trace.received(cmd.request_id, cmd.arrival_time,
                                             len(cmd.prompt_token_ids))
-                    e.add(cmd.prompt_token_ids, cmd.params, cmd.request_id, cmd.arrival_time)
+                    e.add(cmd.prompt_token_ids, cmd.params, cmd.request_id, cmd.arrival_time,
+                          resume=cmd.resume)
                 else:
                     t = cmd.ticket
                     # a restarted prefill instance comes back with another endpoint

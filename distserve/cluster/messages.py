@@ -68,6 +68,8 @@ class MigrationTicket:
     arrival_time: float
     first_token_time: float
     block_checksums: list[int] | None = None   # CRC-32 of each block's bytes (--kv-checksum)
+    resumed_tokens: int = 0    # a re-run: the prompt's last tokens are earlier outputs (Resume)
+    emitted_chars: int = 0     # output text streamed so far, the first token's included
 
 
 @dataclass
@@ -79,11 +81,21 @@ class MigrationDone:
 
 
 # ---- controller -> instance
+class Resume(msgspec.Struct, frozen=True):
+    """A request run again after its instance died: the last `num_tokens` of its prompt are
+    what it had generated, of whose text `emitted_chars` characters were streamed. The new
+    run detokenises them as output, so stop strings see across the cut, text held back for a
+    stop string is not lost, and a seeded request draws each token as it would have."""
+    num_tokens: int
+    emitted_chars: int
+
+
 class AddRequest(msgspec.Struct, tag=True):
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float
+    resume: Resume | None = None
 
 
 class AddMigration(msgspec.Struct, tag=True):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from distserve.cluster.messages import (EngineStats, MigrationDone, MigrationTicket,
-                                        RequestOutput)
+                                        RequestOutput, Resume)
 from distserve.config import EngineConfig
 from distserve.engine.detokenizer import IncrementalDetokenizer
 from distserve.engine.executor import Executor, load_executor
@@ -87,9 +87,11 @@ class Engine:
 
     # ---------------------------------------------------------------- the contract
     def add(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-            arrival_time: float | None = None, migration: Migration | None = None) -> Request:
+            arrival_time: float | None = None, migration: Migration | None = None,
+            resume: Resume | None = None) -> Request:
         """Queues a request; a decode engine takes each one with the migration that says
-        where its KV is. Raises ValueError for one that can never run here."""
+        where its KV is; a re-run comes with what its earlier run generated (`resume`).
+        Raises ValueError for one that can never run here."""
         if (migration is not None) != (self.role == "decode"):
             raise ValueError(f"a {self.role} instance takes "
                              f"{'migrations only' if self.role == 'decode' else 'no migrations'}")
@@ -99,17 +101,35 @@ class Engine:
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
         req = Request(rid, ids, params, arrival_time)
-        detok = IncrementalDetokenizer(self.tokenizer, ids)
         if migration is not None:
             t = migration.ticket
+            resume = Resume(t.resumed_tokens, t.emitted_chars)
+        detok = self._detokenizer(req, resume)
+        if migration is not None:
             req.append_token(t.first_token_id, t.first_logprob, t.first_token_time)
             req.status = RequestStatus.WAITING_FOR_KV
             detok.add(t.first_token_id)  # its text was streamed by the prefill instance
+            detok.emitted = min(t.emitted_chars, len(detok.text))
             self.migrations[rid] = migration
         self.requests[rid] = req
         self.detoks[rid] = detok
         self.scheduler.add(req)
         return req
+
+    def _detokenizer(self, req: Request, resume: Resume | None) -> IncrementalDetokenizer:
+        """The request's detokeniser; for a re-run, with the earlier run's outputs (the
+        prompt's last tokens) as output text, of which what was streamed counts as sent."""
+        ids = req.prompt_token_ids
+        k = resume.num_tokens if resume is not None else 0
+        if not 0 <= k < len(ids):
+            raise ValueError(f"a re-run of {len(ids)} prompt tokens cannot resume {k} outputs")
+        detok = IncrementalDetokenizer(self.tokenizer, ids[:len(ids) - k])
+        for token in ids[len(ids) - k:]:
+            detok.add(token)
+        if resume is not None:
+            detok.emitted = max(0, min(resume.emitted_chars, len(detok.text)))
+        req.num_resumed_tokens = k
+        return detok
 
     def check_prompt(self, ids: list[int]) -> None:
         if not ids:
@@ -221,10 +241,11 @@ class Engine:
 
     def _hold(self, req: Request, first_text: str) -> MigrationTicket:
         self.scheduler.hand_over(req)
-        self.detoks.pop(req.request_id, None)
         self.held[req.request_id] = req
+        emitted = self.detoks.pop(req.request_id).emitted
         return MigrationTicket(
             req.request_id, req.prompt_token_ids, req.output_token_ids[0], first_text,
             req.output_logprobs[0] if req.output_logprobs else None, list(req.block_table),
             req.arrival_time, req.first_token_time,
-            block_checksums(self.executor.kv_cache, req.block_table) if self.config.kv_checksum else None)
+            block_checksums(self.executor.kv_cache, req.block_table) if self.config.kv_checksum else None,
+            req.num_resumed_tokens, emitted)

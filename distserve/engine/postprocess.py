@@ -10,50 +10,63 @@ from distserve.request import FinishReason, Request
 
 
 class StopChecker:
-    """Applies EOS, stop token ids, stop strings, max_tokens and the context limit."""
+    """Applies EOS, stop token ids, stop strings, max_tokens and the context limit.
+
+    With stop strings (not included in the output), the last (longest - 1) characters are held
+    back until the request finishes, as vLLM does: a stop string that arrives over several
+    tokens is never streamed in part."""
 
     def __init__(self, eos_token_ids: set[int], max_model_len: int) -> None:
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
 
-    def check(self, req: Request, detok: IncrementalDetokenizer, delta: str) -> str:
-        """Returns the delta to emit (trimmed at a stop string) and finishes `req` if done."""
+    def check(self, req: Request, detok: IncrementalDetokenizer) -> str:
+        """Finishes `req` if it is done; returns the text to send on now."""
         p = req.sampling_params
         token = req.output_token_ids[-1]
         if not p.ignore_eos and token in self.eos_token_ids:
             req.finish(FinishReason.STOP, token)
-            return delta
-        if token in p.stop_token_ids:
+        elif token in p.stop_token_ids:
             req.finish(FinishReason.STOP, token)
-            return delta
-        if p.stop and delta:
-            delta = self._trim_at_stop(req, detok, delta)
-            if req.is_finished:
-                return delta
-        if p.max_tokens is not None and len(req.output_token_ids) >= p.max_tokens:
+        elif p.stop and self._cut_at_stop(req, detok):
+            pass
+        elif p.max_tokens is not None and len(req.output_token_ids) >= p.max_tokens:
             req.finish(FinishReason.LENGTH)
         elif req.num_tokens >= self.max_model_len:
             req.finish(FinishReason.LENGTH)
+        return self.release(req, detok)
+
+    @staticmethod
+    def release(req: Request, detok: IncrementalDetokenizer) -> str:
+        """The text not yet sent on, but for what a stop string could still begin with."""
+        p = req.sampling_params
+        hold = 0
+        if p.stop and not p.include_stop_str_in_output and not req.is_finished:
+            hold = max(len(s) for s in p.stop) - 1
+        end = max(detok.emitted, len(detok.text) - hold)
+        delta = detok.text[detok.emitted:end]
+        detok.emitted = end
         return delta
 
     @staticmethod
-    def _trim_at_stop(req: Request, detok: IncrementalDetokenizer, delta: str) -> str:
+    def _cut_at_stop(req: Request, detok: IncrementalDetokenizer) -> bool:
+        """Finds the first stop string in the text not yet sent on (and the characters before
+        it that one could span); cuts the text there and finishes the request."""
         p = req.sampling_params
         longest = max(len(s) for s in p.stop)
-        search_from = max(0, len(detok.text) - len(delta) - longest + 1)
+        search_from = max(0, detok.emitted - longest + 1)
         best = None
         for s in p.stop:
             i = detok.text.find(s, search_from)
             if i != -1 and (best is None or i < best[0]):
                 best = (i, s)
         if best is None:
-            return delta
+            return False
         i, s = best
-        end = i + len(s) if p.include_stop_str_in_output else i
-        emitted_before = len(detok.text) - len(delta)
-        detok.text = detok.text[:end]
+        detok.text = detok.text[:max(i + len(s) if p.include_stop_str_in_output else i,
+                                     detok.emitted)]
         req.finish(FinishReason.STOP, s)
-        return detok.text[emitted_before:] if end > emitted_before else ""
+        return True
 
 
 def apply_samples(requests: list[Request], result: SampleResult,
@@ -67,7 +80,8 @@ def apply_samples(requests: list[Request], result: SampleResult,
         if result.top_logprobs:
             req.output_top_logprobs.append(result.top_logprobs[i])
         detok = detoks[req.request_id]
-        delta = stop.check(req, detok, detok.add(token))
+        detok.add(token)
+        delta = stop.check(req, detok)
         outputs.append(RequestOutput(
             request_id=req.request_id,
             new_token_ids=[token],

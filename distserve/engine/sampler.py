@@ -1,7 +1,8 @@
 """Picks the next token of each request from its logits: greedy, temperature, top-k, top-p.
 
-A request with a seed draws from its own generator, so its output does not depend on
-what else is in the batch.
+A request with a seed draws each token from its own generator, seeded from the seed and the
+token's position: its output depends neither on what else is in the batch nor on where its
+earlier tokens were drawn (a prefill instance, a decode instance, a run before a failure).
 """
 from __future__ import annotations
 
@@ -18,6 +19,26 @@ class SampleResult:
     token_ids: list[int]
     logprobs: list[float] | None          # of the chosen tokens, when any request asked
     top_logprobs: list[dict[int, float]] | None
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def position_seed(seed: int, position: int) -> int:
+    """A seed for the token at `position` of a seeded request (splitmix64 of both)."""
+    x = (seed + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _draw(probs: torch.Tensor, req: Request) -> int:
+    g = req.generator
+    if g is None:
+        return int(torch.multinomial(probs, 1)[0])
+    g.manual_seed(position_seed(req.sampling_params.seed,
+                                req.num_resumed_tokens + len(req.output_token_ids)))
+    return int(torch.multinomial(probs.cpu(), 1, generator=g)[0])   # a CPU generator
 
 
 def sample(logits: torch.Tensor, requests: list[Request]) -> SampleResult:
@@ -43,7 +64,7 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> SampleResult:
         usable = (torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)).tolist()
         for row, i in enumerate(idx.tolist()):
             if usable[row]:
-                chosen[i] = torch.multinomial(probs[row], 1, generator=requests[i].generator)[0]
+                chosen[i] = _draw(probs[row], requests[i])
             else:
                 chosen[i] = _argmax(logits[i:i + 1])[0]
     if all(w is None for w in want):

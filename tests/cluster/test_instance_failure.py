@@ -1,6 +1,6 @@
 """Instances that die or hang mid-stream, for real (kill -9, SIGSTOP of instance processes):
-their requests continue on the other instances with the same greedy tokens as without the
-fault, no block leaks on the survivors, the dead instance is started again and serves, and
+their requests continue on the other instances with the same tokens as without the fault
+(greedy, and seeded sampling: each token is drawn from the seed and its position), no block leaks on the survivors, the dead instance is started again and serves, and
 /health and the counts say what happened."""
 from __future__ import annotations
 
@@ -20,11 +20,13 @@ pytestmark = pytest.mark.slow
 
 PROMPTS = ["Hello, my name is", "The river that runs through the city", "x", "Once upon a time"]
 LONG = SamplingParams(temperature=0, max_tokens=160, ignore_eos=True)
+SEEDED = SamplingParams(temperature=0.8, seed=3, max_tokens=160, ignore_eos=True)
+PARAMS = [LONG, SEEDED, LONG, SEEDED]
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_llama):
-    out = LLM(str(tiny_llama), dtype="float32", num_kv_blocks=128).generate(PROMPTS, LONG)
+    out = LLM(str(tiny_llama), dtype="float32", num_kv_blocks=128).generate(PROMPTS, PARAMS)
     return [r.token_ids for r in out], [r.text for r in out]
 
 
@@ -53,7 +55,7 @@ async def _serve_all(c, victim=None, after_tokens=0, sig=signal.SIGKILL, before=
 
     async def collect(i, prompt):
         toks, text, last = [], "", None
-        async for out in await c.generate(prompt, LONG, f"r{i}"):
+        async for out in await c.generate(prompt, PARAMS[i], f"r{i}"):
             toks += out.new_token_ids
             text += out.new_text
             last = out

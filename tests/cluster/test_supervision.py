@@ -55,12 +55,13 @@ def test_the_continuation_asks_for_the_rest_and_reads_as_one_request():
     progress = Progress([5, 6, 7], arrival_time=100.0)
     progress.seen(RequestOutput("r", [11, 12], "ab", False, num_prompt_tokens=3,
                                 num_output_tokens=2, arrival_time=100.0, first_token_time=100.5))
-    ids, params = progress.continuation(SamplingParams(temperature=0, max_tokens=10))
+    ids, params, resume = progress.continuation(SamplingParams(temperature=0, max_tokens=10))
     assert ids == [5, 6, 7, 11, 12] and params.max_tokens == 8
+    assert (resume.num_tokens, resume.emitted_chars) == (2, 2)   # outputs, and text sent
     out = progress.seen(RequestOutput("r", [13], "c", False, num_prompt_tokens=5, num_output_tokens=1,
                                       arrival_time=104.0, first_token_time=104.2))
     assert (out.num_prompt_tokens, out.num_output_tokens) == (3, 3)
     assert (out.arrival_time, out.first_token_time) == (100.0, 100.5)
     assert progress.continuation(SamplingParams(max_tokens=3)) is None   # all 3 are out
-    _, unbounded = Progress([1], 0.0).continuation(SamplingParams(max_tokens=None))
+    _, unbounded, _ = Progress([1], 0.0).continuation(SamplingParams(max_tokens=None))
     assert unbounded.max_tokens is None

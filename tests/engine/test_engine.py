@@ -71,6 +71,84 @@ def test_prefill_hands_over_to_decode_and_the_pair_matches_colocated(tiny_llama,
         engine.kv.allocator.check()
 
 
+SEEDED = SamplingParams(temperature=0.9, top_p=0.95, seed=7, max_tokens=16, ignore_eos=True)
+
+
+def _outputs(engine, rid):
+    """Every output of one request, step by step, until it finishes or the engine idles."""
+    outs = []
+    while engine.has_unfinished:
+        outs += [o for o in engine.step().outputs if o.request_id == rid]
+    return outs
+
+
+def test_a_seeded_request_draws_the_same_tokens_disaggregated(tiny_llama):
+    """Each token is drawn from the seed and its position, so the prefill instance drawing
+    the first and the decode instance the rest gives the colocated engine's tokens."""
+    colocated = Engine(_config(tiny_llama))
+    colocated.add(PROMPTS[0], SEEDED, "s")
+    expected = [t for o in _outputs(colocated, "s") for t in o.new_token_ids]
+    prefill = Engine(_config(tiny_llama), role="prefill")
+
+    def pull(source, src_blocks, dst_blocks):
+        decode.executor.kv_cache[dst_blocks] = prefill.executor.kv_cache[src_blocks]
+        return 0, 0.0
+
+    decode = Engine(_config(tiny_llama), role="decode", pull=pull)
+    prefill.add(PROMPTS[0], SEEDED, "s")
+    step = prefill.step()
+    ticket = step.kv_ready[0]
+    decode.add(ticket.prompt_token_ids, SEEDED, "s", ticket.arrival_time, Migration(ticket, "p"))
+    tokens = step.outputs[0].new_token_ids + [t for o in _outputs(decode, "s")
+                                              for t in o.new_token_ids]
+    prefill.release("s")
+    assert tokens == expected and len(set(expected)) > 4   # sampled, not a repeated token
+
+
+def test_a_rerun_continues_exactly_where_the_first_run_stopped(tiny_llama):
+    """A request run again from its prompt plus the tokens already streamed (its instance
+    died), told so (Resume): a stop string that straddles the cut is seen, the text held back
+    for it is not lost, and a seeded request draws the tokens it would have drawn."""
+    import dataclasses
+
+    from distserve.cluster.messages import Resume
+
+    whole = Engine(_config(tiny_llama))
+    whole.add(PROMPTS[1], SEEDED, "w")
+    texts = [o.new_text for o in _outputs(whole, "w")]
+    joined = "".join(texts)
+    # a stop string over the boundary of tokens k-1 and k, found nowhere before
+    cut = next(k for k in range(4, 14) if texts[k - 1] and texts[k]
+               and joined.find(texts[k - 1][-1] + texts[k][0]) == len("".join(texts[:k])) - 1)
+    stop = dataclasses.replace(SEEDED, stop=[texts[cut - 1][-1] + texts[cut][0]])
+
+    reference = Engine(_config(tiny_llama))
+    reference.add(PROMPTS[1], stop, "r")
+    outs = _outputs(reference, "r")
+    expected_tokens = [t for o in outs for t in o.new_token_ids]
+    expected_text = "".join(o.new_text for o in outs)
+    assert outs[-1].finish_reason == "stop" and len(expected_tokens) == cut + 1
+
+    first = Engine(_config(tiny_llama))
+    prompt_ids = first.tokenizer.encode(PROMPTS[1])
+    first.add(prompt_ids, stop, "i")
+    before = []
+    while len(before) < cut:                         # its instance dies after `cut` tokens
+        before += [o for o in first.step().outputs if o.request_id == "i"]
+    tokens = [t for o in before for t in o.new_token_ids]
+    text = "".join(o.new_text for o in before)
+    assert not before[-1].finished
+    assert text == "".join(texts[:cut])[:-1]         # the stop's first character held back
+
+    again = Engine(_config(tiny_llama))
+    again.add(prompt_ids + tokens, dataclasses.replace(stop, max_tokens=stop.max_tokens - cut),
+              "i", resume=Resume(len(tokens), len(text)))
+    after = _outputs(again, "i")
+    assert tokens + [t for o in after for t in o.new_token_ids] == expected_tokens
+    assert text + "".join(o.new_text for o in after) == expected_text
+    assert after[-1].finish_reason == "stop"
+
+
 def test_a_prefill_engine_holds_kv_until_released_or_aborted(tiny_llama):
     prefill = Engine(_config(tiny_llama), role="prefill")
     for rid in ("kept", "dropped"):

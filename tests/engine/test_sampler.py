@@ -34,8 +34,28 @@ def test_top_k_never_leaves_the_k_best():
     logits = torch.randn(1, 100)
     allowed = set(logits[0].topk(5).indices.tolist())
     reqs = _reqs(SamplingParams(temperature=2.0, top_k=5, seed=3))
-    seen = {sample(logits, reqs).token_ids[0] for _ in range(200)}
+    seen = set()
+    for _ in range(200):   # each draw at the next position
+        token = sample(logits, reqs).token_ids[0]
+        reqs[0].append_token(token, None, 0.0)
+        seen.add(token)
     assert seen <= allowed and len(seen) > 1
+
+
+def test_a_seeded_token_depends_on_its_position_not_on_the_draws_before_it():
+    """What a re-run or a decode instance relies on: the token at position p of a seeded
+    request is the same whether p - 1 tokens were drawn here before it or elsewhere."""
+    logits = torch.randn(1, 1000)
+    params = SamplingParams(temperature=1.0, seed=11)
+    here = _reqs(params)[0]
+    draws = []
+    for _ in range(6):
+        draws.append(sample(logits, [here]).token_ids[0])
+        here.append_token(draws[-1], None, 0.0)
+    elsewhere = Request("again", [1] + draws[:5], params)
+    elsewhere.num_resumed_tokens = 5                  # its first 5 outputs ran before
+    assert sample(logits, [elsewhere]).token_ids[0] == draws[5]
+    assert len(set(draws)) > 1                        # and positions draw differently
 
 
 def test_seeded_requests_repeat_whatever_the_batch():
