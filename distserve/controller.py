@@ -215,7 +215,8 @@ class Controller(Failover):
         (its queue is full: it is wedged) loses the command, and its silence gets it
         replaced; the controller never waits on it for good."""
         try:
-            await asyncio.wait_for(inst.socket.send(self.sealer.seal(msg)), SEND_TIMEOUT_S)
+            frame = self.sealer.seal(msg, to=inst.ready.nonce)
+            await asyncio.wait_for(inst.socket.send(frame), SEND_TIMEOUT_S)
         except asyncio.TimeoutError:
             log.error("instance %s took no command for %g s; dropped a %s", inst.spec.instance_id,
                       SEND_TIMEOUT_S, type(msg).__name__)

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import sys
 import threading
 import time
@@ -67,7 +68,8 @@ class InstanceLoop:
         self._heartbeat.start()
         self._send(m.Ready(instance_id, role, self.command_address, executor.num_kv_blocks,
                            config.block_size, executor.max_model_len, executor.vocab_size,
-                           msgspec.to_builtins(kv_endpoint) if kv_endpoint else None))
+                           msgspec.to_builtins(kv_endpoint) if kv_endpoint else None,
+                           self.sealer.nonce))
 
     def _build_engine(self, role: str, config: EngineConfig, transfer: str, host: str):
         """(engine, KV sources to close, this instance's KV endpoint, KV puller): a prefill
@@ -247,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     secret = os.environ.pop(m.SECRET_ENV, "")
     if not secret:
         ap.error(f"${m.SECRET_ENV} (the deployment's secret, set by the launcher) is not set")
-    sealer = m.Sealer(bytes.fromhex(secret))
+    sealer = m.Sealer(bytes.fromhex(secret), nonce=secrets.token_bytes(16))  # this incarnation
     try:
         loop = InstanceLoop(args.role, args.instance_id, config, args.controller, args.transfer,
                             sealer, args.host)

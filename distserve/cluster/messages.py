@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -127,6 +128,7 @@ class Ready(msgspec.Struct, tag=True):
     max_model_len: int
     vocab_size: int
     endpoint: dict[str, Any] | None = None  # prefill instances: where decode pulls KV from
+    nonce: bytes = b""   # this incarnation's: the commands sent to it are bound to it (Sealer)
 
 
 class Outputs(msgspec.Struct, tag=True):
@@ -197,6 +199,7 @@ _encoder = msgspec.msgpack.Encoder()
 _to_instance = msgspec.msgpack.Decoder(ToInstance)
 _to_controller = msgspec.msgpack.Decoder(ToController)
 TAG_BYTES = 32  # HMAC-SHA256
+_SENDER_BYTES, _COUNTER_BYTES = 8, 8
 SECRET_ENV = "DISTSERVE_DEPLOYMENT_SECRET"  # how a launcher hands an instance the secret
 
 
@@ -205,14 +208,26 @@ class BadFrame(ValueError):
 
 
 class Sealer:
-    """Signs and checks frames with the deployment's secret: HMAC-SHA256(secret, payload)
-    + payload. A process that is not part of the deployment (it lacks the secret) can
-    neither send a command nor forge an output; what it sends is refused as a BadFrame."""
+    """Signs and checks frames with the deployment's secret, so that a process outside the
+    deployment can neither send a command nor forge an output, nor replay one it saw.
 
-    def __init__(self, secret: bytes) -> None:
+    A frame is HMAC-SHA256(secret, to + sender + counter + payload) + sender + counter +
+    payload. `sender` is random per sending thread (one thread, one socket: ZeroMQ keeps each
+    connection's order) and `counter` grows with every frame it sends, so a receiver takes
+    each sender's frames only in increasing order: a replayed frame is refused. `to` binds a
+    frame to one incarnation of its receiver (an instance's random nonce, sent in Ready), so
+    commands captured before an instance restarted are refused by the new one."""
+
+    MAX_SENDERS = 4096   # senders remembered (instances x restarts x threads), oldest forgotten
+
+    def __init__(self, secret: bytes, nonce: bytes = b"") -> None:
+        """nonce: what frames to this process must be bound to (an instance's incarnation)."""
         if len(secret) < 16:
             raise ValueError("a deployment secret has at least 16 bytes")
         self._secret = secret
+        self.nonce = nonce
+        self._local = threading.local()
+        self._last: dict[bytes, int] = {}    # sender -> the highest counter taken from it
 
     @classmethod
     def new(cls) -> Sealer:
@@ -222,9 +237,15 @@ class Sealer:
     def secret(self) -> bytes:
         return self._secret
 
-    def seal(self, msg: msgspec.Struct) -> bytes:
+    def seal(self, msg: msgspec.Struct, to: bytes = b"") -> bytes:
+        """The signed frame of `msg` for the receiver whose nonce is `to`."""
+        local = self._local
+        if not hasattr(local, "sender"):
+            local.sender, local.counter = secrets.token_bytes(_SENDER_BYTES), 0
+        local.counter += 1
+        head = local.sender + local.counter.to_bytes(_COUNTER_BYTES, "big")
         payload = _encoder.encode(msg)
-        return hmac.new(self._secret, payload, hashlib.sha256).digest() + payload
+        return self._tag(to, head, payload) + head + payload
 
     def open_for_instance(self, frame: bytes) -> ToInstance:
         return self._open(frame, _to_instance)
@@ -232,11 +253,26 @@ class Sealer:
     def open_for_controller(self, frame: bytes) -> ToController:
         return self._open(frame, _to_controller)
 
+    def _tag(self, to: bytes, head: bytes, payload: bytes) -> bytes:
+        mac = hmac.new(self._secret, len(to).to_bytes(1, "big") + to, hashlib.sha256)
+        mac.update(head)
+        mac.update(payload)
+        return mac.digest()
+
     def _open(self, frame: bytes, decoder):
-        tag, payload = frame[:TAG_BYTES], frame[TAG_BYTES:]
-        expected = hmac.new(self._secret, payload, hashlib.sha256).digest()
-        if len(frame) < TAG_BYTES or not hmac.compare_digest(tag, expected):
+        head_end = TAG_BYTES + _SENDER_BYTES + _COUNTER_BYTES
+        tag, head, payload = frame[:TAG_BYTES], frame[TAG_BYTES:head_end], frame[head_end:]
+        if len(frame) < head_end or not hmac.compare_digest(tag, self._tag(self.nonce, head,
+                                                                            payload)):
             raise BadFrame(f"unauthenticated frame of {len(frame)} bytes")
+        sender, counter = head[:_SENDER_BYTES], int.from_bytes(head[_SENDER_BYTES:], "big")
+        if counter <= self._last.get(sender, 0):
+            raise BadFrame(f"replayed frame of {len(frame)} bytes (number {counter} of its "
+                           "sender, taken already)")
+        self._last.pop(sender, None)
+        self._last[sender] = counter
+        if len(self._last) > self.MAX_SENDERS:
+            del self._last[next(iter(self._last))]
         try:
             return decoder.decode(payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:  # signed by a buggy peer

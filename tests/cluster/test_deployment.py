@@ -54,6 +54,37 @@ def test_messages_round_trip_signed_and_reject_other_bytes():
         m.Sealer(b"short")
 
 
+def test_a_replayed_or_misdirected_frame_is_refused():
+    """A frame seen on the wire and sent again is refused (each sender's frames are numbered);
+    so is one sealed for an earlier incarnation of its receiver (an instance that restarted
+    has a new nonce); frames of several senders, each in order, all pass."""
+    import threading
+
+    secret = b"s" * 32
+    controller = m.Sealer(secret)
+    instance = m.Sealer(secret, nonce=b"incarnation-2")
+    command = controller.seal(m.Abort("r1"), to=b"incarnation-2")
+    assert instance.open_for_instance(command) == m.Abort("r1")
+    with pytest.raises(m.BadFrame, match="replayed"):
+        instance.open_for_instance(command)
+    with pytest.raises(m.BadFrame, match="unauthenticated"):   # meant for the last incarnation
+        instance.open_for_instance(controller.seal(m.Abort("r2"), to=b"incarnation-1"))
+    frames = {}
+
+    def send(name):   # one sender per thread, as an instance's main and heartbeat threads
+        frames[name] = [instance.seal(m.Heartbeat(name)) for _ in range(3)]
+    threads = [threading.Thread(target=send, args=(n,)) for n in ("main", "beats")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(frames["main"], frames["beats"]):          # interleaved: both in order
+        assert controller.open_for_controller(a).instance_id == "main"
+        assert controller.open_for_controller(b).instance_id == "beats"
+    with pytest.raises(m.BadFrame, match="replayed"):
+        controller.open_for_controller(frames["main"][1])     # older than the last taken
+
+
 def test_serve_runs_its_engine_in_its_own_process_by_default():
     """In the server's process the engine's thread shares the interpreter lock with the HTTP
     loop; `--instances 0` still asks for that."""
