@@ -91,6 +91,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"
+    ERROR = "error"    # this request alone failed (its sampling raised); the stream raises
 
 
 class Request:

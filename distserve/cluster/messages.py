@@ -44,7 +44,7 @@ class RequestOutput:
     new_token_ids: list[int]
     new_text: str
     finished: bool
-    finish_reason: str | None = None          # "stop" | "length" | "abort"
+    finish_reason: str | None = None          # "stop" | "length" | "abort" | "error"
     new_logprobs: list[float] | None = None
     new_top_logprobs: list[dict[int, float]] | None = None
     num_prompt_tokens: int = 0

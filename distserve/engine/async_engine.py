@@ -28,6 +28,10 @@ class EngineDeadError(RuntimeError):
     """The engine loop has stopped (shut down, or a step raised); no request can run."""
 
 
+class RequestFailed(RuntimeError):
+    """This request alone failed inside the engine (finish_reason "error"); others run on."""
+
+
 @runtime_checkable
 class EngineClient(Protocol):
     """What a front end needs from whatever runs the requests (one engine or a cluster)."""
@@ -79,6 +83,10 @@ class RequestStream:
         if isinstance(item, BaseException):
             self._close(finished=True)  # the engine side has already dropped it
             raise item
+        if item.finish_reason == "error":
+            self._close(finished=True)
+            raise RequestFailed(f"request {self.request_id} failed: "
+                                f"{item.extra.get('error', 'in the engine')}")
         if item.finished:
             self._close(finished=True)
         return item

@@ -75,6 +75,15 @@ def apply_samples(requests: list[Request], result: SampleResult,
     now = time.monotonic()
     outputs = []
     for i, req in enumerate(requests):
+        if i in result.errors:   # its sampling failed: it ends here, the others go on
+            req.finish(FinishReason.ERROR)
+            outputs.append(RequestOutput(
+                req.request_id, [], "", True, FinishReason.ERROR.value,
+                num_prompt_tokens=req.num_prompt_tokens,
+                num_output_tokens=len(req.output_token_ids), arrival_time=req.arrival_time,
+                first_token_time=req.first_token_time, finish_time=now,
+                extra={"error": result.errors[i]}))
+            continue
         token = result.token_ids[i]
         req.append_token(token, result.logprobs[i] if result.logprobs else None, now)
         if result.top_logprobs:

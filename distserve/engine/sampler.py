@@ -6,12 +6,16 @@ earlier tokens were drawn (a prefill instance, a decode instance, a run before a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import logging
 
 import torch
 
 from distserve.models import paged_kernel
 from distserve.request import Request
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -19,6 +23,7 @@ class SampleResult:
     token_ids: list[int]
     logprobs: list[float] | None          # of the chosen tokens, when any request asked
     top_logprobs: list[dict[int, float]] | None
+    errors: dict[int, str] = field(default_factory=dict)   # row -> why it has no token
 
 
 _MASK64 = (1 << 64) - 1
@@ -43,7 +48,32 @@ def _draw(probs: torch.Tensor, req: Request) -> int:
 
 def sample(logits: torch.Tensor, requests: list[Request]) -> SampleResult:
     """logits [N, vocab], one row per request, in the same order, in the model's dtype:
-    greedy requests pick from them as they are, everything else works in float32."""
+    greedy requests pick from them as they are, everything else works in float32. Should the
+    batch fail, each row is sampled alone, and a row that fails alone is that request's
+    error (`errors`), never the step's."""
+    try:
+        return _sample_batch(logits, requests)
+    except Exception:
+        rows = []
+        for i, req in enumerate(requests):
+            try:
+                rows.append(_sample_batch(logits[i:i + 1], [req]))
+            except Exception as e:
+                log.exception("sampling request %s failed", req.request_id)
+                rows.append(SampleResult([-1], None, None, {0: f"{type(e).__name__}: {e}"}))
+        return _concat(rows)
+
+
+def _concat(rows: list[SampleResult]) -> SampleResult:
+    with_lp = any(r.logprobs is not None for r in rows)
+    return SampleResult(
+        [r.token_ids[0] for r in rows],
+        [r.logprobs[0] if r.logprobs else 0.0 for r in rows] if with_lp else None,
+        [r.top_logprobs[0] if r.top_logprobs else {} for r in rows] if with_lp else None,
+        {i: r.errors[0] for i, r in enumerate(rows) if r.errors})
+
+
+def _sample_batch(logits: torch.Tensor, requests: list[Request]) -> SampleResult:
     params = [r.sampling_params for r in requests]
     greedy = torch.tensor([p.greedy for p in params])
     all_greedy = bool(greedy.all())

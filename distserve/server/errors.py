@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from distserve.engine.async_engine import EngineDeadError
+from distserve.engine.async_engine import EngineDeadError, RequestFailed
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ def as_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, EngineDeadError):
         return APIError(503, f"the engine is not available: {exc}", "engine_unavailable",
                         headers={"Retry-After": RETRY_AFTER_S})
+    if isinstance(exc, RequestFailed):   # ours, and this request's alone: logged where it arose
+        return APIError(500, str(exc), "internal_error")
     log.error("internal error", exc_info=exc)
     return APIError(500, f"internal error: {type(exc).__name__}", "internal_error")
 

@@ -253,3 +253,38 @@ def test_kv_checksum_passes_good_copies_and_stops_a_corrupted_one(tiny_llama, co
     for engine in (prefill, decode):
         s = engine.stats()
         assert s.num_free_blocks == s.num_blocks and not engine.requests
+
+
+def test_a_request_whose_sampling_fails_ends_alone(tiny_llama, colocated_tokens, monkeypatch):
+    """Its stream raises RequestFailed (the server's 500 for that request); the requests
+    beside it in the same batches finish with their tokens; every block comes back."""
+    import asyncio
+
+    from distserve.engine import sampler
+    from distserve.engine.async_engine import AsyncEngine, RequestFailed
+    real = sampler._filtered_probs
+
+    def flaky(logits, params):   # injected: every setting that could break it is refused
+        if any(p.top_k == 7 for p in params):
+            raise RuntimeError("injected")
+        return real(logits, params)
+    monkeypatch.setattr(sampler, "_filtered_probs", flaky)
+    engine = Engine(_config(tiny_llama))
+    bad = SamplingParams(temperature=1.0, top_k=7, max_tokens=12)
+
+    async def run():
+        ae = AsyncEngine(engine)
+        try:
+            streams = [await ae.generate(p, GREEDY, f"r{i}") for i, p in enumerate(PROMPTS)]
+            streams.append(await ae.generate(PROMPTS[0], bad, "bad"))
+
+            async def tokens(stream):
+                return [t async for out in stream for t in out.new_token_ids]
+            results = await asyncio.gather(*map(tokens, streams), return_exceptions=True)
+            return results, ae.stats()
+        finally:
+            ae.shutdown()
+    results, stats = asyncio.run(run())
+    assert isinstance(results[-1], RequestFailed) and "injected" in str(results[-1])
+    assert {f"r{i}": t for i, t in enumerate(results[:-1])} == colocated_tokens
+    assert stats.num_free_blocks == stats.num_blocks

@@ -140,3 +140,23 @@ def test_the_extreme_valid_settings_are_accepted():
     for fields in ({"seed": 2**63 - 1}, {"seed": -2**63}, {"top_k": 2**31 - 1},
                    {"stop_token_ids": [0, 2**31 - 1]}, {"stop": ["x" * 1024] * 64}):
         SamplingParams(**fields)
+
+
+def test_a_row_whose_sampling_raises_fails_alone(monkeypatch):
+    """Whatever breaks one request's sampling (injected: every setting that could is refused
+    at admission) is that request's error; the batch's other rows get their tokens."""
+    from distserve.engine import sampler
+    real = sampler._filtered_probs
+
+    def flaky(logits, params):
+        if any(p.top_k == 7 for p in params):
+            raise RuntimeError("injected")
+        return real(logits, params)
+    monkeypatch.setattr(sampler, "_filtered_probs", flaky)
+    logits = torch.randn(3, 100)
+    good = SamplingParams(temperature=1.0, seed=5)
+    alone = sample(logits[:1], _reqs(good)).token_ids[0]
+    res = sample(logits, _reqs(good, SamplingParams(temperature=1.0, top_k=7),
+                               SamplingParams(temperature=0)))
+    assert res.errors == {1: "RuntimeError: injected"}
+    assert res.token_ids[0] == alone and res.token_ids[2] == int(logits[2].argmax())
