@@ -52,8 +52,10 @@ def register(sub) -> None:
     g.add_argument("--nodes", type=int, default=1)
     g.add_argument("--gpus-per-node", type=int, default=8)
     g.add_argument("--cross-node-bandwidth", type=float, default=25.0, help="Gbit/s between nodes")
-    g.add_argument("--algorithm", choices=["low", "high"], default="low",
-                   help="node affinity: low (Algorithm 2, pairs share nodes) or high (Algorithm 1)")
+    g.add_argument("--algorithm", choices=["whole", "low", "high"], default="whole",
+                   help="whole: every deployment of the cluster, simulated as a whole (default); "
+                   "or the paper's node-affinity algorithms: low (Algorithm 2, pairs share "
+                   "nodes) or high (Algorithm 1)")
     g.add_argument("--rate", type=float, default=None, help="target req/s (default: fill the cluster)")
     g.add_argument("--colocated-profile", default=None, help="profile of the colocated baseline "
                    "(default: --latency-profile; the paper's vLLM fit is 'vllm')")

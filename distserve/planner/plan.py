@@ -33,7 +33,7 @@ class Plan:
     ttft_slo: float
     tpot_slo: float
     attainment_target: float
-    algorithm: str                      # high | low (node affinity)
+    algorithm: str                      # whole | high | low (node affinity)
     prefill: PhasePlan
     decode: PhasePlan
     goodput: float                      # req/s of the whole deployment (mean over seeds)
@@ -45,6 +45,7 @@ class Plan:
     candidates: list = field(default_factory=list)
     latency_source: dict = field(default_factory=dict)
     search_seconds: float = 0.0
+    simulations: int = 0                # whole deployments simulated by the search
 
     @property
     def num_gpus(self) -> int:

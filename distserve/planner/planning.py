@@ -13,7 +13,7 @@ from distserve.planner.plan import PhasePlan, Plan, place, same_node
 from distserve.planner.search import (Candidate, Problem, confirm, confirm_colocated,
                                       search_colocated, search_high, search_low)
 
-ALGORITHMS = ("low", "high")
+ALGORITHMS = ("whole", "low", "high")
 
 
 def _no_fit_message(p: Problem) -> str:
@@ -65,12 +65,16 @@ def _replicas(p: Problem, best: Candidate, algorithm: str) -> int:
     return k
 
 
-def make_plan(p: Problem, algorithm: str = "low", workload: str = "", compare: bool = True,
+def make_plan(p: Problem, algorithm: str = "whole", workload: str = "", compare: bool = True,
               progress=lambda msg: None) -> Plan:
+    """algorithm: whole (every deployment of the cluster, simulated as a whole: whole.py),
+    or the paper's low or high node-affinity algorithm (search.py)."""
     if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algorithm!r}; choose low or high (node affinity)")
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose whole, low or high")
     if not p.parallelisms(p.cluster.num_gpus, p.cluster.gpus_per_node):
         raise ValueError(_no_fit_message(p))
+    if algorithm == "whole":
+        return _whole_plan(p, workload, compare, progress)
     start = time.perf_counter()
     progress(f"searching ({algorithm} node affinity, {p.jobs} process(es)) ...")
     best, table = (search_low if algorithm == "low" else search_high)(p)
@@ -111,3 +115,44 @@ def make_plan(p: Problem, algorithm: str = "low", workload: str = "", compare: b
         colocated=colocated, verdict=text, candidates=table,
         latency_source={"prefill": lat_p.source, "decode": lat_d.source, "profile": p.profile},
         search_seconds=round(search_seconds, 3))
+
+
+def _whole_plan(p: Problem, workload: str, compare: bool, progress) -> Plan:
+    from distserve.planner.whole import search_whole, search_whole_colocated
+    start = time.perf_counter()
+    c = p.cluster
+    progress(f"searching whole deployments of {c.num_gpus} GPUs ({p.jobs} process(es)) ...")
+    best, table, sims = search_whole(p)
+    if best is None or not best.goodput:
+        raise ValueError(_no_goodput_message(p))
+    prefill = PhasePlan(best.prefill[0], best.prefill[1], best.num_prefill, p.max_num_batched_tokens)
+    decode = PhasePlan(best.decode[0], best.decode[1], best.num_decode)
+    placement = place(c.nodes, c.gpus_per_node, prefill, decode)
+    link = c.link(same_node(placement))
+    search_seconds = time.perf_counter() - start
+    progress(f"search done in {search_seconds:.1f} s ({sims} whole deployments simulated); "
+             f"simulating the plan over {len(p.seeds)} seed(s) ...")
+    g = confirm(p, best, link)
+    gpus = prefill.num_gpus + decode.num_gpus
+    colocated, text = None, ""
+    if compare:
+        progress("searching the colocated alternative ...")
+        where, _, ctable = search_whole_colocated(p)
+        if where is not None:
+            tp, pp, n = where
+            cg = confirm_colocated(p, tp, pp, n)
+            per_gpu = cg.rate / (tp * pp * n)
+            colocated = {"tp": tp, "pp": pp, "instances": n, "goodput": cg.rate,
+                         "goodput_per_gpu": per_gpu, "spread": cg.spread / (tp * pp * n),
+                         "chunked_prefill": p.chunked, "profile": p.colocated_profile or p.profile,
+                         "candidates": ctable}
+            text = verdict(g.rate / gpus, per_gpu, colocated)
+    lat_p, lat_d = p.instance(*best.prefill).latency, p.instance(*best.decode).latency
+    return Plan(
+        model=p.model.name, hardware=c.hardware.name, nodes=c.nodes, gpus_per_node=c.gpus_per_node,
+        workload=workload, ttft_slo=p.slo.ttft, tpot_slo=p.slo.tpot, attainment_target=p.slo.target,
+        algorithm="whole", prefill=prefill, decode=decode, goodput=g.rate,
+        goodput_per_gpu=g.rate / gpus, goodput_spread=g.spread / gpus, placement=placement,
+        colocated=colocated, verdict=text, candidates=table,
+        latency_source={"prefill": lat_p.source, "decode": lat_d.source, "profile": p.profile},
+        search_seconds=round(search_seconds, 3), simulations=sims)

@@ -21,7 +21,9 @@ def format_plan(plan: Plan, top: int = 12) -> str:
     lines = [
         f"Plan: {plan.model} on {plan.nodes} x {plan.gpus_per_node} {plan.hardware}, workload "
         f"{plan.workload}, SLO TTFT {_ms(plan.ttft_slo)} / TPOT {_ms(plan.tpot_slo)} for "
-        f"{plan.attainment_target:.0%} ({plan.algorithm} node affinity)",
+        f"{plan.attainment_target:.0%} ("
+        + ("whole-deployment search" if plan.algorithm == "whole" else f"{plan.algorithm} node affinity")
+        + ")",
         f"  prefill: {p.instances} x (TP {p.tp}, PP {p.pp})   decode: {d.instances} x (TP {d.tp}, "
         f"PP {d.pp})   GPUs: {plan.num_gpus}",
         f"  predicted goodput: {plan.goodput:.3g} req/s = {plan.goodput_per_gpu:.3g} req/s per GPU "
@@ -34,11 +36,13 @@ def format_plan(plan: Plan, top: int = 12) -> str:
         lines.append(f"  node {node}: " + "; ".join(items))
     if plan.colocated:
         c = plan.colocated
-        lines.append(f"  colocated alternative: TP {c['tp']}, PP {c['pp']}: "
+        count = f"{c['instances']} x " if "instances" in c else ""
+        lines.append(f"  colocated alternative: {count}(TP {c['tp']}, PP {c['pp']}): "
                      f"{c['goodput_per_gpu']:.3g} req/s per GPU (profile {c['profile']})")
     if plan.verdict:
         lines.append(f"  verdict: {plan.verdict}")
-    lines.append(f"  search: {plan.search_seconds:.1f} s; latency: prefill {plan.latency_source.get('prefill')}, "
+    sims = f" ({plan.simulations} whole deployments simulated)" if plan.simulations else ""
+    lines.append(f"  search: {plan.search_seconds:.1f} s{sims}; latency: prefill {plan.latency_source.get('prefill')}, "
                  f"decode {plan.latency_source.get('decode')} ({plan.latency_source.get('profile')})")
     lines.append("Candidates considered (best first):")
     rows = sorted(plan.candidates, key=lambda r: -(r.get("goodput_per_gpu") or -1))

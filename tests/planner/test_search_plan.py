@@ -16,6 +16,8 @@ CASES = [  # model, nodes, GPUs per node, algorithm, workload, TTFT, TPOT
     ("facebook/opt-66b", 1, 8, "high", "longbench", 15.0, 0.15),
     ("meta-llama/Llama-2-70b-hf", 1, 8, "low", "sharegpt", 1.0, 0.1),
     ("Qwen/Qwen2.5-7B", 2, 4, "high", "fixed:512:64", 0.5, 0.05),
+    ("facebook/opt-66b", 2, 8, "whole", "humaneval", 0.125, 0.2),
+    ("Qwen/Qwen2.5-7B", 2, 4, "whole", "fixed:512:64", 0.5, 0.05),
 ]
 
 
