@@ -37,3 +37,21 @@ def attainment(ttft, tpot, ttft_slo: float | None, tpot_slo: float | None
     ok_t = np.isfinite(ttft) & (ttft <= (math.inf if ttft_slo is None else ttft_slo))
     ok_p = np.isfinite(tpot) & (tpot <= (math.inf if tpot_slo is None else tpot_slo))
     return float(np.mean(ok_t & ok_p)), float(np.mean(ok_t)), float(np.mean(ok_p))
+
+
+MAX_TTFT_SLO_S, MAX_TPOT_SLO_S = 120.0, 10.0   # beyond these, an SLO is milliseconds by mistake
+
+
+def check_slo_seconds(ttft_slo: float | None, tpot_slo: float | None) -> None:
+    """Refuses SLOs that are not positive seconds, and ones so large that they must be
+    milliseconds given as seconds (--ttft-slo 1000 for one second), saying so."""
+    for flag, value, most in (("--ttft-slo", ttft_slo, MAX_TTFT_SLO_S),
+                              ("--tpot-slo", tpot_slo, MAX_TPOT_SLO_S)):
+        if value is None:
+            continue
+        if not value > 0 or math.isinf(value):
+            raise ValueError(f"{flag} must be a positive number of seconds, got {value}")
+        if value > most:
+            raise ValueError(f"{flag} {value:g} is {value:g} seconds, which looks like "
+                             f"milliseconds: SLOs are in seconds ({flag} {value / 1000:g} for "
+                             f"{value:g} ms)")

@@ -106,6 +106,11 @@ def run(args) -> int:
         value = getattr(args, name)
         if value is not None and value <= 0:
             return _fail(f"--{name.replace('_', '-')} must be > 0, got {value}", 2)
+    from distserve.slo import check_slo_seconds
+    try:
+        check_slo_seconds(args.ttft_slo, args.tpot_slo)
+    except ValueError as exc:
+        return _fail(str(exc), 2)
     from distserve.bench.workload import load_tokenizer, tokenizer_spec
 
     try:

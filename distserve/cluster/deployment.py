@@ -172,9 +172,10 @@ class Deployment:
     @classmethod
     def from_plan(cls, plan, base: EngineConfig, transfer: str = "shm",
                   pin_cpus: bool = True, launcher: str = "local") -> Deployment:
-        """The deployment a plan (distserve.planner.plan.Plan) describes: its instance counts,
-        TP and PP, batching limits, SLOs and each instance's node (spec.node, which the Ray
-        launcher honours). What cannot be honoured here is named in `warnings`."""
+        """The deployment a plan (distserve.planner.plan.Plan) describes: the mode its verdict
+        chose, its instance counts, TP and PP, batching limits, SLOs and each instance's node
+        (spec.node, which the Ray launcher honours). What cannot be honoured here is named in
+        `warnings`."""
         warnings = []
         node_of: dict[str, int] = {}
         spread: list[str] = []
@@ -192,6 +193,19 @@ class Deployment:
         if plan.hardware != "cpu" and (base.device or "cpu").startswith("cpu"):
             warnings.append(f"the plan was made for {plan.hardware}; this deployment runs on "
                             "CPU, so its predicted goodput does not apply here")
+        if plan.mode == "colocated":   # the verdict: colocated replicas beat disaggregation
+            c = plan.colocated
+            per = c["tp"] * c["pp"]
+            count = c.get("instances") or max(1, plan.nodes * plan.gpus_per_node // per)
+            if plan.nodes > 1 and launcher == "local":
+                warnings[:] = [w for w in warnings if "places instances on" not in w]
+                warnings.append(f"the plan's {count} colocated instances span {plan.nodes} "
+                                "nodes; all are deployed on this machine")
+            return cls(base, "colocated",
+                       colocated=PhaseSettings(count, tensor_parallel_size=c["tp"],
+                                               pipeline_parallel_size=c["pp"]),
+                       transfer=transfer, pin_cpus=pin_cpus and launcher == "local",
+                       ttft_slo=plan.ttft_slo, tpot_slo=plan.tpot_slo, warnings=warnings)
         deployment = cls(
             base, "disaggregated",
             prefill=PhaseSettings(plan.prefill.instances,

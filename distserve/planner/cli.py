@@ -98,6 +98,8 @@ def _problem(args, cluster: Cluster):
         raise ValueError("--num-requests must be >= 10 and --seeds >= 1")
     if args.burstiness <= 0 or not args.burstiness < float("inf"):
         raise ValueError(f"--burstiness must be > 0, got {args.burstiness}")
+    from distserve.slo import check_slo_seconds
+    check_slo_seconds(args.ttft_slo, args.tpot_slo)
     kwargs = {"jobs": args.jobs} if getattr(args, "jobs", None) else {}
     problem = Problem(get_model(args.model), cluster, Lengths(args.workload),
                       SLO(args.ttft_slo, args.tpot_slo, args.attainment), args.latency_profile,
@@ -153,6 +155,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     from distserve.planner.report import simulate_report
     cluster = Cluster(get_hardware(args.hardware), 1, 8)
     problem = _problem(args, cluster)
+    from distserve.planner.planning import check_context
+    check_context(problem)
     doc, text = simulate_report(problem, args)
     _emit(args, doc, text)
     return 0

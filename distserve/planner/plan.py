@@ -23,6 +23,11 @@ class PhasePlan:
         return self.tp * self.pp * self.instances
 
 
+def verdict_mode(verdict: str) -> str:
+    """The mode a verdict says to deploy (disaggregated unless it says stay colocated)."""
+    return "colocated" if verdict.startswith("stay colocated") else "disaggregated"
+
+
 @dataclass
 class Plan:
     model: str
@@ -46,6 +51,14 @@ class Plan:
     latency_source: dict = field(default_factory=dict)
     search_seconds: float = 0.0
     simulations: int = 0                # whole deployments simulated by the search
+    mode: str = "disaggregated"         # what the verdict says to deploy: disaggregated |
+    #                                     colocated (then `colocated` says TP, PP, instances)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("disaggregated", "colocated"):
+            raise ValueError(f"plan mode must be disaggregated or colocated, got {self.mode!r}")
+        if self.mode == "colocated" and not self.colocated:
+            raise ValueError("a colocated plan needs its 'colocated' deployment (tp, pp)")
 
     @property
     def num_gpus(self) -> int:

@@ -9,7 +9,7 @@ import math
 import time
 
 from distserve.planner.memory import check_parallelism
-from distserve.planner.plan import PhasePlan, Plan, place, same_node
+from distserve.planner.plan import PhasePlan, Plan, place, same_node, verdict_mode
 from distserve.planner.search import (Candidate, Problem, confirm, confirm_colocated,
                                       search_colocated, search_high, search_low)
 
@@ -32,6 +32,16 @@ def _no_goodput_message(p: Problem) -> str:
     return (f"no deployment meets TTFT {p.slo.ttft * 1e3:.0f} ms and TPOT {p.slo.tpot * 1e3:.0f} ms "
             f"for {p.slo.target:.0%} of requests, even at a trickle of requests (alone, a P90 prompt "
             f"takes {t * 1e3:.0f} ms to prefill with TP {fastest.latency.tp}); loosen the SLOs")
+
+
+def check_context(p: Problem) -> None:
+    """A workload whose requests are longer than the model's context cannot be served."""
+    longest = p.lengths.max_total_len
+    if longest > p.model.max_positions:
+        raise ValueError(f"the workload's longest request ({longest} tokens of prompt and output) "
+                         f"is longer than {p.model.name}'s context ({p.model.max_positions} "
+                         "positions); choose a model with a longer context, or a workload that "
+                         "fits it")
 
 
 def verdict(plan_per_gpu: float, colocated_per_gpu: float, colocated: dict) -> str:
@@ -71,6 +81,7 @@ def make_plan(p: Problem, algorithm: str = "whole", workload: str = "", compare:
     or the paper's low or high node-affinity algorithm (search.py)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose whole, low or high")
+    check_context(p)
     if not p.parallelisms(p.cluster.num_gpus, p.cluster.gpus_per_node):
         raise ValueError(_no_fit_message(p))
     if algorithm == "whole":
@@ -114,7 +125,7 @@ def make_plan(p: Problem, algorithm: str = "whole", workload: str = "", compare:
         goodput_per_gpu=g.rate / gpus, goodput_spread=g.spread / gpus, placement=placement,
         colocated=colocated, verdict=text, candidates=table,
         latency_source={"prefill": lat_p.source, "decode": lat_d.source, "profile": p.profile},
-        search_seconds=round(search_seconds, 3))
+        search_seconds=round(search_seconds, 3), mode=verdict_mode(text))
 
 
 def _whole_plan(p: Problem, workload: str, compare: bool, progress) -> Plan:
@@ -155,4 +166,4 @@ def _whole_plan(p: Problem, workload: str, compare: bool, progress) -> Plan:
         goodput_per_gpu=g.rate / gpus, goodput_spread=g.spread / gpus, placement=placement,
         colocated=colocated, verdict=text, candidates=table,
         latency_source={"prefill": lat_p.source, "decode": lat_d.source, "profile": p.profile},
-        search_seconds=round(search_seconds, 3), simulations=sims)
+        search_seconds=round(search_seconds, 3), simulations=sims, mode=verdict_mode(text))

@@ -4,7 +4,7 @@ For a (model, hardware, TP) each coefficient of the artifact's fitted forms is a
 physical times, each weighted by an efficiency factor theta:
   prefill  a = th1 * layers + th2 * weights/TP/bandwidth         (launch and weight reads)
            b = th3 * GEMM FLOPs per token/TP/peak + th4 * TP all-reduce time per token
-           c = th5 * attention FLOPs per squared token/TP/peak   (2 * layers * hidden)
+           c = th5 * attention FLOPs per squared token/TP/peak   (2 * layers * heads * head_dim)
   decode   a = th1 * layers + th2 * weights/TP/bandwidth
            b = th3 * KV bytes per context token/TP/bandwidth
            c = th4 * GEMM FLOPs per token/TP/peak + th5 * all-reduce time per token
@@ -31,7 +31,7 @@ def physical_terms(model, hw, tp: int) -> dict:
     """The physical times (ms) that the coefficients are made of."""
     mem = model.weight_bytes / tp / hw.mem_bandwidth * 1e3
     gemm = (model.flops_per_token() + 2.0 * model.hidden * model.vocab) / tp / hw.flops * 1e3
-    attn = 2.0 * model.layers * model.hidden / tp / hw.flops * 1e3
+    attn = 2.0 * model.layers * model.q_dim / tp / hw.flops * 1e3
     kv = model.kv_bytes_per_token / tp / hw.mem_bandwidth * 1e3
     comm = 0.0
     if tp > 1:   # two ring all-reduces of the hidden state per layer

@@ -50,7 +50,10 @@ def register(sub) -> None:
 def add_deployment_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("deployment (instance processes)")
     g.add_argument("--plan", default=None, help="a plan file from `distserve plan` (YAML or "
-                   "JSON): deploys its prefill and decode instance counts and batching limits")
+                   "JSON): deploys the mode its verdict chose, its instance counts, TP and PP, "
+                   "batching limits and placement; the plan must be for the served model")
+    g.add_argument("--ignore-plan-model", action="store_true", help="serve the model given with "
+                   "a plan made for another one (a warning: its predictions will not hold)")
     g.add_argument("--mode", choices=["colocated", "disaggregated"], default=None,
                    help="default: disaggregated when --prefill/--decode-instances are given")
     g.add_argument("--instances", type=int, default=None,
@@ -98,8 +101,14 @@ def deployment_from_args(args: argparse.Namespace, config):
                 or args.mode):
             raise ValueError("--plan sets the deployment; drop --mode/--instances/"
                              "--prefill-instances/--decode-instances")
-        deployment = Deployment.from_plan(Plan.load(args.plan), config, transfer, pin_cpus,
-                                          args.launcher)
+        plan = Plan.load(args.plan)
+        mismatch = plan_model_mismatch(plan, args.model)
+        if mismatch and not args.ignore_plan_model:
+            raise ValueError(f"{mismatch}; serve the plan's model, or add --ignore-plan-model "
+                             "to deploy the plan for this one anyway")
+        deployment = Deployment.from_plan(plan, config, transfer, pin_cpus, args.launcher)
+        if mismatch:
+            deployment.warnings.append(f"{mismatch}: its predicted goodput does not apply")
         if len(deployment.nodes) > 1 and transfer == "shm" and args.launcher == "ray":
             raise ValueError("--transfer shm reaches only instances on one node; the plan "
                              "places them on several: use --transfer tcp")
@@ -113,6 +122,34 @@ def deployment_from_args(args: argparse.Namespace, config):
         args.decode_max_num_seqs, args.prefill_kv_cache_memory, args.decode_kv_cache_memory,
         transfer, pin_cpus, prefill_tp=args.prefill_tp, prefill_pp=args.prefill_pp,
         decode_tp=args.decode_tp, decode_pp=args.decode_pp)
+
+
+def plan_model_mismatch(plan, served: str | None) -> str:
+    """Why the served model (a folder, a .gguf, or None: the built-in one) is not the model
+    the plan was made for, or "": the same shape (layers, widths, heads, vocabulary) when
+    both are known, else the same name."""
+    import os
+
+    from distserve.planner.models import MODELS, from_config_json, get_model, model_key
+    try:
+        planned = get_model(plan.model)
+    except (ValueError, OSError, KeyError):
+        planned = None
+    if served is None:
+        serving, name = MODELS["HuggingFaceTB/SmolLM2-135M"], "the built-in SmolLM2-135M"
+    elif os.path.isfile(os.path.join(served, "config.json")):
+        try:
+            serving, name = from_config_json(served), served
+        except (ValueError, OSError, KeyError):
+            serving, name = None, served
+    else:
+        serving, name = None, served
+    if planned is not None and serving is not None:
+        same = planned.shape == serving.shape
+    else:
+        stem = os.path.basename(str(served or "").rstrip("/")).split(".")[0]
+        same = model_key(plan.model) in (model_key(stem), model_key(getattr(serving, "name", "")))
+    return "" if same else f"the plan was made for {plan.model}; this serves {name}"
 
 
 def _fit_kv_to_memory(args, config, deployment):
@@ -133,8 +170,10 @@ def _fit_kv_to_memory(args, config, deployment):
 def slo_from_args(args: argparse.Namespace, deployment=None):
     """--ttft-slo/--tpot-slo, or else the plan's SLOs."""
     from distserve.server.slo import SLOWindow
+    from distserve.slo import check_slo_seconds
     if (args.ttft_slo is None) != (args.tpot_slo is None):
         raise ValueError("give both --ttft-slo and --tpot-slo, or neither")
+    check_slo_seconds(args.ttft_slo, args.tpot_slo)
     ttft, tpot = args.ttft_slo, args.tpot_slo
     if ttft is None and deployment is not None and deployment.ttft_slo is not None:
         ttft, tpot = deployment.ttft_slo, deployment.tpot_slo

@@ -9,7 +9,8 @@ from distserve.planner.models import get_model
 
 REQUIRED = ["opt-13b", "opt-66b", "opt-175b", "Llama-2-7b-hf", "Llama-2-13b", "Llama-2-70b",
             "Llama-3.1-8B", "Llama-3.1-70B", "Mistral-7B-v0.1", "Qwen2.5-7B", "Qwen2.5-32B",
-            "Qwen2.5-72B", "SmolLM2-135M"]
+            "Qwen2.5-72B", "SmolLM2-135M", "Qwen3-0.6B", "Qwen3-8B", "Qwen3-32B", "Llama-3.2-1B",
+            "Llama-3.2-3B", "Llama-3.3-70B-Instruct", "Llama-3.1-405B"]
 
 
 @pytest.mark.parametrize("name", REQUIRED)
@@ -21,7 +22,12 @@ def test_catalogue_has_the_issue_models(name):
 @pytest.mark.parametrize("name,billions", [("facebook/opt-13b", 12.85), ("facebook/opt-66b", 65.7),
                                            ("facebook/opt-175b", 174.6), ("meta-llama/Llama-2-7b-hf", 6.74),
                                            ("meta-llama/Llama-3.1-8B", 8.03), ("Qwen/Qwen2.5-72B", 72.7),
-                                           ("HuggingFaceTB/SmolLM2-135M", 0.135)])
+                                           ("HuggingFaceTB/SmolLM2-135M", 0.135),
+                                           ("Qwen/Qwen3-0.6B", 0.596), ("Qwen/Qwen3-8B", 8.19),
+                                           ("Qwen/Qwen3-14B", 14.8), ("Qwen/Qwen3-32B", 32.8),
+                                           ("meta-llama/Llama-3.2-1B", 1.24),
+                                           ("meta-llama/Llama-3.2-3B", 3.21),
+                                           ("meta-llama/Llama-3.1-405B", 405.9)])
 def test_parameter_counts_match_the_published_sizes(name, billions):
     assert get_model(name).params / 1e9 == pytest.approx(billions, rel=0.01)
 
@@ -77,3 +83,21 @@ def test_parallelism_constraints():
     assert "layers" in check_parallelism(get_model("opt-13b"), a100, 1, 3, 2048)
     assert "KV tokens" in check_parallelism(get_model("opt-66b"), a100, 1, 1, 2048)
     assert get_model("llama-2-70b").valid_tp(8) and not get_model("qwen2.5-7b").valid_tp(8)
+
+
+def test_a_qwen3_config_json_is_read_with_its_head_dim(tmp_path):
+    """Qwen3-32B's config.json: head_dim 128 where hidden / heads is 80, q and k norms, and a
+    sliding window it does not use; the KV per token and the parameters are the real ones."""
+    cfg = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 5120,
+           "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128,
+           "num_hidden_layers": 64, "intermediate_size": 25600, "vocab_size": 151936,
+           "max_position_embeddings": 40960, "tie_word_embeddings": False,
+           "attention_bias": False, "sliding_window": None, "use_sliding_window": False}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    m = get_model(str(tmp_path))
+    assert m.head_dim == 128 and m.kv_bytes_per_token == 256 * 1024      # not 160 KiB
+    assert m.params / 1e9 == pytest.approx(32.8, rel=0.01)               # not 30.5 B
+    assert m.shape == get_model("Qwen/Qwen3-32B").shape and m.sliding_window is None
+    cfg.update(model_type="mistral", sliding_window=4096, use_sliding_window=True, head_dim=None)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert get_model(str(tmp_path)).sliding_window == 4096

@@ -44,6 +44,9 @@ def test_plan_text_report(capsys):
     (["--model", "opt-13b", "--ttft-slo", "0.005"], "loosen the SLOs"),
     (["--model", "opt-13b", "--workload", "nope"], "unknown workload"),
     (["--model", "opt-13b", "--latency-profile", "/nonexistent.json"], "not found"),
+    (["--model", "opt-13b", "--ttft-slo", "1000"], "looks like milliseconds"),
+    (["--model", "opt-13b", "--tpot-slo", "20"], "--tpot-slo 0.02 for 20 ms"),
+    (["--model", "opt-13b", "--workload", "fixed:4000:500"], "longer than facebook/opt-13b's context"),
 ])
 def test_bad_input_is_one_clear_line(capsys, argv, message):
     args = ["plan", "--ttft-slo", "0.2", "--tpot-slo", "0.1", *FAST, *argv]

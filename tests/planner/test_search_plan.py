@@ -134,16 +134,50 @@ def test_serve_plan_flag_deploys_the_plan_file(tmp_path):
     from distserve.server.cli import deployment_from_args
     path = tmp_path / "plan.yaml"
     _plan().save(str(path))
-    args = build_parser().parse_args(["serve", "--plan", str(path), "--no-pin-cpus", "--transfer", "tcp"])
+    refused = build_parser().parse_args(["serve", "--plan", str(path)])
+    with pytest.raises(ValueError, match="made for facebook/opt-13b; this serves the built-in"):
+        deployment_from_args(refused, engine_config_from_args(refused, None))
+    args = build_parser().parse_args(["serve", "--plan", str(path), "--no-pin-cpus", "--transfer",
+                                      "tcp", "--ignore-plan-model"])
     dep = deployment_from_args(args, engine_config_from_args(args, None))
+    assert any("made for facebook/opt-13b" in w for w in dep.warnings)
     assert [s.role for s in dep.specs] == ["prefill", "decode", "decode"]
     assert dep.transfer == "tcp" and dep.specs[0].config.max_num_batched_tokens == 4096
     from distserve.server.cli import slo_from_args
     slo = slo_from_args(args, dep)  # the plan's SLOs are the server's defaults
     assert (slo.ttft_slo, slo.tpot_slo) == (_plan().ttft_slo, _plan().tpot_slo)
     given = build_parser().parse_args(["serve", "--plan", str(path), "--ttft-slo", "9",
-                                       "--tpot-slo", "8"])
+                                       "--tpot-slo", "8", "--ignore-plan-model"])
     assert slo_from_args(given, dep).ttft_slo == 9
     bad = build_parser().parse_args(["serve", "--plan", str(path), "--instances", "2"])
     with pytest.raises(ValueError, match="--plan sets the deployment"):
         deployment_from_args(bad, engine_config_from_args(bad, None))
+
+
+def test_a_colocated_verdict_deploys_colocated_instances(tmp_path, tiny_llama):
+    """The verdict is what `serve --plan` deploys: a plan that says stay colocated starts its
+    colocated replicas, with their TP and PP, for the model it was made for."""
+    import dataclasses
+
+    from distserve.cli import build_parser, engine_config_from_args
+    from distserve.server.cli import deployment_from_args
+    plan = dataclasses.replace(_plan(), model=str(tiny_llama), hardware="cpu", mode="colocated",
+                               colocated={"tp": 2, "pp": 1, "instances": 2,
+                                          "goodput_per_gpu": 0.6})
+    path = tmp_path / "plan.yaml"
+    plan.save(str(path))
+    assert Plan.load(str(path)).mode == "colocated"
+    args = build_parser().parse_args(["serve", str(tiny_llama), "--plan", str(path),
+                                      "--no-pin-cpus"])
+    dep = deployment_from_args(args, engine_config_from_args(args, str(tiny_llama)))
+    assert dep.mode == "colocated" and [s.role for s in dep.specs] == ["colocated"] * 2
+    assert all((s.tp, s.pp) == (2, 1) for s in dep.specs) and dep.warnings == []
+    with pytest.raises(ValueError, match="needs its 'colocated' deployment"):
+        dataclasses.replace(plan, colocated=None)
+
+
+def test_a_verdict_names_the_mode():
+    from distserve.planner.plan import verdict_mode
+    assert verdict_mode("stay colocated: TP 2 gives 1.3x") == "colocated"
+    assert verdict_mode("disaggregate: 2.36x the per-GPU goodput") == "disaggregated"
+    assert verdict_mode("either: disaggregation is within 5%") == "disaggregated"
