@@ -19,7 +19,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", required=True, help="catalogue name (e.g. facebook/opt-13b) or a config.json")
     g.add_argument("--hardware", default="a100-80g", help="a100-80g | h100-80g | h200 | l40s")
     g.add_argument("--latency-profile", default="distserve", help="profile JSON in the DistServe "
-                   f"artifact's schema, or a built-in one: {', '.join(BUILTIN_PROFILES)} (A100 fits)")
+                   f"artifact's schema, or a built-in one: {', '.join(BUILTIN_PROFILES)} (A100 fits; "
+                   "on Hopper the roofline takes its factors from the shipped measured table), "
+                   "or a CSV of measured steps of your own cluster (docs/planner.md)")
     g = p.add_argument_group("workload and SLOs")
     g.add_argument("--workload", default="sharegpt", help="sharegpt | humaneval | longbench | "
                    "fixed:IN:OUT | a JSON/JSONL file of input_len/output_len")

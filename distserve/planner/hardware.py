@@ -1,7 +1,9 @@
 """Accelerators and clusters the planner knows, as plain data tables.
 
 Peaks are the vendors' dense (no sparsity) fp16/bf16 tensor figures; bandwidths are bytes per
-second in one direction. Pure data: nothing here measures or imports torch.
+second in one direction; each entry says where its numbers come from. `generation` groups the
+accelerators whose roofline efficiency factors are shared (fitted on measured steps of one of
+them: planner/measured.py). Pure data: nothing here measures or imports torch.
 """
 from __future__ import annotations
 
@@ -18,16 +20,27 @@ class Hardware:
     mem_bandwidth: float    # HBM bytes/s
     memory: float           # bytes (the marketed "80GB" is 80 GiB)
     link_bandwidth: float   # GPU-to-GPU inside a node, bytes/s per direction
+    generation: str = ""    # ampere | hopper | ada | cpu: shares roofline efficiency factors
+    source: str = ""        # where the numbers come from
 
 
 HARDWARE: dict[str, Hardware] = {h.name: h for h in (
-    Hardware("a100-80g", 312e12, 2039 * GB, 80 * GIB, 300 * GB),    # SXM, NVLink 3 (600 GB/s both ways)
-    Hardware("h100-80g", 989e12, 3350 * GB, 80 * GIB, 450 * GB),    # SXM, NVLink 4
-    Hardware("h200", 989e12, 4800 * GB, 140 * GIB, 450 * GB),       # SXM, NVLink 4
-    Hardware("l40s", 362e12, 864 * GB, 48 * GIB, 32 * GB),          # PCIe 4.0 x16, no NVLink
+    Hardware("a100-80g", 312e12, 2039 * GB, 80 * GIB, 300 * GB, "ampere",
+             "NVIDIA A100 80GB SXM datasheet: 312 TFLOP/s bf16 dense, 2,039 GB/s HBM2e, "
+             "NVLink 3 600 GB/s both ways"),
+    Hardware("h100-80g", 989e12, 3350 * GB, 80 * GIB, 450 * GB, "hopper",
+             "NVIDIA H100 SXM datasheet: 989 TFLOP/s bf16 dense, 3.35 TB/s HBM3, NVLink 4 "
+             "900 GB/s both ways"),
+    Hardware("h200", 989e12, 4800 * GB, 140 * GIB, 450 * GB, "hopper",
+             "NVIDIA H200 SXM datasheet: 989 TFLOP/s bf16 dense, 4.8 TB/s HBM3e, 141 GB, "
+             "NVLink 4 900 GB/s both ways"),
+    Hardware("l40s", 362e12, 864 * GB, 48 * GIB, 32 * GB, "ada",
+             "NVIDIA L40S datasheet: 362 TFLOP/s bf16 dense, 864 GB/s GDDR6, PCIe 4.0 x16, "
+             "no NVLink"),
     # A host CPU running our engine: nominal figures, only for memory sizing; its latency
     # comes from a profile measured with `distserve profile`.
-    Hardware("cpu", 1e12, 50 * GB, 16 * GIB, 10 * GB),
+    Hardware("cpu", 1e12, 50 * GB, 16 * GIB, 10 * GB, "cpu",
+             "nominal (memory sizing only): latency comes from a `distserve profile`"),
 )}
 
 _ALIASES = {"a100": "a100-80g", "a100-80gb": "a100-80g", "a100-sxm": "a100-80g",

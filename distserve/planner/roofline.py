@@ -98,14 +98,19 @@ def calibrate(profile_path: str = "distserve") -> dict:
     return {phase: tuple(_nnls(np.array(rows[phase]), np.array(targets[phase]))) for phase in rows}
 
 
-def roofline_entry(model, hw, tp: int, profile: Profile | str | None = "distserve") -> ProfileEntry:
-    """A profile entry for (model, hardware, TP) from the calibrated roofline."""
-    path = "distserve"
+def profile_path(profile: Profile | str | None) -> str:
     if isinstance(profile, str):
-        path = profile
-    elif profile is not None and profile.meta.get("_path"):
-        path = profile.meta["_path"]
-    theta = calibrate(path)
+        return profile
+    if profile is not None and profile.meta.get("_path"):
+        return profile.meta["_path"]
+    return "distserve"
+
+
+def roofline_entry(model, hw, tp: int, profile: Profile | str | None = "distserve",
+                   theta: dict | None = None) -> ProfileEntry:
+    """A profile entry for (model, hardware, TP) from the roofline calibrated on `profile`
+    (or with the efficiency factors `theta`, fitted elsewhere: measured.py)."""
+    theta = theta or calibrate(profile_path(profile))
     feats = _features(physical_terms(model, hw, tp))
 
     def combine(kind: str, th) -> tuple[float, float, float]:
