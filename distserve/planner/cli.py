@@ -103,6 +103,7 @@ def _problem(args, cluster: Cluster):
     from distserve.slo import check_slo_seconds
     check_slo_seconds(args.ttft_slo, args.tpot_slo)
     kwargs = {"jobs": args.jobs} if getattr(args, "jobs", None) else {}
+    cluster = measured_link(cluster, args.latency_profile)
     problem = Problem(get_model(args.model), cluster, Lengths(args.workload),
                       SLO(args.ttft_slo, args.tpot_slo, args.attainment), args.latency_profile,
                       getattr(args, "colocated_profile", None), args.num_requests,
@@ -110,6 +111,24 @@ def _problem(args, cluster: Cluster):
                       args.max_num_batched_tokens, args.chunked_prefill, **kwargs)
     problem.speed = _speed(args, problem)
     return problem
+
+
+def measured_link(cluster: Cluster, profile_path: str) -> Cluster:
+    """The cluster with the KV link the profile measured between instances on its host
+    (`distserve profile` times a pull over the real backend), when it was made on this
+    cluster's hardware; else as the hardware table says."""
+    import dataclasses
+
+    from distserve.planner.measured import is_table
+    from distserve.planner.profiles import load_profile
+    if is_table(profile_path):
+        return cluster
+    profile = load_profile(profile_path)
+    rate = (profile.meta.get("_transfer") or {}).get("bytes_per_s")
+    if not rate or profile.hardware != cluster.hardware.name:
+        return cluster
+    return dataclasses.replace(cluster, hardware=dataclasses.replace(cluster.hardware,
+                                                                     link_bandwidth=float(rate)))
 
 
 def _speed(args, problem) -> dict | None:

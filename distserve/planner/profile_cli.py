@@ -198,6 +198,8 @@ def run_profile(args: argparse.Namespace) -> int:
         doc = {}
     doc["_hardware"] = args.hardware_name or m["hardware"]
     doc["_device"] = m["device"]
+    if m.get("transfer"):   # the KV link between instances on this host, as measured
+        doc["_transfer"] = m["transfer"]
     doc.setdefault("_clock", {})[name] = args.clock
     doc.setdefault("_fit_error", {})[name] = errors
     doc.setdefault("_measurements", {})[name] = {"prefill": m["prefill"], "decode": m["decode"],
@@ -230,6 +232,10 @@ def run_profile(args: argparse.Namespace) -> int:
     for phase in ("prefill", "decode"):
         e = errors[phase]
         print(f"  fit error {phase}: mean {e['mean']:.1%}, max {e['max']:.1%}")
+    if m.get("transfer"):
+        t = m["transfer"]
+        print(f"  KV pull ({t['backend']}): {t['bytes_per_s'] / 1e9:.2f} GB/s (the planner's KV "
+              "link between instances here)")
     forms = errors["decode_mean_by_context_form"]
     print(f"  decode context term: {entry.decode_context} (mean error with sum(ctx + 1) "
           f"{forms['sum']:.1%}, with batch * max ctx {forms['max']:.1%}, one piece below batch 95)")

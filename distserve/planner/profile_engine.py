@@ -72,7 +72,38 @@ def measure(model: str | None, dtype: str, device: str | None, num_threads: int 
     if overhead_batches:
         out["overhead"] = step_overhead(config, worker, overhead_batches, vocab, gen, sync, progress,
                                         now=now)
+    out["transfer"] = measure_kv_pull(worker.runner.kv_cache, repeats)
     return out
+
+
+def measure_kv_pull(cache: torch.Tensor, repeats: int = 3, blocks: int = 32) -> dict:
+    """How fast a decode instance pulls KV from a prefill instance here, through the real
+    backend (shared memory on CPU, TCP on a GPU): {"backend", "bytes_per_s"}, the best of a
+    few pulls of `blocks` blocks of this cache's layout (the planner's KV link on one host)."""
+    import secrets
+
+    from distserve.kv.cache import KVCacheShape
+    from distserve.transfer import make_puller, make_source
+    n, layers, _, block_size, heads, head_dim = cache.shape
+    blocks = max(1, min(blocks, n))
+    backend = "shm" if cache.device.type == "cpu" else "tcp"
+    secret = secrets.token_bytes(32)
+    shape = KVCacheShape(layers, heads, head_dim, block_size)
+    src, source = make_source(backend, shape, blocks, cache.dtype, cache.device, secret=secret)
+    puller = make_puller(backend, secret=secret)
+    dst = torch.empty_like(src)
+    try:
+        src.normal_()
+        ids = list(range(blocks))
+        best = float("inf")
+        for _ in range(max(repeats, 3)):
+            stats = puller.pull(source.endpoint, ids, dst, ids)
+            best = min(best, stats.seconds)
+        return {"backend": backend, "bytes_per_s": stats.nbytes / best if best > 0 else 0.0,
+                "bytes": stats.nbytes}
+    finally:
+        puller.close()
+        source.close()
 
 
 def _config_for(model, dtype, device, num_threads, prefill_shapes, decode_shapes,

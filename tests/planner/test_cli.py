@@ -109,6 +109,7 @@ def test_profile_measures_the_engine(tiny_llama, tmp_path, capsys):
     assert "fit error" in capsys.readouterr().out
     doc = json.load(open(out))
     assert doc["_hardware"] == "cpu" and set(doc["tiny"]["1"]) >= {"prefill", "decoding_smallbs"}
+    assert doc["_transfer"]["backend"] == "shm" and doc["_transfer"]["bytes_per_s"] > 0
     from distserve.planner.profiles import Profile
     assert Profile.load(str(out)).get("tiny", 1) is not None
 
@@ -178,3 +179,22 @@ def test_profile_measures_tp_and_pp_instances_and_the_planner_uses_them(tiny_lla
     assert (pp2.stage_ms, pp2.decode_factor) == (fit["stage_ms"], fit["decode_factor"])
     # without a measurement the artifact's provisional constant stays
     assert instance_latency(model, 1, 4, profile).stage_ms == PP_STAGE_MS
+
+
+def test_profile_measures_the_kv_pull_and_the_planner_takes_it_as_the_link(tmp_path):
+    """`distserve profile` times a KV pull over the real backend (shared memory here); a plan
+    made from that profile on its hardware uses it as the link between instances."""
+    import torch
+
+    from distserve.planner.cli import measured_link
+    from distserve.planner.hardware import Cluster, get_hardware
+    from distserve.planner.profile_engine import measure_kv_pull
+    cache = torch.zeros(40, 2, 2, 16, 2, 16, dtype=torch.bfloat16)
+    t = measure_kv_pull(cache, repeats=3)
+    assert t["backend"] == "shm" and t["bytes"] == 32 * cache[0].nbytes and t["bytes_per_s"] > 0
+    profile = tmp_path / "p.json"
+    profile.write_text(json.dumps({"_hardware": "cpu", "_transfer": t}))
+    cpu = Cluster(get_hardware("cpu"), 1, 2)
+    assert measured_link(cpu, str(profile)).link(True) == t["bytes_per_s"]
+    h100 = Cluster(get_hardware("h100-80g"), 1, 8)   # made on another machine: the table's
+    assert measured_link(h100, str(profile)).link(True) == get_hardware("h100-80g").link_bandwidth

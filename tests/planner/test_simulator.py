@@ -72,6 +72,25 @@ def test_one_request_by_hand():
     assert col.ttft[0] == pytest.approx(prefill) and col.tpot[0] == pytest.approx(steps / 4)
 
 
+def test_a_pull_holds_up_the_decode_step_it_joins():
+    """Our engine pulls a request's KV inside the decode step that admits it: every request
+    decoding there waits for the pull (1 s here); with overlapped pulls it would not."""
+    import math
+    tr = Trace(np.array([0.0, 0.05]), np.array([10, 1000]), np.array([60, 5]))
+
+    def run(link, stalls):
+        return simulate(tr, Disaggregated(inst(), inst(), kv_bytes_per_token=1000,
+                                          link_bandwidth=link, pull_stalls_decode=stalls))
+
+    def last(r):   # when a request's last token came out
+        return tr.arrival + r.ttft + r.tpot * (tr.output_len - 1)
+    instant, stalled, overlapped = run(math.inf, True), run(1e6, True), run(1e6, False)
+    own, other = 10 * 1000 / 1e6, 1000 * 1000 / 1e6
+    assert last(stalled)[0] - last(instant)[0] == pytest.approx(own + other)
+    assert last(overlapped)[0] - last(instant)[0] < own + 0.1
+    assert (stalled.ttft == instant.ttft).all()
+
+
 def test_closed_form_segments_match_step_by_step():
     rng = np.random.default_rng(3)
     n = 300

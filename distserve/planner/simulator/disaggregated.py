@@ -6,7 +6,10 @@ token budget and its KV room, through PP pipeline stages; its KV stays until a d
 pulls it. When the first token is out the request goes to the decode instance holding the
 fewest requests, which admits FCFS while its KV pool holds the whole request (prompt + output:
 no preemption), then pulls the KV (bytes / link bandwidth), frees the prefill side, and
-batches it continuously into one of its PP lanes.
+batches it continuously into one of its PP lanes. As in our engine, the pull is part of the
+decode step that admits the request: that step starts only when the pulls of the requests
+joining it are done, so every request decoding on the instance waits for them
+(`pull_stalls_decode`; False: pulls overlap decoding, the request joins when its own is done).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ class Disaggregated:
     num_decode: int = 1
     kv_bytes_per_token: float = 0.0
     link_bandwidth: float = INF            # bytes/s between a prefill and a decode instance
+    pull_stalls_decode: bool = True        # a pull holds up the decode step it joins
 
     @property
     def num_gpus(self) -> int:
@@ -56,6 +60,7 @@ class _Disaggregated:
         pc = P.latency.stage_ms * self.pp if self.pp > 1 else 0.0
         self.pstage = (a * 1e-3 / self.pp + pc * 1e-3, b * 1e-3 / self.pp, c * 1e-3 / self.pp)
         self.xfer = d.kv_bytes_per_token / d.link_bandwidth if d.link_bandwidth < INF else 0.0
+        self.stall = d.pull_stalls_decode and self.xfer > 0
         self.coeffs = decode_coeffs(D.latency)
         self.pq = [deque() for _ in range(d.num_prefill)]
         self.pkv, self.pqueued = [0] * d.num_prefill, [0] * d.num_prefill   # KV, prompt tokens queued
@@ -161,7 +166,10 @@ class _Disaggregated:
             w.popleft()
             self.dkv[k] += need
             self.dactive[k] += 1
-            self.push(now + inp[r] * self.xfer, XFER, k, r)
+            if self.stall:   # pulled at the start of the step it joins (boundary)
+                self.transferred(k, r, now)
+            else:
+                self.push(now + inp[r] * self.xfer, XFER, k, r)
 
     def transferred(self, k: int, r: int, now: float) -> None:
         j = self.src[r]
@@ -187,11 +195,12 @@ class _Disaggregated:
             self.dkv[k] -= inp[r] + out[r]
             self.dactive[k] -= 1
             self.dload[k] -= 1
+        pulls = sum(inp[r] for r in lane.pending) * self.xfer if self.stall else 0.0
         for r in lane.pending:
             self.off[r] = lane.join(r, inp[r] + 1, out[r] - 1)
         lane.pending.clear()
         if lane.B:
-            end = lane.plan(now, self.coeffs)
+            end = lane.plan(now + pulls, self.coeffs)
             self.push(end, LANE, k, (self.lanes[k].index(lane), lane.version))
         else:
             lane.state = 0

@@ -45,7 +45,10 @@ class Lane:
         return k * self.p + self.q * k * (k - 1)
 
     def steps_until(self, dt: float) -> int:
-        """The smallest k >= 1 whose boundary is at least dt after the segment start."""
+        """The smallest k >= 1 whose boundary is at least dt after the segment start (dt < 0:
+        the segment has not started yet, held up by a pull)."""
+        if dt <= 0.0:
+            return 1
         p, q = self.p, self.q
         if q <= 0.0:
             k = max(1, math.ceil(dt / p - 1e-12))
