@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _register_generate(sub)
-    for module in ("distserve.server.cli", "distserve.bench.cli", "distserve.planner.cli"):
+    for module in ("distserve.server.cli", "distserve.bench.cli", "distserve.planner.cli",
+                   "distserve.tune.cli"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ImportError as e:

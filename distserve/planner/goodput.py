@@ -55,8 +55,13 @@ def goodput_one(deployment, lengths: Lengths, slo: SLO, n: int = DEFAULT_REQUEST
                 guess: float = 1.0, rel_tol: float = 0.02, burstiness: float = 1.0,
                 probes: list | None = None) -> float:
     """Highest rate (req/s) with attainment >= target for one seed; 0 when even 1/256 of
-    `guess` fails (the SLO cannot be met, queueing or not)."""
+    `guess` fails (the SLO cannot be met, queueing or not). Never above what the deployment
+    can process at all (capacity.py): with SLOs so loose that no finite trace breaks them,
+    that capacity is the answer."""
+    from distserve.planner.capacity import deployment_capacity
     horizon = _lifetime(lengths, slo)
+    ceiling = deployment_capacity(deployment, lengths)
+    guess = min(guess, ceiling) if math.isfinite(ceiling) and ceiling > 0 else guess
 
     def att(rate: float) -> float:
         # a trace shorter than a few request lifetimes is one burst, not a steady load
@@ -74,7 +79,9 @@ def goodput_one(deployment, lengths: Lengths, slo: SLO, n: int = DEFAULT_REQUEST
             lo, a_lo = rate, a
             if hi is not None:
                 break
-            rate *= 2.0
+            if rate >= ceiling:              # it meets the SLOs at all it can process
+                return ceiling
+            rate = min(rate * 2.0, ceiling)
         else:
             hi, a_hi = rate, a
             if lo > 0 or rate < guess / 256:

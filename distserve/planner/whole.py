@@ -23,16 +23,14 @@ first).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import numpy as np
-
+from distserve.planner.capacity import instance_capacity
 from distserve.planner.goodput import attainment, goodput_one
 from distserve.planner.plan import PhasePlan, place, same_node
 from distserve.planner.search import (Candidate, Problem, deployment, phase_goodputs,
                                       run_parallel)
-from distserve.planner.simulator import Colocated, InstanceConfig
+from distserve.planner.simulator import Colocated
 
 MAX_SIMULATIONS = 400     # whole-deployment simulations one search may run
 _TIE = 0.01
@@ -46,29 +44,6 @@ class Scored:
     estimate: float
     bound: float
     goodput: float | None = None
-
-
-def instance_capacity(inst: InstanceConfig, lengths, phase: str) -> float:
-    """The most requests per second one instance can process (no SLO: every stage busy)."""
-    ins, outs = lengths.sample(2000, np.random.default_rng(7))
-    lat = inst.latency
-    if phase == "prefill":
-        mean_in = float(ins.mean())
-        budget = min(inst.max_num_batched_tokens or inst.kv_capacity, inst.kv_capacity)
-        best = 0.0
-        for k in range(1, max(1, int(budget // max(mean_in, 1))) + 1):
-            t = lat.prefill_stage(k * mean_in, k * mean_in * mean_in)   # one stage's share
-            best = max(best, k / t if t > 0 else math.inf)
-        return best
-    mean_out = float(outs.mean())
-    context = float(ins.mean() + outs.mean() / 2)
-    most = int(min(inst.max_batch, inst.kv_capacity // max(ins.mean() + outs.mean(), 1)))
-    best = 0.0
-    for b in sorted({1, max(1, most // 4), max(1, most // 2), max(1, most)}):
-        per_lane = max(1, b // lat.pp)      # PP lanes: micro-batches in flight side by side
-        step = lat.decode(np.full(per_lane, context))   # one lane's step, every stage
-        best = max(best, per_lane * lat.pp / step / mean_out if step > 0 else math.inf)
-    return best
 
 
 def _beats(p: Problem, dep, rate: float) -> bool:

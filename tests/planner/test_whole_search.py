@@ -7,7 +7,8 @@ from distserve.planner.goodput import goodput_one
 from distserve.planner.planning import make_plan
 from distserve.planner.search import Candidate, deployment
 from distserve.planner.simulator import Colocated
-from distserve.planner.whole import (Scored, instance_capacity, search_whole,
+from distserve.planner.capacity import instance_capacity
+from distserve.planner.whole import (Scored, search_whole,
                                      search_whole_colocated)
 
 from .test_search_plan import problem

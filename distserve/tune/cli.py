@@ -1,0 +1,47 @@
+"""`distserve tune [MODEL] --ttft-slo S --tpot-slo S --workload W -o DIR`: the planner's plan
+checked against the real deployment on this machine, refitted and re-planned (loop.py)."""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser("tune", help="plan, serve the plan, measure it, refit and re-plan until "
+                       "the plan stops changing; writes a report")
+    p.add_argument("model", nargs="?", default=None, help="HF folder or .gguf (default: "
+                   "built-in SmolLM2)")
+    p.add_argument("--ttft-slo", type=float, required=True, help="seconds")
+    p.add_argument("--tpot-slo", type=float, required=True, help="seconds")
+    p.add_argument("--workload", default="sharegpt", choices=["sharegpt", "humaneval", "longbench"])
+    p.add_argument("-o", "--output", default="tune-report", help="report folder")
+    p.add_argument("--latency-profile", default=None, help="a profile of this machine (default: "
+                   "run `distserve profile` first)")
+    p.add_argument("--cores", type=int, default=None, help="cores to plan for (default: this "
+                   "process's)")
+    p.add_argument("--rounds", type=int, default=2, help="plan-serve-measure rounds at most")
+    p.add_argument("--num-rates", type=int, default=3, help="rates measured per round (1-5, "
+                   "around the predicted goodput)")
+    p.add_argument("--num-prompts", type=int, default=60, help="requests per measured rate")
+    p.add_argument("--plan-requests", type=int, default=400, help="requests per simulation")
+    p.set_defaults(func=run_tune)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from distserve.slo import check_slo_seconds
+    from distserve.tune.loop import RATE_FACTORS, TuneConfig, tune
+    check_slo_seconds(args.ttft_slo, args.tpot_slo)
+    if args.rounds < 1 or not 1 <= args.num_rates <= len(RATE_FACTORS):
+        raise ValueError(f"--rounds must be >= 1 and --num-rates in 1..{len(RATE_FACTORS)}")
+    if args.num_prompts < 1 or args.plan_requests < 10:
+        raise ValueError("--num-prompts must be >= 1 and --plan-requests >= 10")
+    cfg = TuneConfig(args.model, args.workload, args.ttft_slo, args.tpot_slo,
+                     pathlib.Path(args.output), args.latency_profile, rounds=args.rounds,
+                     num_rates=args.num_rates, num_prompts=args.num_prompts,
+                     plan_requests=args.plan_requests)
+    if args.cores:
+        cfg.cores = args.cores
+    doc = tune(cfg, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"report: {cfg.out / 'report.md'} ({len(doc['rounds'])} round(s), {doc['stopped']})")
+    return 130 if doc["stopped"] == "interrupted" else 0

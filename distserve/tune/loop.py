@@ -1,0 +1,188 @@
+"""`distserve tune`: the planner checked against the real deployment on this machine, refitted
+and re-planned until its plan stops changing.
+
+One round: plan (the whole-deployment search, on this machine's cores, from the latency
+profile at the speed the last round measured), serve the plan (`distserve serve --plan`, its
+instances writing step traces), load it with `distserve bench` at rates around the predicted
+goodput, simulate exactly the arrivals and lengths each run sent (the prediction), and set
+measured beside predicted attainment, rate by rate. The instances' step traces say how much
+slower than the profile their model steps ran, per phase; the next round plans at that speed.
+The loop ends when a round's plan is the last one's, or after `rounds`. Ctrl-C stops the
+server and leaves the report of the rounds done. Everything it runs is our own CLI, so what
+it measures is what a user's deployment does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from distserve.cluster.step_trace import ENV as STEP_TRACE_ENV
+from distserve.planner.calibration import speed_of_traces
+from distserve.planner.goodput import SLO
+from distserve.planner.hardware import Cluster, get_hardware
+from distserve.planner.models import MODELS, get_model
+from distserve.planner.planning import make_plan
+from distserve.planner.reality_check import replay
+from distserve.planner.search import Problem, deployment
+from distserve.planner.simulator import Colocated
+from distserve.planner.workload import Lengths
+from distserve.tune.serve import free_port, start_server, stop_server
+
+RATE_FACTORS = (0.5, 0.8, 1.0, 1.25, 1.5)   # around the predicted goodput
+ACCURACY_PP = 3.0   # |predicted - measured| attainment, in points, that counts as holding
+
+
+@dataclass
+class TuneConfig:
+    model: str | None                      # served: a folder, a .gguf, or None (built-in)
+    workload: str                          # a bench dataset the planner also knows
+    ttft_slo: float
+    tpot_slo: float
+    out: pathlib.Path
+    latency_profile: str | None = None     # None: profile this machine first
+    cores: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    rounds: int = 2
+    num_rates: int = 3
+    num_prompts: int = 60
+    plan_requests: int = 400
+    seed: int = 0
+    profile_args: tuple = ("--prefill-lens", "16,64,256,512", "--batch-sizes", "1,2,4,8,16",
+                           "--context-lens", "64,256", "--repeats", "2")
+
+
+def planned_model_name(model: str | None) -> str:
+    """The planner's name for the served model (the built-in one is SmolLM2-135M)."""
+    return get_model(model).name if model else MODELS["HuggingFaceTB/SmolLM2-135M"].name
+
+
+def profile_machine(cfg: TuneConfig, progress) -> str:
+    path = cfg.out / "profile.json"
+    cmd = [sys.executable, "-m", "distserve.cli", "profile", *([cfg.model] if cfg.model else []),
+           "-o", str(path), "--name", planned_model_name(cfg.model), "--num-threads", "1",
+           "--clock", "cpu", *cfg.profile_args]
+    progress(f"profiling this machine: {' '.join(cmd[3:])}")
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"distserve profile failed:\n{done.stderr[-2000:]}")
+    return str(path)
+
+
+def problem_for(cfg: TuneConfig, profile: str, speed: dict | None) -> Problem:
+    return Problem(get_model(cfg.model) if cfg.model else MODELS["HuggingFaceTB/SmolLM2-135M"],
+                   Cluster(get_hardware("cpu"), 1, cfg.cores), Lengths(cfg.workload),
+                   SLO(cfg.ttft_slo, cfg.tpot_slo), profile, requests=cfg.plan_requests,
+                   seeds=(0, 1), jobs=1, speed=speed)
+
+
+def plan_key(plan) -> tuple:
+    """What makes two plans the same deployment."""
+    c = plan.colocated or {}
+    return (plan.mode, plan.prefill.tp, plan.prefill.pp, plan.prefill.instances, plan.decode.tp,
+            plan.decode.pp, plan.decode.instances) if plan.mode == "disaggregated" else \
+        (plan.mode, c.get("tp"), c.get("pp"), c.get("instances"))
+
+
+def planned_deployment(p: Problem, plan):
+    """The simulated deployment of a plan (what its predictions come from)."""
+    from distserve.planner.search import Candidate
+    if plan.mode == "colocated":
+        c = plan.colocated
+        return Colocated(p.colocated_instance(c["tp"], c["pp"]), c.get("instances") or 1)
+    cand = Candidate((plan.prefill.tp, plan.prefill.pp), (plan.decode.tp, plan.decode.pp), 1,
+                     plan.prefill.instances, plan.decode.instances)
+    return deployment(p, cand, p.cluster.link(True))
+
+
+def bench(cfg: TuneConfig, port: int, rate: float, seed: int, path: pathlib.Path) -> dict:
+    cmd = [sys.executable, "-m", "distserve.cli", "bench", "--base-url", f"http://127.0.0.1:{port}",
+           "--dataset", cfg.workload, "--request-rate", f"{rate:.6g}", "--num-prompts",
+           str(cfg.num_prompts), "--seed", str(seed), "--ttft-slo", f"{cfg.ttft_slo:g}",
+           "--tpot-slo", f"{cfg.tpot_slo:g}", "--ignore-eos", "--disable-tqdm",
+           "--save-result", str(path)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0 or not path.exists():
+        raise RuntimeError(f"distserve bench at {rate:g} req/s failed:\n{done.stdout[-2000:]}")
+    return json.loads(path.read_text())
+
+
+def run_round(cfg: TuneConfig, k: int, profile: str, speed: dict | None, progress) -> dict:
+    p = problem_for(cfg, profile, speed)
+    progress(f"round {k}: planning on {cfg.cores} core(s)"
+             + (f" at the measured speed {speed}" if speed else "") + " ...")
+    plan = make_plan(p, "whole", cfg.workload)
+    plan_path = cfg.out / f"plan-round{k}.yaml"
+    plan.save(str(plan_path))
+    progress(f"round {k}: {plan.mode} plan, predicted goodput {plan.goodput:.3g} req/s; serving it")
+    predicted_goodput = (plan.goodput if plan.mode == "disaggregated"
+                         else plan.colocated.get("goodput", plan.goodput))
+    rates = [f * predicted_goodput for f in RATE_FACTORS[:cfg.num_rates]]
+    traces = cfg.out / f"traces-round{k}"
+    port = free_port()
+    env = {**os.environ, STEP_TRACE_ENV: str(traces)}
+    flags = [*([cfg.model] if cfg.model else []), "--plan", str(plan_path), "--no-pin-cpus"]
+    proc = start_server(flags, port, cfg.out / f"serve-round{k}.log", env=env)
+    runs = []
+    try:
+        dep = planned_deployment(p, plan)
+        slo = {"ttft": cfg.ttft_slo, "tpot": cfg.tpot_slo}
+        for i, rate in enumerate(rates):
+            doc = bench(cfg, port, rate, cfg.seed + i, cfg.out / f"bench-round{k}-{i}.json")
+            row = replay(doc, dep, slo)[0]
+            row["rate"] = rate
+            row["holds"] = abs(row["error_pp"]) <= ACCURACY_PP
+            runs.append(row)
+            progress(f"round {k}: {rate:.3g} req/s: measured {100 * row['measured']['attainment']:.1f}% "
+                     f"attainment, predicted {100 * row['predicted']['attainment']:.1f}%")
+    finally:
+        stop_server(proc)
+    measured_speed = None
+    try:   # against the entry this round planned with: the profile at `speed` already
+        relative = speed_of_traces(str(traces), p.instance(1, 1).latency.entry)
+        measured_speed = {phase: round(float(v) * (speed or {}).get(phase, 1.0), 3)
+                          for phase, v in relative.items()}
+    except (ValueError, FileNotFoundError) as e:
+        progress(f"round {k}: no speed from the step traces ({e})")
+    return {"round": k, "plan": plan.to_dict(), "plan_key": list(plan_key(plan)),
+            "predicted_goodput": predicted_goodput, "speed_planned": speed,
+            "speed_measured": measured_speed, "runs": runs}
+
+
+def tune(cfg: TuneConfig, progress=lambda msg: None) -> dict:
+    """The rounds (see the module docstring); writes the report into cfg.out as it goes."""
+    from distserve.tune.report import write_report
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    doc = {"model": planned_model_name(cfg.model), "workload": cfg.workload,
+           "ttft_slo": cfg.ttft_slo, "tpot_slo": cfg.tpot_slo, "cores": cfg.cores,
+           "rounds": [], "stopped": "rounds"}
+    try:
+        profile = cfg.latency_profile or profile_machine(cfg, progress)
+        doc["latency_profile"] = profile
+        speed = None
+        for k in range(1, cfg.rounds + 1):
+            r = run_round(cfg, k, profile, speed, progress)
+            doc["rounds"].append(r)
+            write_report(doc, cfg.out)
+            if k > 1 and r["plan_key"] == doc["rounds"][-2]["plan_key"]:
+                doc["stopped"] = "converged"
+                break
+            speed = r["speed_measured"] or speed
+    except KeyboardInterrupt:
+        doc["stopped"] = "interrupted"
+    doc["seconds"] = round(time.time() - started, 1)
+    if doc["rounds"]:
+        final = doc["rounds"][-1]["plan"]
+        (cfg.out / "plan.yaml").write_text(_yaml(final))
+    write_report(doc, cfg.out)
+    return doc
+
+
+def _yaml(plan: dict) -> str:
+    import yaml
+    return yaml.safe_dump(plan, sort_keys=False)
+

@@ -1,0 +1,54 @@
+"""`distserve tune` on a tiny model with a short budget: it profiles, plans, serves the plan,
+measures it, sets the prediction beside it, refits and re-plans, writes its report, and
+leaves no process behind."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers.tiny_models import build_tiny_model
+
+pytestmark = pytest.mark.slow
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def test_tune_plans_serves_measures_and_reports(tmp_path_factory, tokenizer_dir):
+    model = build_tiny_model("llama", tmp_path_factory.mktemp("tune-llama"), tokenizer_dir,
+                             max_position_embeddings=2048)
+    out = tmp_path_factory.mktemp("tune-report")
+    cmd = [sys.executable, "-m", "distserve.cli", "tune", str(model), "--workload", "humaneval",
+           "--ttft-slo", "2", "--tpot-slo", "0.5", "-o", str(out), "--rounds", "2",
+           "--num-rates", "2", "--num-prompts", "6", "--plan-requests", "60", "--cores", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["stopped"] in ("converged", "rounds") and 1 <= len(doc["rounds"]) <= 2
+    for r in doc["rounds"]:
+        assert len(r["runs"]) == 2 and r["plan"]["model"] == doc["model"]
+        for run in r["runs"]:
+            assert run["requests"] == 6 and 0 <= run["measured"]["attainment"] <= 1
+            assert 0 <= run["predicted"]["attainment"] <= 1 and isinstance(run["holds"], bool)
+    assert doc["rounds"][0]["speed_measured"]   # the step traces gave the served speed
+    if len(doc["rounds"]) == 2:
+        assert doc["rounds"][1]["speed_planned"] == doc["rounds"][0]["speed_measured"]
+    for name in ("report.md", "attainment.png", "plan.yaml", "profile.json"):
+        assert (out / name).stat().st_size > 0
+    assert "| rate (req/s) |" in (out / "report.md").read_text()
+    assert _processes_mentioning(str(out)) == []   # the servers and their instances are gone
