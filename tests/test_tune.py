@@ -43,7 +43,7 @@ def test_tune_plans_serves_measures_and_reports(tmp_path_factory, tokenizer_dir)
     for r in doc["rounds"]:
         assert len(r["runs"]) == 2 and r["plan"]["model"] == doc["model"]
         for run in r["runs"]:
-            assert run["requests"] == 6 and 0 <= run["measured"]["attainment"] <= 1
+            assert 6 <= run["requests"] <= 30 and 0 <= run["measured"]["attainment"] <= 1
             assert 0 <= run["predicted"]["attainment"] <= 1 and isinstance(run["holds"], bool)
     assert doc["rounds"][0]["speed_measured"]   # the step traces gave the served speed
     if len(doc["rounds"]) == 2:

@@ -104,19 +104,44 @@ def make_plan(p: Problem, algorithm: str = "whole", workload: str = "", compare:
     progress(f"search done in {search_seconds:.1f} s; simulating the plan over {len(p.seeds)} seed(s) ...")
     whole = Candidate(best.prefill, best.decode, best.segments, prefill.instances, decode.instances,
                       goodput=best.goodput * k)
-    g = confirm(p, whole, link)
+    return _finish(p, algorithm, workload, compare, progress, whole, prefill, decode,
+                   placement, link, table, search_seconds,
+                   lambda: _colocated_alternative(p, search_colocated(p), 1))
+
+
+def _colocated_alternative(p: Problem, found: tuple, instances: int | None):
+    """The colocated deployment the plan is compared with, from a colocated search's (where,
+    goodput, table): (TP, PP) and its replica count (`instances`; None: where[2]), simulated
+    over the seeds; None when none meets the SLOs."""
+    where, _, table = found
+    if where is None:
+        return None
+    tp, pp = where[0], where[1]
+    n = where[2] if instances is None else instances
+    cg = confirm_colocated(p, tp, pp, n)
+    gpus = tp * pp * n
+    out = {"tp": tp, "pp": pp}
+    if instances is None:
+        out |= {"instances": n, "goodput": cg.rate}
+    return out | {"goodput_per_gpu": cg.rate / gpus, "spread": cg.spread / gpus,
+                  "chunked_prefill": p.chunked, "profile": p.colocated_profile or p.profile,
+                  "candidates": table}
+
+
+def _finish(p: Problem, algorithm: str, workload: str, compare: bool, progress, best: Candidate,
+            prefill: PhasePlan, decode: PhasePlan, placement: list, link: float, table: list,
+            search_seconds: float, colocated_search, simulations: int = 0) -> Plan:
+    """Confirm the chosen deployment over the seeds, compare it with the colocated one (the
+    verdict), and write it all down as a Plan."""
+    g = confirm(p, best, link)
     gpus = prefill.num_gpus + decode.num_gpus
     colocated, text = None, ""
     if compare:
         progress("searching the colocated alternative ...")
-        where, _, ctable = search_colocated(p)
-        if where is not None:
-            cg = confirm_colocated(p, *where)
-            per_gpu = cg.rate / (where[0] * where[1])
-            colocated = {"tp": where[0], "pp": where[1], "goodput_per_gpu": per_gpu,
-                         "spread": cg.spread / (where[0] * where[1]), "chunked_prefill": p.chunked,
-                         "profile": p.colocated_profile or p.profile, "candidates": ctable}
-            text = verdict(g.rate / gpus, per_gpu, colocated)
+        colocated = colocated_search()
+        if colocated is not None:
+            text = verdict(g.rate / gpus, colocated["goodput_per_gpu"], colocated)
+    c = p.cluster
     lat_p, lat_d = p.instance(*best.prefill).latency, p.instance(*best.decode).latency
     return Plan(
         model=p.model.name, hardware=c.hardware.name, nodes=c.nodes, gpus_per_node=c.gpus_per_node,
@@ -125,7 +150,7 @@ def make_plan(p: Problem, algorithm: str = "whole", workload: str = "", compare:
         goodput_per_gpu=g.rate / gpus, goodput_spread=g.spread / gpus, placement=placement,
         colocated=colocated, verdict=text, candidates=table,
         latency_source={"prefill": lat_p.source, "decode": lat_d.source, "profile": p.profile},
-        search_seconds=round(search_seconds, 3), mode=verdict_mode(text))
+        search_seconds=round(search_seconds, 3), simulations=simulations, mode=verdict_mode(text))
 
 
 def _whole_plan(p: Problem, workload: str, compare: bool, progress) -> Plan:
@@ -143,27 +168,6 @@ def _whole_plan(p: Problem, workload: str, compare: bool, progress) -> Plan:
     search_seconds = time.perf_counter() - start
     progress(f"search done in {search_seconds:.1f} s ({sims} whole deployments simulated); "
              f"simulating the plan over {len(p.seeds)} seed(s) ...")
-    g = confirm(p, best, link)
-    gpus = prefill.num_gpus + decode.num_gpus
-    colocated, text = None, ""
-    if compare:
-        progress("searching the colocated alternative ...")
-        where, _, ctable = search_whole_colocated(p)
-        if where is not None:
-            tp, pp, n = where
-            cg = confirm_colocated(p, tp, pp, n)
-            per_gpu = cg.rate / (tp * pp * n)
-            colocated = {"tp": tp, "pp": pp, "instances": n, "goodput": cg.rate,
-                         "goodput_per_gpu": per_gpu, "spread": cg.spread / (tp * pp * n),
-                         "chunked_prefill": p.chunked, "profile": p.colocated_profile or p.profile,
-                         "candidates": ctable}
-            text = verdict(g.rate / gpus, per_gpu, colocated)
-    lat_p, lat_d = p.instance(*best.prefill).latency, p.instance(*best.decode).latency
-    return Plan(
-        model=p.model.name, hardware=c.hardware.name, nodes=c.nodes, gpus_per_node=c.gpus_per_node,
-        workload=workload, ttft_slo=p.slo.ttft, tpot_slo=p.slo.tpot, attainment_target=p.slo.target,
-        algorithm="whole", prefill=prefill, decode=decode, goodput=g.rate,
-        goodput_per_gpu=g.rate / gpus, goodput_spread=g.spread / gpus, placement=placement,
-        colocated=colocated, verdict=text, candidates=table,
-        latency_source={"prefill": lat_p.source, "decode": lat_d.source, "profile": p.profile},
-        search_seconds=round(search_seconds, 3), simulations=sims, mode=verdict_mode(text))
+    return _finish(p, "whole", workload, compare, progress, best, prefill, decode, placement,
+                   link, table, search_seconds,
+                   lambda: _colocated_alternative(p, search_whole_colocated(p), None), sims)

@@ -23,7 +23,8 @@ def register(sub) -> None:
     p.add_argument("--rounds", type=int, default=2, help="plan-serve-measure rounds at most")
     p.add_argument("--num-rates", type=int, default=3, help="rates measured per round (1-5, "
                    "around the predicted goodput)")
-    p.add_argument("--num-prompts", type=int, default=60, help="requests per measured rate")
+    p.add_argument("--num-prompts", type=int, default=60, help="requests per measured rate, at "
+                   "least (more where the run must span a few request lifetimes; 5x at most)")
     p.add_argument("--plan-requests", type=int, default=400, help="requests per simulation")
     p.set_defaults(func=run_tune)
 

@@ -14,6 +14,7 @@ it measures is what a user's deployment does.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -23,14 +24,14 @@ from dataclasses import dataclass, field
 
 from distserve.cluster.step_trace import ENV as STEP_TRACE_ENV
 from distserve.planner.calibration import speed_of_traces
-from distserve.planner.goodput import SLO
+from distserve.planner.goodput import HORIZONS, SLO, _lifetime
 from distserve.planner.hardware import Cluster, get_hardware
 from distserve.planner.models import MODELS, get_model
 from distserve.planner.planning import make_plan
 from distserve.planner.reality_check import replay
 from distserve.planner.search import Problem, deployment
 from distserve.planner.simulator import Colocated
-from distserve.planner.workload import Lengths
+from distserve.planner.workload import TRACES, Lengths
 from distserve.tune.serve import free_port, start_server, stop_server
 
 RATE_FACTORS = (0.5, 0.8, 1.0, 1.25, 1.5)   # around the predicted goodput
@@ -72,9 +73,16 @@ def profile_machine(cfg: TuneConfig, progress) -> str:
     return str(path)
 
 
+def planned_lengths(workload: str) -> Lengths:
+    """What the bench will send: the lengths its loaders measured on the real prompts (the
+    planner's `-trace` workloads), else the planner's synthetic distribution of that name."""
+    trace = f"{workload}-trace"
+    return Lengths(trace if trace in TRACES else workload)
+
+
 def problem_for(cfg: TuneConfig, profile: str, speed: dict | None) -> Problem:
     return Problem(get_model(cfg.model) if cfg.model else MODELS["HuggingFaceTB/SmolLM2-135M"],
-                   Cluster(get_hardware("cpu"), 1, cfg.cores), Lengths(cfg.workload),
+                   Cluster(get_hardware("cpu"), 1, cfg.cores), planned_lengths(cfg.workload),
                    SLO(cfg.ttft_slo, cfg.tpot_slo), profile, requests=cfg.plan_requests,
                    seeds=(0, 1), jobs=1, speed=speed)
 
@@ -98,10 +106,19 @@ def planned_deployment(p: Problem, plan):
     return deployment(p, cand, p.cluster.link(True))
 
 
-def bench(cfg: TuneConfig, port: int, rate: float, seed: int, path: pathlib.Path) -> dict:
+def prompts_for(cfg: TuneConfig, p: Problem, rate: float) -> int:
+    """Requests for a measured run: at least `num_prompts`, and enough for the run to span a
+    few request lifetimes (as the planner's goodput does: a shorter run measures a burst, which
+    looks better than the steady state), at most 5 x `num_prompts`."""
+    need = math.ceil(HORIZONS * rate * _lifetime(p.lengths, p.slo))
+    return int(min(max(cfg.num_prompts, need), 5 * cfg.num_prompts))
+
+
+def bench(cfg: TuneConfig, port: int, rate: float, seed: int, path: pathlib.Path,
+          num_prompts: int) -> dict:
     cmd = [sys.executable, "-m", "distserve.cli", "bench", "--base-url", f"http://127.0.0.1:{port}",
            "--dataset", cfg.workload, "--request-rate", f"{rate:.6g}", "--num-prompts",
-           str(cfg.num_prompts), "--seed", str(seed), "--ttft-slo", f"{cfg.ttft_slo:g}",
+           str(num_prompts), "--seed", str(seed), "--ttft-slo", f"{cfg.ttft_slo:g}",
            "--tpot-slo", f"{cfg.tpot_slo:g}", "--ignore-eos", "--disable-tqdm",
            "--save-result", str(path)]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -117,9 +134,10 @@ def run_round(cfg: TuneConfig, k: int, profile: str, speed: dict | None, progres
     plan = make_plan(p, "whole", cfg.workload)
     plan_path = cfg.out / f"plan-round{k}.yaml"
     plan.save(str(plan_path))
-    progress(f"round {k}: {plan.mode} plan, predicted goodput {plan.goodput:.3g} req/s; serving it")
     predicted_goodput = (plan.goodput if plan.mode == "disaggregated"
                          else plan.colocated.get("goodput", plan.goodput))
+    progress(f"round {k}: {plan.mode} plan, predicted goodput {predicted_goodput:.3g} req/s; "
+             "serving it")
     rates = [f * predicted_goodput for f in RATE_FACTORS[:cfg.num_rates]]
     traces = cfg.out / f"traces-round{k}"
     port = free_port()
@@ -131,7 +149,8 @@ def run_round(cfg: TuneConfig, k: int, profile: str, speed: dict | None, progres
         dep = planned_deployment(p, plan)
         slo = {"ttft": cfg.ttft_slo, "tpot": cfg.tpot_slo}
         for i, rate in enumerate(rates):
-            doc = bench(cfg, port, rate, cfg.seed + i, cfg.out / f"bench-round{k}-{i}.json")
+            doc = bench(cfg, port, rate, cfg.seed + i, cfg.out / f"bench-round{k}-{i}.json",
+                        prompts_for(cfg, p, rate))
             row = replay(doc, dep, slo)[0]
             row["rate"] = rate
             row["holds"] = abs(row["error_pp"]) <= ACCURACY_PP
