@@ -35,7 +35,8 @@ def test_tune_plans_serves_measures_and_reports(tmp_path_factory, tokenizer_dir)
     out = tmp_path_factory.mktemp("tune-report")
     cmd = [sys.executable, "-m", "distserve.cli", "tune", str(model), "--workload", "humaneval",
            "--ttft-slo", "2", "--tpot-slo", "0.5", "-o", str(out), "--rounds", "2",
-           "--num-rates", "2", "--num-prompts", "6", "--plan-requests", "60", "--cores", "2"]
+           "--num-rates", "2", "--num-prompts", "6", "--plan-requests", "60", "--cores", "2",
+           "--repeats", "2"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     doc = json.loads((out / "report.json").read_text())
@@ -45,6 +46,9 @@ def test_tune_plans_serves_measures_and_reports(tmp_path_factory, tokenizer_dir)
         for run in r["runs"]:
             assert 6 <= run["requests"] <= 30 and 0 <= run["measured"]["attainment"] <= 1
             assert 0 <= run["predicted"]["attainment"] <= 1 and isinstance(run["holds"], bool)
+            assert len(run["repeats"]) == 1 and run["bound_pp"] >= 3.0   # the same trace again
+            assert run["spread_pp"] == pytest.approx(
+                100 * abs(run["repeats"][0] - run["measured"]["attainment"]))
     assert doc["rounds"][0]["speed_measured"]   # the step traces gave the served speed
     if len(doc["rounds"]) == 2:
         assert doc["rounds"][1]["speed_planned"] == doc["rounds"][0]["speed_measured"]
@@ -52,3 +56,11 @@ def test_tune_plans_serves_measures_and_reports(tmp_path_factory, tokenizer_dir)
         assert (out / name).stat().st_size > 0
     assert "| rate (req/s) |" in (out / "report.md").read_text()
     assert _processes_mentioning(str(out)) == []   # the servers and their instances are gone
+
+
+def test_the_accuracy_bound_is_three_points_or_realitys_own_spread():
+    from distserve.tune.loop import accuracy
+    row = {"measured": {"attainment": 0.80}, "error_pp": 5.0}
+    assert accuracy(row, [])["holds"] is False and accuracy(row, [])["spread_pp"] is None
+    wide = accuracy(row, [0.86, 0.79])          # the same trace gave 79-86%: a 7-point spread
+    assert wide["spread_pp"] == pytest.approx(7.0) and wide["holds"] is True
