@@ -38,7 +38,8 @@ from distserve.models.loader import ModelSource, build_model, resolve_dtype
 from distserve.models.sharding import Shard, make_shard, split_ranges
 from distserve.models.registry import model_class
 from distserve.transfer import make_puller
-from distserve.transfer.shares import (KVLink, check_link_device, decode_order, export_share,
+from distserve.transfer.base import check_backend_device
+from distserve.transfer.shares import (KVLink, decode_order, export_share,
                                        pull_own_share)
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ def worker_main(argv: list[str] | None = None) -> int:
                           timeout=datetime.timedelta(seconds=INIT_TIMEOUT_S))
     link = KVLink.from_env()
     if link is not None:
-        check_link_device(link, device)
+        check_backend_device(link.backend, device)
     groups = join_group(layout, args.rank, store, device)
     source = find_model(config.model)
     shard = make_shard(model_dims(source), args.tp, args.pp, args.rank)

@@ -39,7 +39,8 @@ from distserve.models.loader import default_device, find_model, load_tokenizer_f
 from distserve.models.sharding import check_parallelism, make_shard
 from distserve.request import Request
 from distserve.transfer.base import InstanceEndpoint, KVEndpoint, KVPuller, TransferStats
-from distserve.transfer.shares import (LINK_ENV, KVLink, PullOrder, check_link_device,
+from distserve.transfer.base import check_backend_device
+from distserve.transfer.shares import (LINK_ENV, KVLink, PullOrder,
                                        encode_order, export_share, pull_own_share, pull_result)
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class ParallelExecutor:
         if device.type == "cuda":
             device = torch.device("cuda", 0)  # rank r uses visible device r
         if kv_link is not None:
-            check_link_device(kv_link, device)
+            check_backend_device(kv_link.backend, device)
         source = find_model(config.model)
         dims = model_dims(source)
         check_parallelism(dims, self.layout.tp, self.layout.pp)

@@ -60,19 +60,18 @@ def instance_latency(model, tp: int, pp: int = 1, profile: str | Profile | None 
     profile's entry when it has one; else the roofline, with efficiency factors fitted on a
     measured table (`profile` a .csv: measured.py), or on the table shipped for `hardware`'s
     generation when the profile was made on another one, or else on the profile."""
-    from distserve.planner.measured import fit_table, is_table, table_for
-    from distserve.planner.roofline import calibrate
+    from distserve.planner.measured import factors_for, is_table, table_for
+    from distserve.planner.roofline import profile_path
     if isinstance(profile, str) and is_table(profile):
         hw = hardware or get_hardware("a100-80g")
-        theta = fit_table(profile, tuple(calibrate("distserve").items()))
-        return InstanceLatency(roofline_entry(model, hw, tp, theta=theta), tp, pp,
+        return InstanceLatency(roofline_entry(model, hw, tp, theta=factors_for(profile)), tp, pp,
                                f"roofline fitted on {profile}")
     if isinstance(profile, str):
         profile = load_profile(profile)
     if profile is not None and hardware is not None and hardware.name != profile.hardware:
         table = table_for(hardware)
         if table and get_hardware(profile.hardware).generation != hardware.generation:
-            theta = fit_table(table, tuple(calibrate(profile.meta.get("_path", "distserve")).items()))
+            theta = factors_for(table, profile_path(profile))
             return InstanceLatency(roofline_entry(model, hardware, tp, theta=theta), tp, pp,
                                    f"roofline ({hardware.generation} factors from "
                                    f"{table.rsplit('/', 1)[-1]})")

@@ -82,28 +82,29 @@ def _shape(row: dict) -> tuple[str, tuple[float, float, float]]:
     return ("small" if b < THRESHOLD else "large"), (1.0, float(b * (n + 1)), float(b))
 
 
-def predict(row: dict, theta: dict) -> float:
-    """The fitted roofline's time (ms) for a row's step (its TP; PP stages in sequence)."""
+def _row_terms(row: dict) -> tuple[str, list[float]]:
+    """(phase key, the time in ms each efficiency factor multiplies) of a row's step at its TP
+    (the roofline has no PP term)."""
     from distserve.planner.roofline import _features, physical_terms
     phase, shape = _shape(row)
     feats = _features(physical_terms(row["model"], row["hardware"], row["tp"]))
-    kind = "prefill" if phase == "prefill" else "decode"
-    return float(sum(t * np.dot(f, shape) for t, f in zip(theta[phase], feats[kind])))
+    return phase, [float(np.dot(f, shape)) for f in feats["prefill" if phase == "prefill" else "decode"]]
+
+
+def predict(row: dict, theta: dict) -> float:
+    """The fitted roofline's time (ms) for a row's step."""
+    phase, terms = _row_terms(row)
+    return float(sum(t * x for t, x in zip(theta[phase], terms)))
 
 
 @functools.lru_cache(maxsize=8)
 def fit_table(path: str, base: tuple | None = None) -> dict:
     """Efficiency factors per phase ("prefill", "small", "large") fitted on the table's rows;
     a phase without rows keeps `base`'s (a calibrated profile's, as a tuple of items)."""
-    from distserve.planner.roofline import _features, physical_terms
-    rows = read_table(path)
     x = {"prefill": [], "small": [], "large": []}
-    for row in rows:
-        phase, shape = _shape(row)
-        feats = _features(physical_terms(row["model"], row["hardware"], row["tp"]))
-        kind = "prefill" if phase == "prefill" else "decode"
-        t = row["latency_ms"]
-        x[phase].append([np.dot(f, shape) / t for f in feats[kind]])
+    for row in read_table(path):
+        phase, terms = _row_terms(row)
+        x[phase].append([term / row["latency_ms"] for term in terms])
     prior = dict(base) if base else {}
     theta = {}
     for phase, feats in x.items():
@@ -133,6 +134,13 @@ def _ridge_nnls(x: np.ndarray, prior) -> tuple:
             rows.append(r[None, :])
             target.append(np.array([w if b > 0 else 0.0]))
     return tuple(float(t) for t in _nnls(np.vstack(rows), np.concatenate(target)))
+
+
+def factors_for(table: str, profile_path: str = "distserve") -> dict:
+    """The efficiency factors fitted on `table`, with those calibrated on the profile as the
+    prior."""
+    from distserve.planner.roofline import calibrate
+    return fit_table(table, tuple(calibrate(profile_path).items()))
 
 
 def table_for(hardware) -> str | None:

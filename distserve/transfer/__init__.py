@@ -15,14 +15,10 @@ import torch
 
 from distserve.kv.cache import KVCacheShape
 from distserve.transfer.base import (BACKENDS, InstanceEndpoint, KVEndpoint, KVPuller, KVSource,
-                                     TransferError, TransferStats, check_backend_device)
+                                     TransferError, TransferStats, check_backend,
+                                     check_backend_device)
 from distserve.transfer.shm import ShmPuller, ShmSource, allocate_shm_cache
 from distserve.transfer.tcp import TcpPuller, TcpSource, allocate_tcp_cache
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown KV transfer backend {backend!r}; choose one of {BACKENDS}")
 
 
 def make_source(backend: str, shape: KVCacheShape, num_blocks: int, dtype: torch.dtype,
@@ -35,7 +31,7 @@ def make_source(backend: str, shape: KVCacheShape, num_blocks: int, dtype: torch
     secret: the deployment's; a tcp puller must prove it knows it (shm segments are the
     user's alone, mode 0600).
     """
-    _check_backend(backend)
+    check_backend(backend)
     check_backend_device(backend, torch.device(device))
     if backend == "shm":
         return allocate_shm_cache(shape, num_blocks, dtype)
@@ -44,7 +40,7 @@ def make_source(backend: str, shape: KVCacheShape, num_blocks: int, dtype: torch
 
 def make_puller(backend: str, *, secret: bytes, timeout: float = 30.0) -> KVPuller:
     """The decode side of `backend`; timeout (tcp only) bounds each pull, in seconds."""
-    _check_backend(backend)
+    check_backend(backend)
     return ShmPuller() if backend == "shm" else TcpPuller(timeout=timeout, secret=secret)
 
 

@@ -19,6 +19,11 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown KV transfer backend {backend!r}; choose one of {BACKENDS}")
+
+
 def check_backend_device(backend: str, device: torch.device) -> None:
     """shm shares host memory between processes; a GPU's KV goes over tcp (via host memory)."""
     if backend == "shm" and device.type != "cpu":

@@ -17,8 +17,8 @@ import msgspec
 import torch
 
 from distserve.kv.cache import KVShard
-from distserve.transfer.base import (BACKENDS, InstanceEndpoint, KVEndpoint, KVPuller,
-                                     TransferError, TransferStats, check_backend_device)
+from distserve.transfer.base import (InstanceEndpoint, KVEndpoint, KVPuller, TransferError,
+                                     TransferStats, check_backend)
 from distserve.transfer.reshard import pull_resharded
 
 LINK_ENV = "DISTSERVE_KV_LINK"   # how a parallel executor hands its workers the link
@@ -34,9 +34,7 @@ class KVLink:
     export: bool = False
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"unknown KV transfer backend {self.backend!r}; "
-                             f"choose one of {BACKENDS}")
+        check_backend(self.backend)
 
     def to_env(self) -> str:
         return json.dumps({"backend": self.backend, "secret": self.secret.hex(),
@@ -50,10 +48,6 @@ class KVLink:
             return None
         d = json.loads(raw)
         return cls(d["backend"], bytes.fromhex(d["secret"]), d["host"], d["export"])
-
-
-def check_link_device(link: KVLink, device: torch.device) -> None:
-    check_backend_device(link.backend, device)
 
 
 def export_share(link: KVLink, share: KVShard, shm_name: str = ""):

@@ -57,9 +57,13 @@ class TuneConfig:
                            "--context-lens", "64,256", "--repeats", "2")
 
 
+def served_spec(model: str | None):
+    """The planner's spec of the served model (the built-in one is SmolLM2-135M)."""
+    return get_model(model) if model else MODELS["HuggingFaceTB/SmolLM2-135M"]
+
+
 def planned_model_name(model: str | None) -> str:
-    """The planner's name for the served model (the built-in one is SmolLM2-135M)."""
-    return get_model(model).name if model else MODELS["HuggingFaceTB/SmolLM2-135M"].name
+    return served_spec(model).name
 
 
 def profile_machine(cfg: TuneConfig, progress) -> str:
@@ -82,7 +86,7 @@ def planned_lengths(workload: str) -> Lengths:
 
 
 def problem_for(cfg: TuneConfig, profile: str, speed: dict | None) -> Problem:
-    return Problem(get_model(cfg.model) if cfg.model else MODELS["HuggingFaceTB/SmolLM2-135M"],
+    return Problem(served_spec(cfg.model),
                    Cluster(get_hardware("cpu"), 1, cfg.cores), planned_lengths(cfg.workload),
                    SLO(cfg.ttft_slo, cfg.tpot_slo), profile, requests=cfg.plan_requests,
                    seeds=(0, 1), jobs=1, speed=speed)

@@ -85,8 +85,8 @@ def test_each_worker_exports_and_pulls_its_own_share(tiny_llama):
 
 
 def test_shm_cannot_carry_a_gpu_cache():
-    from distserve.transfer.shares import check_link_device
+    from distserve.transfer.base import check_backend_device
     with pytest.raises(ValueError, match="use --transfer tcp"):
-        check_link_device(KVLink("shm", SECRET), torch.device("cuda", 0))
+        check_backend_device(KVLink("shm", SECRET).backend, torch.device("cuda", 0))
     with pytest.raises(ValueError, match="use --transfer tcp"):
         make_source("shm", KVCacheShape(1, 1, 8, 4), 2, torch.float32, "cuda", secret=SECRET)
