@@ -15,6 +15,8 @@ from distserve.cluster.launcher import InstanceSpec
 from distserve.config import EngineConfig
 
 
+# the KV transfer backends (distserve.transfer.base.BACKENDS, named here without torch)
+TRANSFER_BACKENDS = ("shm", "tcp", "cuda_ipc")
 DEFAULT_KV_GIB = 2.0      # per instance, where the machine has the memory for it
 KV_SHARE_OF_MEMORY = 0.5  # of the memory available at start, for all instances' KV together
 
@@ -97,8 +99,13 @@ class Deployment:
     def __post_init__(self) -> None:
         if self.mode not in ("disaggregated", "colocated"):
             raise ValueError(f"unknown mode {self.mode!r}; choose disaggregated or colocated")
-        if self.transfer not in ("shm", "tcp"):
-            raise ValueError(f"unknown KV transfer backend {self.transfer!r}; choose shm or tcp")
+        if self.transfer not in TRANSFER_BACKENDS:
+            raise ValueError(f"unknown KV transfer backend {self.transfer!r}; choose one of "
+                             f"{', '.join(TRANSFER_BACKENDS)}")
+        if (self.transfer == "cuda_ipc" and self.mode == "disaggregated"
+                and not (self.base.device or "cuda").startswith("cuda")):
+            raise ValueError(f"--transfer cuda_ipc moves KV between CUDA devices; the instances "
+                             f"run on device {self.base.device!r}: use --transfer shm or tcp")
         phases = ([("prefill", self.prefill), ("decode", self.decode)]
                   if self.mode == "disaggregated" else [("colocated", self.colocated)])
         for role, phase in phases:

@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--instance-id", required=True)
     ap.add_argument("--controller", required=True, help="tcp://host:port of the controller")
     ap.add_argument("--config-json", required=True, help="EngineConfig fields as JSON")
-    ap.add_argument("--transfer", default="shm", choices=["shm", "tcp"])
+    ap.add_argument("--transfer", default="shm", choices=["shm", "tcp", "cuda_ipc"])
     ap.add_argument("--host", default="127.0.0.1")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {args.instance_id} %(levelname)s: %(message)s")

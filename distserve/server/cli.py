@@ -74,9 +74,11 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-pp", type=int, default=None)
     g.add_argument("--prefill-kv-cache-memory", type=float, default=None, help="GiB")
     g.add_argument("--decode-kv-cache-memory", type=float, default=None, help="GiB")
-    g.add_argument("--transfer", choices=["shm", "tcp"], default=None,
-                   help="KV transfer: shm (same host; the default) or tcp (raw bytes over a "
-                        "socket; the default with --launcher ray)")
+    g.add_argument("--transfer", choices=["shm", "tcp", "cuda_ipc"], default=None,
+                   help="KV transfer: shm (same host, KV in host memory; the default), tcp "
+                        "(raw bytes over a socket, any host, CPU or GPU; the default with "
+                        "--launcher ray) or cuda_ipc (instances on CUDA GPUs of one node: "
+                        "GPU to GPU, never through host memory)")
     g.add_argument("--launcher", choices=["local", "ray"], default="local",
                    help="local: instance processes on this machine; ray: Ray actors on the "
                         "nodes of a Ray cluster, placed as a --plan says (needs .[ray])")
@@ -109,9 +111,10 @@ def deployment_from_args(args: argparse.Namespace, config):
         deployment = Deployment.from_plan(plan, config, transfer, pin_cpus, args.launcher)
         if mismatch:
             deployment.warnings.append(f"{mismatch}: its predicted goodput does not apply")
-        if len(deployment.nodes) > 1 and transfer == "shm" and args.launcher == "ray":
-            raise ValueError("--transfer shm reaches only instances on one node; the plan "
-                             "places them on several: use --transfer tcp")
+        if (len(deployment.nodes) > 1 and transfer in ("shm", "cuda_ipc")
+                and args.launcher == "ray"):
+            raise ValueError(f"--transfer {transfer} reaches only instances on one node; the "
+                             "plan places them on several: use --transfer tcp")
         return deployment
     if args.launcher == "ray" and args.instances == 0:
         raise ValueError("--launcher ray starts instance processes; --instances 0 runs the "

@@ -14,7 +14,7 @@ import msgspec
 import numpy as np
 import torch
 
-BACKENDS = ("shm", "tcp")
+BACKENDS = ("shm", "tcp", "cuda_ipc")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -25,10 +25,16 @@ def check_backend(backend: str) -> None:
 
 
 def check_backend_device(backend: str, device: torch.device) -> None:
-    """shm shares host memory between processes; a GPU's KV goes over tcp (via host memory)."""
+    """shm shares host memory between processes; cuda_ipc shares GPU memory between the
+    processes of one node; tcp carries either anywhere (a GPU's KV via host memory)."""
     if backend == "shm" and device.type != "cpu":
         raise ValueError(f"the shm KV transfer backend needs the KV cache in host memory; "
-                         f"on {device.type} use --transfer tcp")
+                         f"on {device.type} use --transfer tcp, or --transfer cuda_ipc for "
+                         "instances on one node")
+    if backend == "cuda_ipc" and device.type != "cuda":
+        raise ValueError(f"the cuda_ipc KV transfer backend needs the KV cache on a CUDA "
+                         f"device, got device {str(device)!r}; use --transfer shm (one host) "
+                         "or tcp")
 
 class TransferError(RuntimeError):
     """A pull failed: bad block ids, mismatched caches, or a source that is gone or silent."""
@@ -59,6 +65,18 @@ class KVEndpoint(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     port: int = 0
     layer_start: int = 0  # a parallel worker's share: its first layer and first KV head
     head_start: int = 0
+    # cuda_ipc (host: the node's name): what torch's UntypedStorage._share_cuda_() returns for
+    # the cache's memory, as plain values (transfer/cuda_ipc.py), and who exported it
+    pid: int = 0                 # the exporting process: a pull refuses it once it is gone
+    gpu: str = ""                # its GPU's UUID, for messages
+    ipc_device: int = 0          # its GPU's index in the exporting process
+    ipc_handle: bytes = b""      # the allocation holding the cache
+    ipc_storage_bytes: int = 0   # the cache's bytes, from ipc_offset in that allocation
+    ipc_offset: int = 0
+    ipc_ref_counter: bytes = b""  # torch's shared-memory reference counter, and its slot
+    ipc_ref_counter_offset: int = 0
+    ipc_event: bytes = b""       # an event recorded at export, and whether to wait on it
+    ipc_event_sync: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -78,6 +96,23 @@ class KVEndpoint(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
         if self.backend == "tcp" and (not self.host or not 0 < self.port < 65536):
             raise ValueError(f"a tcp endpoint needs a host and a port in 1..65535, "
                              f"got host={self.host!r} port={self.port}")
+        if self.backend == "cuda_ipc":
+            if not self.ipc_handle or not self.ipc_ref_counter:
+                raise ValueError("a cuda_ipc endpoint needs ipc_handle and ipc_ref_counter "
+                                 "(from the exporting process's _share_cuda_())")
+            if not self.host or self.pid < 1:
+                raise ValueError(f"a cuda_ipc endpoint needs its host and a pid >= 1, got "
+                                 f"host={self.host!r} pid={self.pid}")
+            if self.ipc_device < 0 or self.ipc_offset < 0 or self.ipc_ref_counter_offset < 0:
+                raise ValueError(f"cuda_ipc endpoint ipc_device, ipc_offset and "
+                                 f"ipc_ref_counter_offset must be >= 0, got {self.ipc_device}, "
+                                 f"{self.ipc_offset} and {self.ipc_ref_counter_offset}")
+            if self.ipc_event_sync and not self.ipc_event:
+                raise ValueError("a cuda_ipc endpoint with ipc_event_sync needs ipc_event")
+            expected = self.num_blocks * self.bytes_per_block
+            if self.ipc_storage_bytes != expected:
+                raise ValueError(f"cuda_ipc endpoint ipc_storage_bytes is "
+                                 f"{self.ipc_storage_bytes}, its layout needs {expected}")
 
     @classmethod
     def for_cache(cls, backend: str, cache: torch.Tensor, **where) -> KVEndpoint:
@@ -110,6 +145,8 @@ class KVEndpoint(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     def where(self) -> str:
         if self.backend == "shm":
             return f"shm segment {self.shm_name!r}"
+        if self.backend == "cuda_ipc":
+            return f"CUDA IPC of pid {self.pid} on {self.host} (GPU {self.gpu or self.ipc_device})"
         return f"{self.host}:{self.port}"
 
 
@@ -158,8 +195,9 @@ class KVPuller(Protocol):
 
     def fetch(self, endpoint: KVEndpoint, src_blocks: Sequence[int], region: Region
               ) -> tuple[torch.Tensor, TransferStats]:
-        """Only `region`'s layers and KV heads of the blocks, as a host tensor [blocks, layers,
-        2, block_size, heads, head_dim]: what one worker of another TP x PP split needs."""
+        """Only `region`'s layers and KV heads of the blocks, as a tensor [blocks, layers,
+        2, block_size, heads, head_dim] (in host memory for shm and tcp, on this process's
+        current CUDA device for cuda_ipc): what one worker of another TP x PP split needs."""
         ...
 
     def close(self) -> None: ...

@@ -2,9 +2,10 @@
 
 A prefill instance of TP x PP workers holds each block as shares (a worker's layers x its KV
 heads); a decode instance may split it another way. Every destination share fetches from each
-source share only the region (layers x KV heads) it owns (over the instance's backend, shm or
-tcp), so the bytes moved are the request's KV, once, whatever the two layouts and whichever
-worker pulls. Same layout on both sides with one worker each: a plain pull, no staging.
+source share only the region (layers x KV heads) it owns (over the instance's backend: shm,
+tcp or cuda_ipc, whose regions stay on the GPU), so the bytes moved are the request's KV, once,
+whatever the two layouts and whichever worker pulls. Same layout on both sides with one worker
+each: a plain pull, no staging.
 """
 from __future__ import annotations
 

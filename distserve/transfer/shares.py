@@ -1,11 +1,11 @@
 """A parallel instance's KV transfers, done by every worker for its own share.
 
 Each worker of a TP x PP instance holds its layers x its KV heads of every block. On a
-prefill instance each worker exports its share itself (its shared-memory segment, or a tcp
-server of its own); on a decode instance each worker pulls the regions it owns into its own
-share, told what to pull by rank 0 (`PullOrder`, msgpack in a uint8 broadcast). The same code
-runs where the shares are shared memory (CPU) and where each one lives on its worker's GPU,
-which no other process can read or write.
+prefill instance each worker exports its share itself (its shared-memory segment, a tcp
+server of its own, or its GPU memory as a CUDA IPC handle); on a decode instance each worker
+pulls the regions it owns into its own share, told what to pull by rank 0 (`PullOrder`,
+msgpack in a uint8 broadcast). The same code runs where the shares are shared memory (CPU)
+and where each one lives on its worker's GPU, which only its own worker allocates and frees.
 """
 from __future__ import annotations
 
@@ -52,13 +52,17 @@ class KVLink:
 
 def export_share(link: KVLink, share: KVShard, shm_name: str = ""):
     """(closable or None, endpoint) for one worker's share: its shared-memory segment (owned
-    by whoever allocated it) or a tcp server of its own."""
+    by whoever allocated it), its CUDA memory (owned by the worker's engine) or a tcp server
+    of its own."""
+    from distserve.transfer.cuda_ipc import export_cuda_cache
     from distserve.transfer.tcp import TcpSource
     where = {"layer_start": share.layer_start, "head_start": share.head_start}
     if link.backend == "shm":
         if not shm_name:
             raise ValueError("an shm export needs the share's segment")
         return None, KVEndpoint.for_cache("shm", share.cache, shm_name=shm_name, **where)
+    if link.backend == "cuda_ipc":
+        return None, export_cuda_cache(share.cache, **where)
     source = TcpSource(share.cache, link.host, 0, secret=link.secret)
     return source, msgspec.structs.replace(source.endpoint, **where)
 
