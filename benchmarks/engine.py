@@ -33,6 +33,9 @@ import transformers
 from transformers.generation.streamers import BaseStreamer
 
 from distserve import LLM, SamplingParams
+from distserve.models import paged_kernel
+from distserve.models.loader import resolve_dtype
+from distserve.models.packed_linear import _onednn_bf16 as native_bf16
 from distserve.models.packed_linear import amx_pack, block_kernel, block_linear_op
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -61,13 +64,17 @@ def read_bandwidth(gib: float = 2.0, passes: int = 5) -> float:
 
 
 def matmul_peak(rows: int = 1024, passes: int = 5) -> float:
-    """bf16 FLOP/s of the fastest of a few large matmuls ([rows, 2048] x [2048, 4096]), by
-    oneDNN (on its own weight layout) and by our linear kernel where it is built: the rate no
-    decode step can beat, since a step's FLOPs are at least 2 x batch x parameters."""
+    """FLOP/s of the fastest of a few large matmuls ([rows, 2048] x [2048, 4096]): float32 by
+    torch, bf16 by oneDNN (on its own weight layout) where the CPU has native bf16, and by our
+    linear kernel where it is built: the rate no decode step can beat, since a step's FLOPs
+    are at least 2 x batch x parameters."""
     x = torch.randn(rows, 2048, dtype=torch.bfloat16)
     w = torch.randn(4096, 2048, dtype=torch.bfloat16) * 0.02
-    onednn = torch.ops.mkldnn._reorder_linear_weight(w, 32)
-    runs = [lambda: torch.ops.mkldnn._linear_pointwise(x, onednn, None, "none", [], "")]
+    xf, wf = x.float(), w.float()
+    runs = [lambda: torch.mm(xf, wf.T)]   # float32: what CPUs without bf16 compute in
+    if native_bf16():
+        onednn = torch.ops.mkldnn._reorder_linear_weight(w, 32)
+        runs.append(lambda: torch.ops.mkldnn._linear_pointwise(x, onednn, None, "none", [], ""))
     kernel = block_kernel(2048)
     if kernel:
         packed, out = amx_pack(w), torch.empty(rows, 4096, dtype=torch.bfloat16)
@@ -179,15 +186,19 @@ def measure(clocks: dict, prompts: list[list[int]], new_tokens: int, repeats: in
 
 
 def bench_model(label: str, ours: LLM, hf, batches: list[int], prompt_len: int,
-                new_tokens: int, repeats: int) -> dict:
-    # transformers lists a tied embedding once: these are the bytes a decode step reads
-    weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+                new_tokens: int, repeats: int, ours_float32: LLM | None = None) -> dict:
+    # transformers lists a tied embedding once: these are the bytes a decode step reads, at
+    # our engine's dtype (transformers may run float32 where the CPU has no native bf16)
+    itemsize = torch.empty((), dtype=ours.engine.executor.worker.dtype).element_size()
+    weight_bytes = sum(p.numel() * itemsize for p in hf.parameters())
     c = hf.config  # K and V bytes per token of context, read again at every decode step
     kv_bytes_per_token = (2 * c.num_hidden_layers * c.num_key_value_heads
                           * (c.hidden_size // c.num_attention_heads) * 2)
     base = ours.tokenizer.encode("The history of the city begins with a small market by the river. " * 40)
     clocks = {"distserve": lambda p, n: clock_ours(ours, p, n),
               "transformers": lambda p, n: clock_hf(hf, p, n)}
+    if ours_float32 is not None:
+        clocks["distserve-float32"] = lambda p, n: clock_ours(ours_float32, p, n)
     rows = []
     for b in batches:
         prompts = [base[i:i + prompt_len] for i in range(b)]
@@ -201,6 +212,8 @@ def bench_model(label: str, ours: LLM, hf, batches: list[int], prompt_len: int,
             "kv_bytes_per_token": kv_bytes_per_token,
             "attention_width": c.num_hidden_layers * c.num_attention_heads * (c.hidden_size // c.num_attention_heads), "prompt_len": prompt_len,
             "new_tokens": new_tokens, "decode_step_b1_ms": step1,
+            "dtype": str(ours.engine.executor.worker.dtype).removeprefix("torch."),
+            "transformers_dtype": str(hf.dtype).removeprefix("torch."),
             "decode_speedup_vs_transformers": {b: _ratio(rows, b) for b in batches}}
 
 
@@ -214,7 +227,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer tokens and repeats (a smoke run)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/engine.json"))
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dtype", default="auto", help="our engine's dtype (auto: what it picks here)")
+    ap.add_argument("--with-float32", action="store_true",
+                    help="also our engine in float32 (what CPUs without native bf16 ran before "
+                         "the AVX2 kernels)")
     args = ap.parse_args(argv)
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    # transformers at its fastest dtype here: bf16 needs native bf16 (else it is emulated)
+    hf_dtype = torch.bfloat16 if native_bf16() else torch.float32
     if args.threads:
         torch.set_num_threads(args.threads)
     new_tokens, repeats = (8, 2) if args.quick else (32, 4)
@@ -231,22 +251,24 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         measure_bandwidth()
-        small = LLM(None, dtype="bfloat16", num_kv_blocks=1024)
+        small = LLM(None, dtype=dtype, num_kv_blocks=1024)
+        small32 = LLM(None, dtype="float32", num_kv_blocks=1024) if args.with_float32 else None
         from distserve.models.locate import find_default_gguf
         gguf = find_default_gguf()
-        # dequantised to bf16 as ours is (else transformers may keep the GGUF blocks)
+        # dequantised (else transformers may keep the GGUF blocks)
         hf_small = transformers.AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16,
+            str(gguf.parent), gguf_file=gguf.name, dtype=hf_dtype,
             quantization_config=transformers.GgufConfig(gguf_file=gguf.name, dequantize=True)).eval()
-        results.append(bench_model("SmolLM2-135M (bf16)", small, hf_small, batches, 64,
-                                   new_tokens, repeats))
-        del small, hf_small
+        results.append(bench_model(f"SmolLM2-135M ({_short(dtype)})", small, hf_small, batches, 64,
+                                   new_tokens, repeats, small32))
+        del small, small32, hf_small
         folder = build_random_llama(pathlib.Path(tmp) / "llama-1g", transformers_tokenizer())
-        big = LLM(str(folder), dtype="bfloat16", num_kv_blocks=512)
-        hf_big = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).eval()
+        big = LLM(str(folder), dtype=dtype, num_kv_blocks=512)
+        big32 = LLM(str(folder), dtype="float32", num_kv_blocks=512) if args.with_float32 else None
+        hf_big = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=hf_dtype).eval()
         measure_bandwidth()
         results.append(bench_model("random Llama 1.1 GB", big, hf_big, batches, 64,
-                                   new_tokens, repeats))
+                                   new_tokens, repeats, big32))
     best_bw, peak = max(bandwidths), max(peaks)
     for m in results:
         m["bandwidth_floor_ms"] = m["weight_bytes"] / best_bw * 1e3
@@ -257,7 +279,8 @@ def main(argv=None) -> int:
               "read_bandwidth_GBps": best_bw / 1e9,
               "read_bandwidth_GBps_per_measurement": [round(b / 1e9, 2) for b in bandwidths],
               "matmul_peak_GFLOPs": peak / 1e9, "matmul_peak_GFLOPs_per_measurement": [round(p / 1e9) for p in peaks],
-              "linear_kernel": block_kernel(2048) or "onednn",
+              "linear_kernel": block_kernel(2048) or "onednn", "kernel_isa": paged_kernel.kernel_isa(),
+              "cpu_features": cpu_features(),
               "quick": args.quick, "new_tokens": new_tokens, "repeats": repeats, "models": results}
     print()
     for m in results:
@@ -296,6 +319,16 @@ def batch32_floor(m: dict, bandwidth: float, peak_flops: float) -> dict:
             "step_for_3x_over_compute_floor": target_ms / (compute_s * 1e3),
             "step_over_floor": row("distserve")["decode_step_ms"] / (floor_s * 1e3),
             "step_over_compute_floor": row("distserve")["decode_step_ms"] / (compute_s * 1e3)}
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}[dtype]
+
+
+def cpu_features() -> list[str]:
+    """The CPU's vector features that pick a kernel path."""
+    flags = set(paged_kernel._cpu_flags().decode().split())
+    return sorted(flags & {"avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
 
 
 def _cpu_name() -> str:

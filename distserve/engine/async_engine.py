@@ -218,8 +218,8 @@ class AsyncEngine:
                 if not self.engine.has_unfinished:
                     continue
                 outputs = self.engine.step().outputs
+                self._publish_stats()  # first: a consumer woken by its last output sees its blocks freed
                 self._send([(o.request_id, o) for o in outputs])
-                self._publish_stats()
                 if not outputs and self._stats.num_running == 0:
                     # Work is waiting but none could be admitted; wait for a command
                     # instead of spinning (check_request makes this unreachable).
@@ -248,8 +248,8 @@ class AsyncEngine:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 break
-        self._send(replies)
         self._publish_stats()
+        self._send(replies)
         return True
 
     def _apply(self, cmd: tuple, replies: list) -> None:

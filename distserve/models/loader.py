@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from distserve.models.locate import locate_model
-from distserve.models.packed_linear import can_pack, pack_linears
+from distserve.models.packed_linear import can_pack, fast_bf16, pack_linears
 from distserve.models.registry import model_class
 from distserve.models.sharding import Shard
 
@@ -27,13 +27,15 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """'auto' is bfloat16 where the device runs it fast (CUDA, CPUs with AVX-512 bf16)."""
+    """'auto' is bfloat16 where the device runs it fast: CUDA, and CPUs with native bf16 or
+    with AVX2 and FMA, where our kernels widen bf16 weights and KV to float32 in registers
+    (half the bytes of float32 per decode step); float32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
         if device.type == "cuda":
             return torch.bfloat16
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+        return torch.bfloat16 if fast_bf16() else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]

@@ -47,13 +47,16 @@ def amx_usable(in_features: int) -> bool:
 
 def block_kernel(in_features: int) -> str | None:
     """Which of our kernels takes a layer with this many inputs on this CPU: "amx",
-    "dpbf16" (AVX512-BF16), or None (oneDNN's)."""
+    "dpbf16" (AVX512-BF16), "avx2" (float32 FMA over bf16 weights), or None (oneDNN's, or
+    F.linear where oneDNN has no bf16)."""
     if not (in_features > 0 and in_features % _AMX_BLOCK == 0 and paged_kernel.kernel_available()):
         return None   # the kernels' block loops read at least one whole block of inputs
     if torch.ops.distserve_cpu.amx_available():
         return "amx"
     if torch.ops.distserve_cpu.dpbf16_available():
         return "dpbf16"
+    if torch.ops.distserve_cpu.avx2_available():
+        return "avx2"
     return None
 
 
@@ -68,12 +71,16 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.kernel = block_kernel(self.in_features)
+        if not self.kernel and not _onednn_bf16():
+            self.kernel = "torch"
         weight = linear.weight.detach()
-        self.packed_weight = (amx_pack(weight) if self.kernel
+        self.packed_weight = (weight if self.kernel == "torch" else amx_pack(weight) if self.kernel
                               else torch.ops.mkldnn._reorder_linear_weight(weight, _ROWS_HINT))
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "torch":
+            return F.linear(x, self.packed_weight, self.bias)
         if not self.kernel:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
         rows = x.reshape(-1, self.in_features)
@@ -89,9 +96,17 @@ class PackedLinear(nn.Module):
                 f"bias={self.bias is not None}, kernel={self.kernel or 'onednn'}")
 
 
+def _onednn_bf16() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def fast_bf16() -> bool:
+    """Does this CPU run bf16 linear layers fast: oneDNN's native bf16, or one of our kernels."""
+    return _onednn_bf16() or block_kernel(_AMX_BLOCK) is not None
+
+
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
-    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return device.type == "cpu" and dtype == torch.bfloat16 and fast_bf16()
 
 
 def pack_linears(model: nn.Module) -> None:

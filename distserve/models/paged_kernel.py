@@ -1,14 +1,17 @@
 """Builds and loads the C++ kernels for CPUs, once per machine: paged decode attention, the
-Llama layer's fused elementwise steps (csrc/fused_ops.cpp, used through models/fused.py) and
-the bf16 linear layer on AMX tiles (csrc/amx_linear.cpp) or AVX512-BF16 dot products
-(csrc/dpbf16_linear.cpp), both used through models/packed_linear.py, and greedy sampling's
-argmax (csrc/argmax.cpp, used by engine/sampler.py).
+Llama layer's fused elementwise steps (csrc/fused_ops.cpp, used through models/fused.py), the
+bf16 linear layer on AMX tiles (csrc/amx_linear.cpp), AVX512-BF16 dot products
+(csrc/dpbf16_linear.cpp) or float32 FMA over bf16 weights on AVX2 (csrc/avx2_linear.cpp), all
+used through models/packed_linear.py, and greedy sampling's argmax (csrc/argmax.cpp, used by
+engine/sampler.py).
 
 The attention kernel (csrc/paged_attention.cpp) reads each request's K/V from the cache
-blocks in place; the torch path copies them into a padded tensor first. It is compiled on first use
-with the machine's C++ compiler (cached by torch under ~/.cache/torch_extensions) and the
-engine falls back to the torch path, with one warning, where that is not possible.
-DISTSERVE_PAGED_KERNEL=0 turns them off.
+blocks in place; the torch path copies them into a padded tensor first. They are compiled on
+first use with the machine's C++ compiler (cached by torch under ~/.cache/torch_extensions,
+one build per source digest and ISA) and the engine falls back to the torch path, with one
+warning, where that is not possible. DISTSERVE_PAGED_KERNEL=0 turns them off;
+DISTSERVE_CPU_ISA=avx2 builds them without their AVX-512 paths and =portable with plain loops
+only, so every path can be run and tested on a CPU that has more.
 """
 from __future__ import annotations
 
@@ -23,7 +26,12 @@ import torch
 log = logging.getLogger(__name__)
 _CSRC = pathlib.Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / "paged_attention.cpp", _CSRC / "fused_ops.cpp", _CSRC / "amx_linear.cpp",
-            _CSRC / "dpbf16_linear.cpp", _CSRC / "argmax.cpp"]
+            _CSRC / "dpbf16_linear.cpp", _CSRC / "avx2_linear.cpp", _CSRC / "argmax.cpp"]
+ISA_ENV = "DISTSERVE_CPU_ISA"
+# what the kernels are compiled for: this CPU (every path it has), AVX2 + FMA only (the
+# AVX-512 paths left out, as on AMD Zen 3), or the compiler's baseline (plain loops only)
+ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-march=haswell", "-mtune=native"],
+             "portable": []}
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 
@@ -37,25 +45,46 @@ def kernel_available() -> bool:
     return _state["ok"]
 
 
+def kernel_isa() -> str:
+    """The DISTSERVE_CPU_ISA the kernels are built for: native (the default), avx2 or portable."""
+    isa = os.environ.get(ISA_ENV, "native") or "native"
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"{ISA_ENV}={isa!r}: choose one of {', '.join(ISA_FLAGS)}")
+    return isa
+
+
 def _load() -> bool:
     if os.environ.get("DISTSERVE_PAGED_KERNEL", "1") == "0":
         return False
     try:
         from torch.utils import cpp_extension
+        isa = kernel_isa()
+        if isa == "avx2" and not {"avx2", "fma"} <= set(_cpu_flags().split()[2:]):
+            raise RuntimeError(f"{ISA_ENV}=avx2 on a CPU without AVX2 and FMA")
         # torch rebuilds when a source changes, not a header or the CPU (-march=native): the
-        # digest of all of them and of the CPU's feature flags does
+        # digest of all of them, of the CPU's feature flags and of the ISA does. It names the
+        # build, so two checkouts or ISAs on one machine each keep theirs instead of
+        # rebuilding over each other.
         sources = b"".join(p.read_bytes() for p in sorted(_CSRC.iterdir()))
-        digest = hashlib.sha256(sources + _cpu_flags()).hexdigest()[:12]
+        digest = hashlib.sha256(sources + _cpu_flags() + isa.encode()).hexdigest()[:12]
+        name = f"distserve_cpu_kernels_{isa}_{digest}"
+        if not _built(name):
+            log.warning("building the CPU kernels for this machine (%s, once, about a minute)", isa)
         cpp_extension.load(
-            name="distserve_cpu_kernels", sources=[str(p) for p in _SOURCES], is_python_module=False,
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fopenmp-simd", f"-DDISTSERVE_CSRC={digest}"],
+            name=name, sources=[str(p) for p in _SOURCES], is_python_module=False,
+            extra_cflags=["-O3", *ISA_FLAGS[isa], "-fopenmp", "-fopenmp-simd"],
             extra_ldflags=["-fopenmp"], verbose=False)
         return all(hasattr(torch.ops.distserve_cpu, op) for op in
                    ("paged_decode_attention", "add_rms_norm_", "silu_mul", "rotary_cache_write",
-                    "amx_linear", "dpbf16_linear", "argmax_rows"))
+                    "amx_linear", "dpbf16_linear", "avx2_linear", "argmax_rows", "simd_lanes"))
     except Exception as exc:  # no compiler, no ninja, or a build error: the torch path works
         log.warning("CPU kernels unavailable, using the torch path: %s", exc)
         return False
+
+
+def _built(name: str) -> bool:
+    from torch.utils.cpp_extension import _get_build_directory
+    return (pathlib.Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists()
 
 
 def _cpu_flags() -> bytes:

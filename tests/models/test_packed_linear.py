@@ -1,5 +1,5 @@
-"""Packed bf16 linears (our AMX or AVX512-BF16 kernel, or oneDNN): same results as F.linear,
-and tied weights survive packing."""
+"""Packed bf16 linears (our AMX, AVX512-BF16 or AVX2 kernel, or oneDNN): same results as
+F.linear, and tied weights survive packing."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +10,7 @@ from distserve.models.packed_linear import (PackedLinear, amx_pack, amx_usable, 
                                             pack_linears)
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.bfloat16, torch.device("cpu")),
-                                reason="this CPU has no native bf16 for oneDNN")
+                                reason="this CPU has no fast bf16 linear (oneDNN's or ours)")
 
 
 @pytest.mark.parametrize("rows", [0, 1, 7, 300])
@@ -46,12 +46,13 @@ def _kernels() -> list:
     if not paged_kernel.kernel_available():
         return []
     ops = torch.ops.distserve_cpu
-    return [k for k, ok in (("amx_linear", ops.amx_available()), ("dpbf16_linear", ops.dpbf16_available())) if ok]
+    return [k for k, ok in (("amx_linear", ops.amx_available()), ("dpbf16_linear", ops.dpbf16_available()),
+                            ("avx2_linear", ops.avx2_available())) if ok]
 
 
 KERNELS = _kernels()
 each_kernel = pytest.mark.parametrize("kernel", KERNELS or [pytest.param(None, marks=pytest.mark.skip(
-    reason="this CPU or kernel build has neither AMX nor AVX512-BF16"))])
+    reason="this CPU or kernel build has neither AMX, AVX512-BF16 nor AVX2"))])
 
 
 def run_kernel(kernel: str, x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
@@ -61,7 +62,7 @@ def run_kernel(kernel: str, x: torch.Tensor, weight: torch.Tensor, bias=None) ->
 
 
 @each_kernel
-@pytest.mark.parametrize("rows", [0, 1, 11, 12, 13, 15, 16, 17, 25, 32, 33, 70])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 11, 12, 13, 15, 16, 17, 23, 24, 25, 32, 33, 70])
 @pytest.mark.parametrize("outputs", [32, 80, 1000])
 @pytest.mark.parametrize("inputs", [32, 96])  # one block of inputs, or several
 def test_block_kernels_match_f_linear_at_every_row_and_column_tail(kernel, rows, outputs, inputs):
@@ -76,7 +77,7 @@ def test_block_kernels_match_f_linear_at_every_row_and_column_tail(kernel, rows,
 
 def test_packed_linear_uses_the_best_kernel_this_cpu_has():
     linear = nn.Linear(64, 48, bias=False, dtype=torch.bfloat16)
-    expected = {"amx_linear": "amx", "dpbf16_linear": "dpbf16"}[KERNELS[0]] if KERNELS else None
+    expected = {"amx_linear": "amx", "dpbf16_linear": "dpbf16", "avx2_linear": "avx2"}[KERNELS[0]] if KERNELS else None
     assert block_kernel(64) == expected and PackedLinear(linear).kernel == expected
     assert block_kernel(40) is None   # not whole blocks of 32 inputs: oneDNN's kernel
 

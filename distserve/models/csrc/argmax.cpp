@@ -50,6 +50,34 @@ int64_t row_argmax(const T* row, int64_t n) {
         best_i = idx[lane];
       }
   }
+#elif defined(DISTSERVE_SIMD)  // AVX2: the same with 8 lanes, comparisons as lane masks
+  if (n >= 8) {
+    __m256 vbest = load8(row);
+    __m256i vidx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i vbest_idx = vidx;
+    const __m256i step = _mm256_set1_epi32(8);
+    for (j = 8; j + 8 <= n; j += 8) {
+      vidx = _mm256_add_epi32(vidx, step);
+      const __m256 v = load8(row + j);
+      const __m256 take = _mm256_or_ps(_mm256_cmp_ps(v, vbest, _CMP_GT_OQ),
+                                       _mm256_andnot_ps(_mm256_cmp_ps(vbest, vbest, _CMP_UNORD_Q),
+                                                        _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+      vbest = _mm256_blendv_ps(vbest, v, take);
+      vbest_idx = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(vbest_idx),
+                                                       _mm256_castsi256_ps(vidx), take));
+    }
+    alignas(32) float vals[8];
+    alignas(32) int32_t idx[8];
+    _mm256_store_ps(vals, vbest);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(idx), vbest_idx);
+    best = vals[0];
+    best_i = idx[0];
+    for (int lane = 1; lane < 8; ++lane)  // each lane holds its first best; ties: lowest index
+      if (beats(vals[lane], best) || (!beats(best, vals[lane]) && idx[lane] < best_i)) {
+        best = vals[lane];
+        best_i = idx[lane];
+      }
+  }
 #endif
   for (; j < n; ++j) {
     const float v = to_float(row[j]);

@@ -1,4 +1,5 @@
-// Fused elementwise steps of a Llama layer, for CPUs in bf16/fp16.
+// Fused elementwise steps of a Llama layer, for CPUs in bf16/fp16 (AVX-512 or AVX2 vectors,
+// plain loops elsewhere).
 //
 // Why: at a decode step's sizes (tens of rows of a few hundred values) each torch op costs
 // 10-80 us of dispatch, allocation and dtype round trips, not arithmetic; a Llama layer
@@ -34,15 +35,15 @@ void add_rms_norm_impl(at::Tensor& x, at::Tensor& residual, const at::Tensor& we
       T* rr = rp + i * dim;
       float sum = 0.f;
       int64_t j0 = 0;
-#ifdef __AVX512F__
-      __m512 vsum = _mm512_setzero_ps();
-      for (; j0 + 16 <= dim; j0 += 16) {
-        store16(rr + j0, _mm512_add_ps(load16(rr + j0), load16(xr + j0)));
-        const __m512 v = load16(rr + j0);  // rounded to T
-        _mm512_storeu_ps(r.data() + j0, v);
-        vsum = _mm512_fmadd_ps(v, v, vsum);
+#ifdef DISTSERVE_SIMD
+      vfloat acc = vzero();
+      for (; j0 + kLanes <= dim; j0 += kLanes) {
+        vstore(rr + j0, vadd(vload(rr + j0), vload(xr + j0)));
+        const vfloat v = vload(rr + j0);  // rounded to T
+        vstore(r.data() + j0, v);
+        acc = vfma(v, v, acc);
       }
-      sum = _mm512_reduce_add_ps(vsum);
+      sum = vsum(acc);
 #endif
       for (int64_t j = j0; j < dim; ++j) {
         // the residual stream is kept in T, as the unfused layer keeps it: round, then square
@@ -53,10 +54,10 @@ void add_rms_norm_impl(at::Tensor& x, at::Tensor& residual, const at::Tensor& we
       }
       const float inv = 1.f / std::sqrt(sum / static_cast<float>(dim) + feps);
       j0 = 0;
-#ifdef __AVX512F__
-      const __m512 vinv = _mm512_set1_ps(inv);
-      for (; j0 + 16 <= dim; j0 += 16)
-        store16(xr + j0, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(r.data() + j0), vinv), load16(wp + j0)));
+#ifdef DISTSERVE_SIMD
+      const vfloat vinv = vset1(inv);
+      for (; j0 + kLanes <= dim; j0 += kLanes)
+        vstore(xr + j0, vmul(vmul(vload(r.data() + j0), vinv), vload(wp + j0)));
 #endif
       for (int64_t j = j0; j < dim; ++j) xr[j] = static_cast<T>(r[j] * inv * to_float(wp[j]));
     }
@@ -74,14 +75,13 @@ void silu_mul_impl(at::Tensor& out, const at::Tensor& gate_up) {
       const T* u = g + dim;
       T* o = op + i * dim;
       int64_t j0 = 0;
-#ifdef __AVX512F__
-      for (; j0 + 16 <= dim; j0 += 16) {  // sigmoid(a) from e = exp(-|a|): 1/(1+e), or e/(1+e) below 0
-        const __m512 a = load16(g + j0);
-        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(a)));
-        const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(e, _mm512_set1_ps(1.f)));
-        const __mmask16 negative = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_LT_OQ);
-        const __m512 sig = _mm512_mask_mul_ps(inv, negative, inv, e);
-        store16(o + j0, _mm512_mul_ps(_mm512_mul_ps(a, sig), load16(u + j0)));
+#ifdef DISTSERVE_SIMD
+      for (; j0 + kLanes <= dim; j0 += kLanes) {  // sigmoid(a) from e = exp(-|a|): 1/(1+e), or e/(1+e) below 0
+        const vfloat a = vload(g + j0);
+        const vfloat e = exp_nonpositive(vsub(vzero(), vabs(a)));
+        const vfloat inv = vdiv(vset1(1.f), vadd(e, vset1(1.f)));
+        const vfloat sig = vselect_negative(a, vmul(inv, e), inv);
+        vstore(o + j0, vmul(vmul(a, sig), vload(u + j0)));
       }
 #endif
       for (int64_t j = j0; j < dim; ++j) {
@@ -115,12 +115,11 @@ void rotary_cache_write_impl(at::Tensor& heads, const at::Tensor& cos, const at:
       for (int64_t h = 0; h < rotated; ++h) {
         T* x = row + h * dim;
         int64_t j0 = 0;
-#ifdef __AVX512F__
-        for (; j0 + 16 <= half; j0 += 16) {
-          const __m512 x1 = load16(x + j0), x2 = load16(x + half + j0);
-          store16(x + j0, _mm512_fmadd_ps(x1, load16(c + j0), _mm512_mul_ps(x2, load16(s + j0))));
-          store16(x + half + j0,
-                  _mm512_fmadd_ps(x2, load16(c + half + j0), _mm512_mul_ps(x1, load16(s + half + j0))));
+#ifdef DISTSERVE_SIMD
+        for (; j0 + kLanes <= half; j0 += kLanes) {
+          const vfloat x1 = vload(x + j0), x2 = vload(x + half + j0);
+          vstore(x + j0, vfma(x1, vload(c + j0), vmul(x2, vload(s + j0))));
+          vstore(x + half + j0, vfma(x2, vload(c + half + j0), vmul(x1, vload(s + half + j0))));
         }
 #endif
         for (int64_t j = j0; j < half; ++j) {  // x * cos + [x2, x1] * signed_sin

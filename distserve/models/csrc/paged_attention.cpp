@@ -5,7 +5,7 @@
 // and the padding is attended too. Here each (request, KV head) pair streams its own
 // blocks once: a pass for the scores of the query heads that share the KV head, a
 // softmax, and a pass for the weighted sum of V. Arithmetic in float32, as SDPA's CPU
-// kernel does. AVX-512 where the compiler targets it, plain loops otherwise.
+// kernel does. AVX-512 or AVX2 vectors where the compiler targets them, plain loops otherwise.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -36,7 +36,7 @@ struct Item {
   // block's slice of one layer is a few KB among other layers' slices, too short a run for
   // the hardware prefetcher to catch on its own.
   void prefetch_next_block(int64_t t, int64_t offset) const {
-#ifdef __AVX512F__
+#ifdef DISTSERVE_SIMD
     if (t % block_size != 0 || t + block_size >= len) return;
     const char* first = reinterpret_cast<const char*>(row(t + block_size, 0) + offset);
     const char* last = reinterpret_cast<const char*>(row(t + block_size, kv_heads - 1) + offset + dim) +
@@ -65,7 +65,7 @@ struct LineFeed {
     }
   }
   void feed(int lines) {
-#ifdef __AVX512F__
+#ifdef DISTSERVE_SIMD
     for (; lines > 0 && at < count; --lines) {
       _mm_prefetch(start[at] + offset, _MM_HINT_T0);
       offset += 64;
@@ -119,75 +119,77 @@ void softmax_plain(float* s, int64_t len) {
   for (int64_t t = 0; t < len; ++t) s[t] *= inv;
 }
 
-#ifdef __AVX512F__
-// --- AVX-512: 16 lanes along the head dimension ----------------------------------------
-constexpr int64_t kMaxChunks = 16;  // head_dim up to 256
+#ifdef DISTSERVE_SIMD
+// --- vectors (AVX-512: 16 lanes, AVX2: 8) along the head dimension ----------------------
+constexpr int64_t kMaxChunks = 256 / kLanes;  // head_dim up to 256
 
 // Each K row is loaded (and converted) once for all the query heads that share it.
 template <typename T>
-void scores_avx512(const Item<T>& it, const float* q, float* scores) {
-  const int64_t chunks = it.dim / 16;
-  __m512 kv[kMaxChunks];
+void scores_vec(const Item<T>& it, const float* q, float* scores) {
+  const int64_t chunks = it.dim / kLanes;
+  vfloat kv[kMaxChunks];
   for (int64_t t = 0; t < it.len; ++t) {
     it.prefetch_next_block(t, 0);
     for (int64_t h = 0; h < it.kv_heads; ++h) {
       const T* k = it.row(t, h);
-      for (int64_t c = 0; c < chunks; ++c) kv[c] = load16(k + 16 * c);
+      for (int64_t c = 0; c < chunks; ++c) kv[c] = vload(k + kLanes * c);
       for (int64_t g = 0; g < it.group; ++g) {
         const int64_t j = h * it.group + g;
         const float* qj = q + j * it.dim;
-        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qj), kv[0]);
-        for (int64_t c = 1; c < chunks; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(qj + 16 * c), kv[c], a);
-        scores[j * it.len + t] = _mm512_reduce_add_ps(a);
+        vfloat a = vmul(vload(qj), kv[0]);
+        for (int64_t c = 1; c < chunks; ++c) a = vfma(vload(qj + kLanes * c), kv[c], a);
+        scores[j * it.len + t] = vsum(a);
       }
     }
   }
 }
 
 template <typename T>
-void values_avx512(const Item<T>& it, const float* p, float* acc) {
-  const int64_t chunks = it.dim / 16;
+void values_vec(const Item<T>& it, const float* p, float* acc) {
+  const int64_t chunks = it.dim / kLanes;
   std::fill(acc, acc + it.kv_heads * it.group * it.dim, 0.f);
-  __m512 vv[kMaxChunks];
+  vfloat vv[kMaxChunks];
   for (int64_t t = 0; t < it.len; ++t) {
     it.prefetch_next_block(t, it.kv_offset);
     for (int64_t h = 0; h < it.kv_heads; ++h) {
       const T* v = it.row(t, h) + it.kv_offset;
-      for (int64_t c = 0; c < chunks; ++c) vv[c] = load16(v + 16 * c);
+      for (int64_t c = 0; c < chunks; ++c) vv[c] = vload(v + kLanes * c);
       for (int64_t g = 0; g < it.group; ++g) {
         const int64_t j = h * it.group + g;
-        const __m512 w = _mm512_set1_ps(p[j * it.len + t]);
+        const vfloat w = vset1(p[j * it.len + t]);
         float* aj = acc + j * it.dim;
-        for (int64_t c = 0; c < chunks; ++c)
-          _mm512_storeu_ps(aj + 16 * c, _mm512_fmadd_ps(w, vv[c], _mm512_loadu_ps(aj + 16 * c)));
+        for (int64_t c = 0; c < chunks; ++c) vstore(aj + kLanes * c, vfma(w, vv[c], vload(aj + kLanes * c)));
       }
     }
   }
 }
 
-void softmax_avx512(float* s, int64_t len) {
-  const int64_t whole = len / 16 * 16;
-  __m512 m = _mm512_set1_ps(-INFINITY);
-  for (int64_t t = 0; t < whole; t += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + t));
-  float mx = _mm512_reduce_max_ps(m);
+void softmax_vec(float* s, int64_t len) {
+  const int64_t whole = len / kLanes * kLanes;
+  vfloat m = vset1(-INFINITY);
+  for (int64_t t = 0; t < whole; t += kLanes) m = vmax(m, vload(s + t));
+  float mx = vmaxval(m);
   for (int64_t t = whole; t < len; ++t) mx = std::max(mx, s[t]);
-  const __m512 vmx = _mm512_set1_ps(mx);
-  __m512 vsum = _mm512_setzero_ps();
-  for (int64_t t = 0; t < whole; t += 16) {
-    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + t), vmx));
-    _mm512_storeu_ps(s + t, e);
-    vsum = _mm512_add_ps(vsum, e);
+  const vfloat vmx = vset1(mx);
+  vfloat acc = vzero();
+  for (int64_t t = 0; t < whole; t += kLanes) {
+    const vfloat e = exp_nonpositive(vsub(vload(s + t), vmx));
+    vstore(s + t, e);
+    acc = vadd(acc, e);
   }
-  float sum = _mm512_reduce_add_ps(vsum);
+  float sum = vsum(acc);
   for (int64_t t = whole; t < len; ++t) {
     s[t] = std::exp(s[t] - mx);
     sum += s[t];
   }
   const float inv = 1.f / sum;
-  const __m512 vinv = _mm512_set1_ps(inv);
-  for (int64_t t = 0; t < whole; t += 16) _mm512_storeu_ps(s + t, _mm512_mul_ps(_mm512_loadu_ps(s + t), vinv));
+  const vfloat vinv = vset1(inv);
+  for (int64_t t = 0; t < whole; t += kLanes) vstore(s + t, vmul(vload(s + t), vinv));
   for (int64_t t = whole; t < len; ++t) s[t] *= inv;
 }
+#endif  // DISTSERVE_SIMD
+
+#ifdef __AVX512F__
 // --- AVX-512 with the query heads of one KV head in registers (head_dim 64 and 128) -----
 // Why: at short contexts the loops above spend more on reductions and on accumulators in
 // memory than on the K/V bytes (SmolLM2, batch 32, ~80 tokens, K/V in cache: this path
@@ -287,7 +289,7 @@ void attend_in_registers(const Item<T>& it, const float* q, float* scores, float
 #undef DISTSERVE_HEADS
       }
     if (pass == 0)
-      for (int64_t j = 0; j < it.kv_heads * it.group; ++j) softmax_avx512(scores + j * it.len, it.len);
+      for (int64_t j = 0; j < it.kv_heads * it.group; ++j) softmax_vec(scores + j * it.len, it.len);
   }
 }
 
@@ -306,8 +308,8 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& ca
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   const float fscale = static_cast<float>(scale);
-#ifdef __AVX512F__
-  const bool vector = dim % 16 == 0 && dim / 16 <= kMaxChunks;
+#ifdef DISTSERVE_SIMD
+  const bool vector = dim % kLanes == 0 && dim / kLanes <= kMaxChunks;
 #endif
   // whole requests per item when there are enough of them for the threads; else split heads
   const int64_t splits = std::min(num_kv_heads, (at::get_num_threads() + batch - 1) / batch);
@@ -343,10 +345,13 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& ca
         attend_in_registers<T, 4, 4>(it, qf.data(), scores.data(), acc.data(), next);
       } else if (dim == 128) {
         attend_in_registers<T, 8, 2>(it, qf.data(), scores.data(), acc.data(), next);
-      } else if (vector) {
-        scores_avx512(it, qf.data(), scores.data());
-        for (int64_t j = 0; j < nq; ++j) softmax_avx512(scores.data() + j * it.len, it.len);
-        values_avx512(it, scores.data(), acc.data());
+      } else
+#endif
+#ifdef DISTSERVE_SIMD
+      if (vector) {
+        scores_vec(it, qf.data(), scores.data());
+        for (int64_t j = 0; j < nq; ++j) softmax_vec(scores.data() + j * it.len, it.len);
+        values_vec(it, scores.data(), acc.data());
       } else
 #endif
       {
@@ -381,11 +386,21 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tenso
                        decode_attention<scalar>(out, q, cache, block_tables, context_lens, scale));
 }
 
+// float32 lanes of the vectors this build's kernels use: 16 (AVX-512), 8 (AVX2), 1 (plain loops)
+int64_t simd_lanes() {
+#ifdef DISTSERVE_SIMD
+  return kLanes;
+#else
+  return 1;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(distserve_cpu, m) {
   m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor cache, Tensor block_tables, "
         "Tensor context_lens, float scale) -> ()");
+  m.def("simd_lanes() -> int", &simd_lanes);
 }
 
 TORCH_LIBRARY_IMPL(distserve_cpu, CPU, m) {
