@@ -16,7 +16,7 @@ from distserve.planner.profiles import BUILTIN_PROFILES
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model, hardware and latency")
-    g.add_argument("--model", required=True, help="catalogue name (e.g. facebook/opt-13b) or a config.json")
+    g.add_argument("--model", help="catalogue name (e.g. facebook/opt-13b) or a config.json")
     g.add_argument("--hardware", default="a100-80g", help="a100-80g | h100-80g | h200 | l40s")
     g.add_argument("--latency-profile", default="distserve", help="profile JSON in the DistServe "
                    f"artifact's schema, or a built-in one: {', '.join(BUILTIN_PROFILES)} (A100 fits; "
@@ -25,8 +25,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload and SLOs")
     g.add_argument("--workload", default="sharegpt", help="sharegpt | humaneval | longbench | "
                    "fixed:IN:OUT | a JSON/JSONL file of input_len/output_len")
-    g.add_argument("--ttft-slo", type=float, required=True, help="seconds")
-    g.add_argument("--tpot-slo", type=float, required=True, help="seconds")
+    g.add_argument("--ttft-slo", type=float, default=None, help="seconds (required)")
+    g.add_argument("--tpot-slo", type=float, default=None, help="seconds (required)")
     g.add_argument("--attainment", type=float, default=0.9, help="target share meeting both SLOs")
     g.add_argument("--num-requests", type=int, default=2000, help="requests per simulation")
     g.add_argument("--seeds", type=int, default=3, help="seeds for the goodput and its spread")
@@ -62,6 +62,9 @@ def register(sub) -> None:
     g.add_argument("--colocated-profile", default=None, help="profile of the colocated baseline "
                    "(default: --latency-profile; the paper's vLLM fit is 'vllm')")
     g.add_argument("--no-compare", action="store_true", help="skip the colocated alternative")
+    g.add_argument("--from-metrics", metavar="URL", help="re-plan from what a server started "
+                   "with --plan observed (its recent lengths and arrival rate; its plan's model "
+                   "and SLOs unless given here)")
     p.set_defaults(func=run_plan)
 
     s = sub.add_parser("simulate", help="simulate a deployment: SLO attainment and goodput")
@@ -93,6 +96,9 @@ def register(sub) -> None:
 
 def _problem(args, cluster: Cluster):
     from distserve.planner.goodput import SLO
+    for flag in ("model", "ttft_slo", "tpot_slo"):
+        if getattr(args, flag) is None:
+            raise ValueError(f"--{flag.replace('_', '-')} is required")
     from distserve.planner.models import get_model
     from distserve.planner.search import Problem
     from distserve.planner.workload import Lengths
@@ -159,6 +165,12 @@ def run_plan(args: argparse.Namespace) -> int:
         raise ValueError("--nodes and --gpus-per-node must be >= 1")
     if args.rate is not None and args.rate <= 0:
         raise ValueError(f"--rate must be > 0, got {args.rate}")
+    if args.from_metrics:
+        from distserve.planner.observed import apply_observed, fetch_observed
+        path = apply_observed(args, fetch_observed(args.from_metrics))
+        print(f"planning from {args.from_metrics}: model {args.model}, rate {args.rate or 0:.3g} "
+              f"req/s, SLOs {args.ttft_slo:g} / {args.tpot_slo:g} s, lengths in {path}",
+              file=sys.stderr, flush=True)
     cluster = Cluster(get_hardware(args.hardware), args.nodes, args.gpus_per_node,
                       args.cross_node_bandwidth * 1e9 / 8)
     problem = _problem(args, cluster)

@@ -10,8 +10,9 @@ import time
 
 from distserve.planner.memory import check_parallelism
 from distserve.planner.plan import PhasePlan, Plan, place, same_node, verdict_mode
-from distserve.planner.search import (Candidate, Problem, confirm, confirm_colocated,
+from distserve.planner.search import (Candidate, Problem, confirm, confirm_colocated, deployment,
                                       search_colocated, search_high, search_low)
+from distserve.planner.simulator import Colocated
 
 ALGORITHMS = ("whole", "low", "high")
 
@@ -171,3 +172,13 @@ def _whole_plan(p: Problem, workload: str, compare: bool, progress) -> Plan:
     return _finish(p, "whole", workload, compare, progress, best, prefill, decode, placement,
                    link, table, search_seconds,
                    lambda: _colocated_alternative(p, search_whole_colocated(p), None), sims)
+
+
+def planned_deployment(p: Problem, plan: Plan):
+    """The simulated deployment of a plan (what its predictions come from)."""
+    if plan.mode == "colocated":
+        c = plan.colocated
+        return Colocated(p.colocated_instance(c["tp"], c["pp"]), c.get("instances") or 1)
+    cand = Candidate((plan.prefill.tp, plan.prefill.pp), (plan.decode.tp, plan.decode.pp), 1,
+                     plan.prefill.instances, plan.decode.instances)
+    return deployment(p, cand, p.cluster.link(True))

@@ -35,10 +35,13 @@ def build_app(client: EngineClient, served_model_name: str | None = None,
               api_key: str | None = None, slo: SLOWindow | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               max_queued_requests: int | None = DEFAULT_MAX_QUEUED,
-              reject_late: bool = False) -> FastAPI:
+              reject_late: bool = False, plan_monitor=None) -> FastAPI:
+    """plan_monitor: a server.plan_monitor.PlanMonitor (under `serve --plan`): /metrics then
+    sets the plan's predictions beside what is observed, and GET /v1/observed_workload
+    gives the recent lengths and rate to `distserve plan --from-metrics`."""
     name = served_model_name or client.model_name
     created = int(time.time())
-    metrics = ServerMetrics(name, slo)
+    metrics = ServerMetrics(name, slo, plan_monitor)
     encoder = PromptEncoder(client.tokenizer, client.max_model_len)
     if reject_late and slo is None:
         raise ValueError("--reject-late needs a TTFT SLO: give --ttft-slo and --tpot-slo (or a --plan)")
@@ -89,6 +92,13 @@ def build_app(client: EngineClient, served_model_name: str | None = None,
         up = {iid: state == "up" for iid, state in (up or {}).items()}
         return Response(metrics.render(client.stats(), instances, counts, up),
                         media_type=CONTENT_TYPE)
+
+    @app.get("/v1/observed_workload")
+    async def observed_workload():
+        if plan_monitor is None:
+            raise APIError(404, "this server runs no plan: start it with --plan to observe "
+                           "its workload against one", "not_found")
+        return plan_monitor.observed_workload()
 
     @app.get("/v1/models")
     async def models():

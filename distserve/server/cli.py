@@ -90,6 +90,10 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
                    "/metrics exports SLO attainment and goodput over --slo-window")
     g.add_argument("--tpot-slo", type=float, default=None, help="seconds")
     g.add_argument("--slo-window", type=float, default=60.0, help="seconds")
+    g.add_argument("--drift-batch", type=int, default=100, help="with --plan: finished "
+                   "requests per drift check of the workload against the plan")
+    g.add_argument("--drift-checks", type=int, default=3, help="with --plan: checks in a row "
+                   "that must find the workload off the plan before it counts as drifted")
 
 
 def deployment_from_args(args: argparse.Namespace, config):
@@ -203,10 +207,41 @@ def run_serve(args: argparse.Namespace) -> int:
     slo = slo_from_args(args, deployment)
     if args.reject_late and slo is None:
         raise ValueError("--reject-late needs a TTFT SLO: give --ttft-slo and --tpot-slo (or a --plan)")
-    return asyncio.run(_serve(args, config, deployment, slo))
+    monitor = plan_monitor_from_args(args)
+    try:
+        return asyncio.run(_serve(args, config, deployment, slo, monitor))
+    finally:
+        if monitor is not None:
+            monitor.close()
 
 
-async def _serve(args, config, deployment, slo) -> int:
+def plan_monitor_from_args(args):
+    """Under --plan, the monitor that sets the plan against the observed workload (None if the
+    plan's workload cannot be read here); its predicted attainment only where the plan can be
+    simulated on this machine."""
+    if not args.plan:
+        return None
+    if args.drift_batch < 10 or args.drift_checks < 1:
+        raise ValueError(f"--drift-batch must be >= 10 and --drift-checks >= 1, got "
+                         f"{args.drift_batch} and {args.drift_checks}")
+    from distserve.planner.plan import Plan
+    from distserve.server.plan_monitor import PlanMonitor, plan_predictor
+    plan = Plan.load(args.plan)
+    try:
+        predictor = plan_predictor(plan)
+    except (ValueError, OSError) as e:
+        print(f"warning: the plan's predicted attainment is not exported: {e}", flush=True)
+        predictor = None
+    try:
+        return PlanMonitor(plan, predictor, min_requests=args.drift_batch,
+                           consecutive=args.drift_checks)
+    except (ValueError, OSError) as e:
+        print(f"warning: no drift detection: the plan's workload {plan.workload!r} cannot be "
+              f"read here ({e})", flush=True)
+        return None
+
+
+async def _serve(args, config, deployment, slo, monitor=None) -> int:
     import uvicorn
 
     from distserve.server.app import build_app
@@ -229,7 +264,8 @@ async def _serve(args, config, deployment, slo) -> int:
             what += f" on the Ray cluster at {launcher.ray.get_runtime_context().gcs_address}"
     app = build_app(client, args.served_model_name, args.api_key, slo,
                     max_body_bytes=args.max_request_bytes,
-                    max_queued_requests=args.max_queued_requests, reject_late=args.reject_late)
+                    max_queued_requests=args.max_queued_requests, reject_late=args.reject_late,
+                    plan_monitor=monitor)
     name = args.served_model_name or client.model_name
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 with {what} "
           f"(context {client.max_model_len} tokens, {client.stats().num_blocks} KV blocks)",

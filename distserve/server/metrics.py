@@ -14,11 +14,14 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 from distserve.cluster.messages import EngineStats
 from distserve.cluster.messages import RequestOutput
 from distserve.server.slo import SLOWindow
+from distserve.slo import meets
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                     2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 _TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
                   5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_LENGTH_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768,
+                   65536, 131072)
 _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
@@ -40,8 +43,9 @@ RELIABILITY = {   # what the controller counts since start (Controller.counts)
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, slo: SLOWindow | None = None) -> None:
+    def __init__(self, model_name: str, slo: SLOWindow | None = None, monitor=None) -> None:
         self.slo = slo
+        self.monitor = monitor   # a server.plan_monitor.PlanMonitor under `serve --plan`
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         reg = self.registry
@@ -71,6 +75,10 @@ class ServerMetrics:
         self.kv_free = gauge("kv_cache_free_blocks", "KV blocks free.")
         self.kv_total = gauge("kv_cache_total_blocks", "KV blocks in the cache.")
         self.reliability = {key: gauge(key, doc) for key, doc in RELIABILITY.items()}
+        self.request_prompt_tokens = hist("request_prompt_tokens", "Prompt tokens of each "
+                                          "finished request.", _LENGTH_BUCKETS)
+        self.request_generation_tokens = hist("request_generation_tokens", "Tokens generated "
+                                              "for each finished request.", _LENGTH_BUCKETS)
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self._success = Counter("distserve:request_success", "Requests that finished.",
@@ -84,6 +92,15 @@ class ServerMetrics:
             self.tpot_attainment = gauge("slo_tpot_attainment", "Share meeting the TPOT SLO.")
             self.goodput = gauge("goodput_requests_per_second",
                                  "Requests meeting both SLOs per second, over the window.")
+        if monitor is not None:
+            self._plan = {key: gauge(key, doc) for key, doc in PLAN_GAUGES.items()}
+            self._lengths = Gauge("distserve:workload_mean_tokens", "Mean input and output "
+                                  "lengths of the last drift check's requests, observed and "
+                                  "as planned.", labels + ["side", "source"], registry=reg)
+            self._pvalues = Gauge("distserve:workload_drift_pvalue", "p-value of each drift "
+                                  "test of the last check (input and output lengths: "
+                                  "Kolmogorov-Smirnov; attainment: binomial, below the plan).",
+                                  labels + ["test"], registry=reg)
         per_instance = ["model_name", "instance", "role"]
         self._instance_gauges = {
             key: Gauge(f"distserve:instance_{key}", doc, per_instance, registry=reg)
@@ -131,12 +148,43 @@ class ServerMetrics:
             self.ttft_attainment.set(snap["ttft_attainment"])
             self.tpot_attainment.set(snap["tpot_attainment"])
             self.goodput.set(snap["goodput"])
+        if self.monitor is not None:
+            self._render_plan()
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_usage)
         self.kv_free.set(stats.num_free_blocks)
         self.kv_total.set(stats.num_blocks)
         return generate_latest(self.registry)
+
+
+    def _render_plan(self) -> None:
+        mon, check = self.monitor, self.monitor.last
+        values = {"plan_arrival_rate": mon.arrival_rate(), "workload_drift_checks": mon.checks,
+                  "workload_drifts": mon.drifts,
+                  "workload_drifted": 1 if check is not None and check.drifted else 0}
+        if check is not None:
+            values["plan_predicted_attainment"] = check.planned.get("attainment", float("nan"))
+            values["plan_observed_attainment"] = check.observed.get("attainment", float("nan"))
+            for side in ("input", "output"):
+                for source, d in (("observed", check.observed), ("planned", check.planned)):
+                    self._lengths.labels(self._model_name, side, source).set(
+                        d.get(f"{side}_mean", float("nan")))
+            for test in ("input", "output", "attainment"):
+                self._pvalues.labels(self._model_name, test).set(getattr(check, f"{test}_pvalue"))
+        for key, value in values.items():
+            self._plan[key].set(value)
+
+
+PLAN_GAUGES = {   # under `serve --plan`: the plan's predictions beside what is observed
+    "plan_arrival_rate": "Requests per second over the plan monitor's window.",
+    "plan_predicted_attainment": "The plan's simulated SLO attainment at the rate the last "
+                                 "drift check's requests arrived at.",
+    "plan_observed_attainment": "The SLO attainment of the last drift check's requests.",
+    "workload_drift_checks": "Drift checks done (one per batch of fresh finished requests).",
+    "workload_drifts": "Times the workload was found to have drifted from the plan.",
+    "workload_drifted": "1 while the last checks in a row found the workload off the plan.",
+}
 
 
 class RequestTracker:
@@ -167,5 +215,15 @@ class RequestTracker:
             if out.num_output_tokens > 1:
                 tpot = (end - out.first_token_time) / (out.num_output_tokens - 1)
                 self.m.tpot.observe(tpot)
-            if self.m.slo is not None and out.finish_reason != "abort":
-                self.m.slo.record(out.first_token_time - out.arrival_time, tpot, end)
+            if out.finish_reason == "abort":
+                return
+            ttft = out.first_token_time - out.arrival_time
+            self.m.request_prompt_tokens.observe(out.num_prompt_tokens)
+            self.m.request_generation_tokens.observe(out.num_output_tokens)
+            if self.m.slo is not None:
+                self.m.slo.record(ttft, tpot, end)
+            if self.m.monitor is not None:
+                self.m.monitor.record(out.arrival_time, end, out.num_prompt_tokens,
+                                      out.num_output_tokens, all(meets(
+                                          ttft, tpot, self.m.monitor.plan.ttft_slo,
+                                          self.m.monitor.plan.tpot_slo)))

@@ -27,10 +27,9 @@ from distserve.planner.calibration import speed_of_traces
 from distserve.planner.goodput import HORIZONS, SLO, _lifetime
 from distserve.planner.hardware import Cluster, get_hardware
 from distserve.planner.models import MODELS, get_model
-from distserve.planner.planning import make_plan
+from distserve.planner.planning import make_plan, planned_deployment
 from distserve.planner.reality_check import replay
-from distserve.planner.search import Problem, deployment
-from distserve.planner.simulator import Colocated
+from distserve.planner.search import Problem
 from distserve.planner.workload import TRACES, Lengths
 from distserve.tune.serve import free_port, start_server, stop_server
 
@@ -98,17 +97,6 @@ def plan_key(plan) -> tuple:
     return (plan.mode, plan.prefill.tp, plan.prefill.pp, plan.prefill.instances, plan.decode.tp,
             plan.decode.pp, plan.decode.instances) if plan.mode == "disaggregated" else \
         (plan.mode, c.get("tp"), c.get("pp"), c.get("instances"))
-
-
-def planned_deployment(p: Problem, plan):
-    """The simulated deployment of a plan (what its predictions come from)."""
-    from distserve.planner.search import Candidate
-    if plan.mode == "colocated":
-        c = plan.colocated
-        return Colocated(p.colocated_instance(c["tp"], c["pp"]), c.get("instances") or 1)
-    cand = Candidate((plan.prefill.tp, plan.prefill.pp), (plan.decode.tp, plan.decode.pp), 1,
-                     plan.prefill.instances, plan.decode.instances)
-    return deployment(p, cand, p.cluster.link(True))
 
 
 def accuracy(row: dict, repeats: list[float]) -> dict:
