@@ -198,6 +198,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
+    check_port_free(args.host, args.port)   # before minutes of loading, not after
     config = engine_config_from_args(args, args.model)
     deployment = deployment_from_args(args, config)
     if args.kv_cache_memory_gib is None and args.num_kv_blocks is None:
@@ -213,6 +214,23 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         if monitor is not None:
             monitor.close()
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse at once a port another process holds, as uvicorn would after the model loaded."""
+    import socket
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host!r} cannot be resolved: {e}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            raise ValueError(f"--port {port} on {host} cannot be used: {e.strerror} "
+                             "(another server holds it?); choose another --port") from None
 
 
 def plan_monitor_from_args(args):
@@ -241,6 +259,15 @@ def plan_monitor_from_args(args):
         return None
 
 
+def _model_root(model: str | None) -> str | None:
+    """The served model's folder or .gguf file, absolute (what /v1/models calls root)."""
+    from distserve.models.locate import locate_model
+    try:
+        return str(locate_model(model)[1].resolve())
+    except FileNotFoundError:
+        return None
+
+
 async def _serve(args, config, deployment, slo, monitor=None) -> int:
     import uvicorn
 
@@ -265,7 +292,7 @@ async def _serve(args, config, deployment, slo, monitor=None) -> int:
     app = build_app(client, args.served_model_name, args.api_key, slo,
                     max_body_bytes=args.max_request_bytes,
                     max_queued_requests=args.max_queued_requests, reject_late=args.reject_late,
-                    plan_monitor=monitor)
+                    plan_monitor=monitor, model_root=_model_root(args.model))
     name = args.served_model_name or client.model_name
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 with {what} "
           f"(context {client.max_model_len} tokens, {client.stats().num_blocks} KV blocks)",

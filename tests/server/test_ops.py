@@ -30,6 +30,23 @@ def test_health_and_models(served):
     (card,) = models["data"]
     assert card["id"] == "tiny" and card["object"] == "model" and card["owned_by"] == "distserve"
     assert card["max_model_len"] == served.client.max_model_len and card["created"] > 0
+    assert card["root"] == "tiny"   # no model folder given to build_app: the served name
+
+
+def test_models_root_is_the_model_folder(served, tiny_llama):
+    """`vllm bench serve` without --model loads its tokenizer from /v1/models data[0].root, which
+    vLLM fills with the model's path: a bare served name sent it to the Hugging Face hub."""
+    import asyncio
+
+    from distserve.server.app import build_app
+
+    async def card():
+        app = build_app(served.client, "tiny", model_root=str(tiny_llama))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return (await c.get("/v1/models")).json()["data"][0]
+
+    got = asyncio.run(card())
+    assert got["id"] == "tiny" and got["root"] == str(tiny_llama)
 
 
 def test_metrics_move(served):
@@ -64,6 +81,25 @@ def test_serve_command(tiny_llama):
         r = httpx.post(f"{url}/v1/completions", timeout=30,
                        json={"model": "cli-tiny", "prompt": "hi", "max_tokens": 3})
         assert r.status_code == 200 and r.json()["model"] == "cli-tiny"
+        (card,) = httpx.get(f"{url}/v1/models").json()["data"]
+        assert card["id"] == "cli-tiny" and card["root"] == str(tiny_llama.resolve())
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_serve_refuses_a_port_in_use_before_loading_anything(tmp_path):
+    """The port is checked first: a model path that does not exist is never reached."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "distserve.cli", "serve", str(tmp_path / "no-model"),
+                               "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert f"--port {port} on 127.0.0.1 cannot be used" in done.stderr
+    assert "loading" not in done.stdout
