@@ -131,8 +131,9 @@ class InstanceLoop:
         self.num_transfers += 1
         return stats.nbytes, stats.seconds
 
-    def run(self) -> None:
-        parent = os.getppid()
+    def run(self, parent: int) -> None:
+        """Until told to stop, or until `parent` (the launcher's process, as recorded at this
+        process's start) is gone."""
         while True:
             busy = self.engine.has_unfinished
             if os.getppid() != parent:   # busy or not: nobody will read what it computes
@@ -235,6 +236,16 @@ class InstanceLoop:
         self.ctx.term()
 
 
+def _exit_if_orphaned_while_loading(parent: int, loaded: threading.Event, instance_id: str) -> None:
+    """A launcher stopped while the model loads (minutes on a busy machine) would leave this
+    process to finish loading and then idle for good, with its memory and shared KV segment:
+    leave as soon as the parent is gone. (Once loaded, the run loop watches instead.)"""
+    while not loaded.wait(0.5):
+        if os.getppid() != parent:
+            log.warning("%s: launcher gone while loading, exiting", instance_id)
+            os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="one distserve instance process")
     ap.add_argument("--role", choices=ROLES, required=True)
@@ -244,7 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transfer", default="shm", choices=["shm", "tcp", "cuda_ipc"])
     ap.add_argument("--host", default="127.0.0.1")
     args = ap.parse_args(argv)
+    parent = os.getppid()   # now: once the parent is gone, this process is already someone else's
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {args.instance_id} %(levelname)s: %(message)s")
+    loaded = threading.Event()
+    threading.Thread(target=_exit_if_orphaned_while_loading, args=(parent, loaded, args.instance_id),
+                     daemon=True, name="orphan-watch").start()
     config = EngineConfig(**json.loads(args.config_json))
     secret = os.environ.pop(m.SECRET_ENV, "")
     if not secret:
@@ -262,9 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         s.close()
         ctx.term()
         raise
+    loaded.set()
     try:
         with torch.inference_mode():
-            loop.run()
+            loop.run(parent)
     except ControllerGone as e:
         log.warning("%s: controller gone (%s), exiting", args.instance_id, e)
     finally:
