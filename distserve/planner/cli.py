@@ -174,9 +174,9 @@ def run_plan(args: argparse.Namespace) -> int:
     cluster = Cluster(get_hardware(args.hardware), args.nodes, args.gpus_per_node,
                       args.cross_node_bandwidth * 1e9 / 8)
     problem = _problem(args, cluster)
-    quiet = args.json
+    # progress on stderr: stdout is the plan's alone, for a pipe or a file
     plan = make_plan(problem, args.algorithm, args.workload, not args.no_compare,
-                     progress=lambda m: print(m, file=sys.stderr if quiet else sys.stdout, flush=True))
+                     progress=lambda m: print(m, file=sys.stderr, flush=True))
     if args.output:
         plan.save(args.output)
         args = argparse.Namespace(**{**vars(args), "output": None})

@@ -198,3 +198,16 @@ def test_profile_measures_the_kv_pull_and_the_planner_takes_it_as_the_link(tmp_p
     assert measured_link(cpu, str(profile)).link(True) == t["bytes_per_s"]
     h100 = Cluster(get_hardware("h100-80g"), 1, 8)   # made on another machine: the table's
     assert measured_link(h100, str(profile)).link(True) == get_hardware("h100-80g").link_bandwidth
+
+
+def test_plan_piped_into_head_ends_quietly():
+    """Progress goes to stderr, the plan to stdout; a reader that stops early is no error."""
+    import subprocess
+    import sys
+    cmd = (f"{sys.executable} -m distserve.cli plan --model facebook/opt-13b --ttft-slo 0.25 "
+           "--tpot-slo 0.1 --gpus-per-node 2 --num-requests 100 --seeds 1 -j 1 | head -1")
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Plan: facebook/opt-13b") and done.stdout.count("\n") == 1
+    assert "Traceback" not in done.stderr and "search" in done.stderr.lower()
