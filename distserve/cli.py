@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _register_generate(sub)
     for module in ("distserve.server.cli", "distserve.bench.cli", "distserve.planner.cli",
-                   "distserve.tune.cli"):
+                   "distserve.tune.cli", "distserve.doctor"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ImportError as e:
