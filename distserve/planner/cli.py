@@ -177,10 +177,11 @@ def run_plan(args: argparse.Namespace) -> int:
     # progress on stderr: stdout is the plan's alone, for a pipe or a file
     plan = make_plan(problem, args.algorithm, args.workload, not args.no_compare,
                      progress=lambda m: print(m, file=sys.stderr, flush=True))
+    saved = bool(args.output)
     if args.output:
         plan.save(args.output)
         args = argparse.Namespace(**{**vars(args), "output": None})
-    _emit(args, plan.to_dict(), format_plan(plan))
+    _emit(args, plan.to_dict(), format_plan(plan, saved=saved))
     return 0
 
 

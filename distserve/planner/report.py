@@ -16,7 +16,8 @@ def _ms(x: float) -> str:
     return "inf" if not math.isfinite(x) else f"{x * 1e3:.0f} ms"
 
 
-def format_plan(plan: Plan, top: int = 12) -> str:
+def format_plan(plan: Plan, top: int = 12, saved: bool = True) -> str:
+    """The plan as text; `saved`: whether the whole plan (every candidate) went to a file."""
     p, d = plan.prefill, plan.decode
     lines = [
         f"Plan: {plan.model} on {plan.nodes} x {plan.gpus_per_node} {plan.hardware}, workload "
@@ -49,7 +50,8 @@ def format_plan(plan: Plan, top: int = 12) -> str:
     for r in rows[:top]:
         lines.append("  " + _candidate_row(r))
     if len(rows) > top:
-        lines.append(f"  ... {len(rows) - top} more in the plan file")
+        lines.append(f"  ... {len(rows) - top} more " + ("in the plan file" if saved else
+                                                         "(all of them with -o plan.yaml or --json)"))
     return "\n".join(lines)
 
 
