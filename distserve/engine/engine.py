@@ -218,13 +218,15 @@ class Engine:
         preempted request's is), or it is dropped here, blocks freed, to run again through a
         prefill instance ("rerun"); either way it says why."""
         m = self.migrations[req.request_id]
-        src = m.ticket.block_ids[:len(req.block_table)]
+        # the prompt's blocks; the table may already hold one more, for the next token's slot
+        # (a prompt of whole blocks), which has no KV to pull
+        n = min(len(m.ticket.block_ids), len(req.block_table))
+        src, dst = m.ticket.block_ids[:n], req.block_table[:n]
         for _ in range(2):
             try:
-                nbytes, seconds = self.pull(m.source, src, req.block_table)
+                nbytes, seconds = self.pull(m.source, src, dst)
                 if m.ticket.block_checksums is not None:
-                    verify_blocks(self.executor.kv_cache, req.block_table,
-                                  m.ticket.block_checksums[:len(src)])
+                    verify_blocks(self.executor.kv_cache, dst, m.ticket.block_checksums[:n])
             except TransferError as e:
                 error = e
                 continue

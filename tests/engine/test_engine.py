@@ -288,3 +288,59 @@ def test_a_request_whose_sampling_fails_ends_alone(tiny_llama, colocated_tokens,
     assert isinstance(results[-1], RequestFailed) and "injected" in str(results[-1])
     assert {f"r{i}": t for i, t in enumerate(results[:-1])} == colocated_tokens
     assert stats.num_free_blocks == stats.num_blocks
+
+
+@pytest.mark.parametrize("prompt_len", [15, 16, 32, 33])
+def test_a_prompt_of_whole_blocks_is_pulled_not_recomputed(tiny_llama, prompt_len):
+    """Over a real shm transfer (its puller checks the block counts): a prompt that fills its
+    last block exactly gets one more block on the decode side for the next token's slot, before
+    the pull. Only the prompt's blocks are pulled: none is computed again, and the tokens are
+    the colocated engine's. (Every such prompt used to fail its pull and be recomputed.)"""
+    from distserve.engine.executor import LocalExecutor
+    from distserve.transfer import ShmPuller, make_source
+
+    sources = []
+
+    def allocate(shape, num_blocks, dtype, device):
+        cache, source = make_source("shm", shape, num_blocks, dtype, device, secret=b"s" * 32)
+        sources.append(source)
+        return cache
+
+    config = _config(tiny_llama)
+    prefill = Engine(config, LocalExecutor.load(config, allocate), role="prefill")
+    puller = ShmPuller()
+
+    def pull(source, src_blocks, dst_blocks):
+        stats = puller.pull(sources[0].endpoint, src_blocks, decode.executor.kv_cache, dst_blocks)
+        return stats.nbytes, stats.seconds
+
+    decode = Engine(config, role="decode", pull=pull)
+    prompt = [5 + i % 90 for i in range(prompt_len)]
+    try:
+        prefill.add(prompt, GREEDY, "p")
+        tokens, recomputed, pulled = [], [], []
+        while prefill.has_unfinished or decode.has_unfinished:
+            step = prefill.step() if prefill.has_unfinished else None
+            for ticket in step.kv_ready if step else []:
+                tokens += step.outputs[0].new_token_ids
+                decode.add(ticket.prompt_token_ids, GREEDY, ticket.request_id, ticket.arrival_time,
+                           Migration(ticket, "prefill-0"))
+            step = decode.step()
+            recomputed += step.kv_recomputed
+            pulled += step.kv_pulled
+            for done in step.kv_pulled:
+                prefill.release(done.request_id)
+            for out in step.outputs:
+                tokens += out.new_token_ids
+        assert not recomputed, recomputed
+        assert len(pulled) == 1 and pulled[0].nbytes == -(-prompt_len // 16) * sources[0].endpoint.bytes_per_block
+        colocated = Engine(config)
+        colocated.add(prompt, GREEDY, "c")
+        assert tokens == _run(colocated)["c"]
+        for engine in (prefill, decode):
+            s = engine.stats()
+            assert s.num_free_blocks == s.num_blocks and not engine.requests
+    finally:
+        puller.close()
+        for source in sources:
+            source.close()
