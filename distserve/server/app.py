@@ -35,10 +35,13 @@ def build_app(client: EngineClient, served_model_name: str | None = None,
               api_key: str | None = None, slo: SLOWindow | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               max_queued_requests: int | None = DEFAULT_MAX_QUEUED,
-              reject_late: bool = False, plan_monitor=None) -> FastAPI:
+              reject_late: bool = False, plan_monitor=None,
+              model_root: str | None = None) -> FastAPI:
     """plan_monitor: a server.plan_monitor.PlanMonitor (under `serve --plan`): /metrics then
     sets the plan's predictions beside what is observed, and GET /v1/observed_workload
-    gives the recent lengths and rate to `distserve plan --from-metrics`."""
+    gives the recent lengths and rate to `distserve plan --from-metrics`. model_root: where
+    the weights and tokenizer are (the model argument), shown as `root` in /v1/models, where
+    clients such as `vllm bench serve` load the tokenizer from (as vLLM serves it)."""
     name = served_model_name or client.model_name
     created = int(time.time())
     metrics = ServerMetrics(name, slo, plan_monitor)
@@ -102,7 +105,7 @@ def build_app(client: EngineClient, served_model_name: str | None = None,
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card(name, client.max_model_len, created)]}
+        return {"object": "list", "data": [model_card(name, client.max_model_len, created, model_root)]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

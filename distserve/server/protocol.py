@@ -194,6 +194,8 @@ def now() -> int:
     return int(time.time())
 
 
-def model_card(name: str, max_model_len: int, created: int) -> dict:
+def model_card(name: str, max_model_len: int, created: int, root: str | None = None) -> dict:
+    """root: the model's folder or file (vLLM's convention: clients load its tokenizer from
+    there); the served name where none is known."""
     return {"id": name, "object": "model", "created": created, "owned_by": "distserve",
-            "root": name, "parent": None, "max_model_len": max_model_len}
+            "root": root or name, "parent": None, "max_model_len": max_model_len}
