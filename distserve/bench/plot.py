@@ -41,3 +41,37 @@ def plot_sweep(sweep: dict, path: str, title: str | None = None) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_rate_sweeps(sweeps: dict[str, dict], path: str, title: str = "") -> None:
+    """Several deployments' rate sweeps on one figure: attainment of both SLOs against rate,
+    one curve per deployment (label -> sweep), the target line and each crossing marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 3.8), dpi=120)
+    target = None
+    markers = "osD^vP*X"
+    for i, (label, sweep) in enumerate(sweeps.items()):
+        points = [p for p in sweep["points"] if not isinstance(p["request_rate"], str)
+                  and p["slo_attainment"] is not None]
+        # each its own marker, the first drawn widest: curves that coincide stay visible
+        line, = ax.plot([p["request_rate"] for p in points], [100 * p["slo_attainment"] for p in points],
+                        markers[i % len(markers)] + "-", label=label, markersize=5 - 0.5 * min(i, 4),
+                        linewidth=max(3.0 - 0.7 * i, 1.0))
+        target = 100 * sweep["attainment_target"]
+        if sweep["crossing"]["value"] is not None:
+            ax.axvline(sweep["crossing"]["value"], color=line.get_color(), linewidth=0.8, linestyle=":")
+    if target is not None:
+        ax.axhline(target, color="grey", linewidth=0.8, linestyle="-.")
+    ax.set_xlabel("Rate (req/s)")
+    ax.set_ylabel("SLO attainment (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(True, linewidth=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

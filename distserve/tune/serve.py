@@ -20,23 +20,33 @@ def free_port() -> int:
 def start_server(flags: list[str], port: int, log_path: pathlib.Path,
                  timeout_s: float = 300.0, env: dict | None = None) -> subprocess.Popen:
     """`distserve serve --port PORT FLAGS...` in its own session, once /health answers 200."""
-    import httpx
     cmd = [sys.executable, "-m", "distserve.cli", "serve", "--port", str(port), *flags]
+    return start_command(cmd, port, log_path, timeout_s, env)
+
+
+def start_command(cmd: list[str], port: int, log_path: pathlib.Path, timeout_s: float = 300.0,
+                  env: dict | None = None) -> subprocess.Popen:
+    """Any server command (ours, or a peer such as vLLM's) in its own session, its output in
+    `log_path`, once http://127.0.0.1:PORT/health answers 200; stopped again on a timeout."""
+    import httpx
     with open(log_path, "w") as log:   # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=env)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {' '.join(cmd)}\n{log_path.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    stop_server(proc)
-    raise TimeoutError(f"server did not become healthy in {timeout_s:.0f} s")
+    try:   # stopped on any way out but health (a timeout, Ctrl-C): nothing left behind
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {' '.join(cmd)}\n{log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    return proc
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"server did not become healthy in {timeout_s:.0f} s: {' '.join(cmd)}")
+    except BaseException:
+        stop_server(proc)
+        raise
 
 
 def stop_server(proc: subprocess.Popen) -> None:
