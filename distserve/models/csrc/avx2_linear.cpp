@@ -9,7 +9,7 @@
 //
 // Weight layout: the one amx_pack makes (models/packed_linear.py), [N/32][K/32][16][32][2]:
 // blocks of 32 output columns x 32 inputs, each as 16 rows p of 32 input pairs (128 bytes),
-// four ymm loads of 8 columns each. x is widened to float32 once per call.
+// four ymm loads of 8 columns each. x is widened to float32 once per call (per thread).
 // Registers (16 ymm): one row of x takes the whole 32-column block (4 accumulators, 8 widened
 // weights, 2 broadcasts); 2-23 rows take 16 columns at a time for up to kMaxRows rows
 // (4 x 2 accumulators, 4 widened weights, 2 broadcasts), passing each half block once per row
@@ -162,13 +162,13 @@ void avx2_linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& pa
                       const c10::BFloat16* bias) {
   const int64_t m = x.size(0), n = out.size(1);
   const int64_t nblocks = packed.size(0), kblocks = packed.size(1);
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const float* xp = xf.data_ptr<float>();
-  const int64_t lda = xf.stride(0), ldo = out.stride(0);
   const char* wp = reinterpret_cast<const char*>(packed.data_ptr<c10::BFloat16>());
   auto* op = out.data_ptr<c10::BFloat16>();
-  const int64_t k = kblocks * kBlock;
+  const int64_t k = kblocks * kBlock, ldo = out.stride(0);
   if (m >= kPanelMinRows) {
+    const at::Tensor xf = x.to(at::kFloat).contiguous();
+    const float* xp = xf.data_ptr<float>();
+    const int64_t lda = xf.stride(0);
     // row chunks of near-equal size (32 rows: 5, 5, 5, 5, 6, 6, not five of 6 and a thin 2)
     const int64_t passes = (m + kPanelRows - 1) / kPanelRows, small = m / passes, big = m % passes;
     at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
@@ -191,8 +191,17 @@ void avx2_linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& pa
   // row chunks of equal size (10 rows: 4, 3, 3), so no pass is a thin one
   const int64_t chunks = (m + kMaxRows - 1) / kMaxRows;
   const int64_t chunk = (m + chunks - 1) / chunks;
+  const c10::BFloat16* xb = x.data_ptr<c10::BFloat16>();
   at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
     alignas(32) float c[kMaxRows * kBlock];
+    // x widened by each thread for itself: a few thousand values, where a float32 tensor
+    // cost ~7 us of allocation and dispatch per call (121 calls a SmolLM2 decode step)
+    std::vector<float> xf(m * k);
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t i = 0; i < k; i += 8)
+        _mm256_storeu_ps(xf.data() + r * k + i, load8(xb + r * x.stride(0) + i));
+    const float* xp = xf.data();
+    const int64_t lda = k;
     for (int64_t nb = begin; nb < end; ++nb) {
       const char* w = wp + nb * kblocks * kBlockBytes;
       const int64_t n0 = nb * kBlock;

@@ -73,7 +73,7 @@ inline __m512 exp_nonpositive(__m512 x) {
 
 #endif  // __AVX512F__
 
-#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__)   // 8 at a time (AVX-512 CPUs have these too)
 #include <immintrin.h>
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
