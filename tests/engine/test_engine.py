@@ -26,6 +26,29 @@ def _run(engine):
     return tokens
 
 
+def _hand_over(prefill, decode, check_ticket=lambda ticket: None) -> dict:
+    """Runs a prefill engine and a decode engine as the controller does, until both are done:
+    each ticket goes to the decode engine, each pulled request is released on the prefill
+    side. The tokens the client sees, and the decode side's pulls, failures and recomputes."""
+    seen = {"tokens": [], "pulled": [], "failed": [], "recomputed": []}
+    while prefill.has_unfinished or decode.has_unfinished:
+        step = prefill.step() if prefill.has_unfinished else None
+        for ticket in step.kv_ready if step else []:
+            check_ticket(ticket)
+            seen["tokens"] += step.outputs[0].new_token_ids
+            decode.add(ticket.prompt_token_ids, GREEDY, ticket.request_id, ticket.arrival_time,
+                       Migration(ticket, "prefill-0"))
+        step = decode.step()
+        seen["failed"] += step.kv_failed
+        seen["recomputed"] += step.kv_recomputed
+        seen["pulled"] += step.kv_pulled
+        for done in step.kv_pulled:
+            prefill.release(done.request_id)
+        for out in step.outputs:
+            seen["tokens"] += out.new_token_ids
+    return seen
+
+
 @pytest.fixture(scope="module")
 def colocated_tokens(tiny_llama):
     engine = Engine(_config(tiny_llama))
@@ -223,21 +246,10 @@ def test_kv_checksum_passes_good_copies_and_stops_a_corrupted_one(tiny_llama, co
     decode = Engine(config, role="decode", pull=pull)
     for corrupt in (False, True):
         prefill.add(PROMPTS[1], GREEDY, f"c{corrupt}")
-        tokens, failed, recomputed = [], [], []
-        while prefill.has_unfinished or decode.has_unfinished:
-            step = prefill.step() if prefill.has_unfinished else None
-            for ticket in step.kv_ready if step else []:
-                assert ticket.block_checksums and len(ticket.block_checksums) == len(ticket.block_ids)
-                tokens += step.outputs[0].new_token_ids
-                decode.add(ticket.prompt_token_ids, GREEDY, ticket.request_id,
-                           ticket.arrival_time, Migration(ticket, "prefill-0"))
-            step = decode.step()
-            failed += step.kv_failed
-            recomputed += step.kv_recomputed
-            for done in step.kv_pulled:
-                prefill.release(done.request_id)
-            for out in step.outputs:
-                tokens += out.new_token_ids
+        def check_ticket(ticket):
+            assert ticket.block_checksums and len(ticket.block_checksums) == len(ticket.block_ids)
+        seen = _hand_over(prefill, decode, check_ticket)
+        tokens, failed, recomputed = seen["tokens"], seen["failed"], seen["recomputed"]
         if not corrupt:
             assert tokens == colocated_tokens["r1"] and not failed and not recomputed
             continue
@@ -318,20 +330,8 @@ def test_a_prompt_of_whole_blocks_is_pulled_not_recomputed(tiny_llama, prompt_le
     prompt = [5 + i % 90 for i in range(prompt_len)]
     try:
         prefill.add(prompt, GREEDY, "p")
-        tokens, recomputed, pulled = [], [], []
-        while prefill.has_unfinished or decode.has_unfinished:
-            step = prefill.step() if prefill.has_unfinished else None
-            for ticket in step.kv_ready if step else []:
-                tokens += step.outputs[0].new_token_ids
-                decode.add(ticket.prompt_token_ids, GREEDY, ticket.request_id, ticket.arrival_time,
-                           Migration(ticket, "prefill-0"))
-            step = decode.step()
-            recomputed += step.kv_recomputed
-            pulled += step.kv_pulled
-            for done in step.kv_pulled:
-                prefill.release(done.request_id)
-            for out in step.outputs:
-                tokens += out.new_token_ids
+        seen = _hand_over(prefill, decode)
+        tokens, recomputed, pulled = seen["tokens"], seen["recomputed"], seen["pulled"]
         assert not recomputed, recomputed
         assert len(pulled) == 1 and pulled[0].nbytes == -(-prompt_len // 16) * sources[0].endpoint.bytes_per_block
         colocated = Engine(config)
