@@ -15,11 +15,11 @@ def _register_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text for prompts with a local model")
     p.add_argument("prompts", nargs="+", help="prompt strings")
     p.add_argument("--model", default=None, help="HF folder or .gguf file (default: built-in SmolLM2)")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=-1)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=int, default=-1, help="-1: no top-k")
+    p.add_argument("--seed", type=int, default=None, help="seeded sampling (reproducible)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     add_engine_args(p)
     p.set_defaults(func=_run_generate)
@@ -30,15 +30,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda if present)")
-    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     g.add_argument("--kv-cache-memory", type=float, default=None, dest="kv_cache_memory_gib",
                    help="KV cache budget in GiB per instance (default 2, or less where all "
                         "instances' KV would take over half the memory available)")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="overrides --kv-cache-memory")
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--policy", default="prefill-first", choices=["prefill-first", "chunked"])
+    g.add_argument("--max-num-seqs", type=int, default=256, help="requests in one batch")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens in one batch (prompt chunks included)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="context length (default: the model's)")
+    g.add_argument("--policy", default="prefill-first", choices=["prefill-first", "chunked"],
+                   help="colocated batching: prompts before decodes, or chunked prefill")
     g.add_argument("--num-threads", type=int, default=None, help="torch threads per worker")
     g.add_argument("--tensor-parallel-size", "--tp", "-tp", type=int, default=1,
                    dest="tensor_parallel_size", help="workers that split each layer (attention "
@@ -87,6 +90,19 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's default in --help, where argparse's own formatter shows it only for
+    options whose help mentions it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+                and "%(default)" not in text and "default" not in text
+                and "key" not in action.dest):   # an API key from the environment stays unsaid
+            text += (" " if text else "") + "(default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distserve", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -101,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         mod.register(sub)
+    for command in sub.choices.values():
+        command.formatter_class = DefaultsHelpFormatter
     return parser
 
 

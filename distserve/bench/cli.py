@@ -32,16 +32,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "the server's num_gpus in /v1/models, else 1)")
     g.add_argument("--request-timeout", type=float, default=1800.0, help="seconds before a request counts as failed")
     g = p.add_argument_group("workload")
-    g.add_argument("--dataset", choices=DATASETS, default="sharegpt")
+    g.add_argument("--dataset", choices=DATASETS, default="sharegpt", help="the workload's prompts")
     g.add_argument("--dataset-path", help="ShareGPT JSON, HumanEval JSONL(.gz) or a jsonl trace of "
                    "{prompt, output_len} (default: the packaged copy)")
     g.add_argument("--num-prompts", type=int, help="requests per run (default 1000; jsonl: all lines)")
     g.add_argument("--max-total-len", type=int, default=DEFAULT_MAX_TOTAL_LEN,
                    help="drop requests whose prompt + output reaches this many tokens")
-    g.add_argument("--random-input-len", type=int, default=1024)
-    g.add_argument("--random-output-len", type=int, default=128)
+    g.add_argument("--random-input-len", type=int, default=1024, help="random: prompt tokens")
+    g.add_argument("--random-output-len", type=int, default=128, help="random: output tokens")
     g.add_argument("--random-range-ratio", type=float, default=0.0, help="lengths uniform in len*(1 -/+ ratio)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="prompts and arrivals")
     g.add_argument("--dry-run", action="store_true", help="print the workload's length distribution; send nothing")
     g = p.add_argument_group("load")
     g.add_argument("--request-rate", default="inf", help="req/s: one value, a list 0.5,1,2,4, a range "

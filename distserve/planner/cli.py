@@ -51,8 +51,8 @@ def register(sub) -> None:
     p = sub.add_parser("plan", help="search the deployment with the best per-GPU goodput")
     _common(p)
     g = p.add_argument_group("cluster and search")
-    g.add_argument("--nodes", type=int, default=1)
-    g.add_argument("--gpus-per-node", type=int, default=8)
+    g.add_argument("--nodes", type=int, default=1, help="machines in the cluster")
+    g.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (or cores, --hardware cpu) per machine")
     g.add_argument("--cross-node-bandwidth", type=float, default=25.0, help="Gbit/s between nodes")
     g.add_argument("--algorithm", choices=["whole", "low", "high"], default="whole",
                    help="whole: every deployment of the cluster, simulated as a whole (default); "
@@ -71,11 +71,12 @@ def register(sub) -> None:
     _common(s)
     g = s.add_argument_group("deployment (or --plan)")
     g.add_argument("--plan", help="a plan file from `distserve plan`")
-    g.add_argument("--mode", choices=["disaggregated", "colocated"], default="disaggregated")
+    g.add_argument("--mode", choices=["disaggregated", "colocated"], default="disaggregated",
+                   help="the deployment to simulate")
     for phase in ("prefill", "decode"):
-        g.add_argument(f"--{phase}-tp", type=int, default=1)
-        g.add_argument(f"--{phase}-pp", type=int, default=1)
-        g.add_argument(f"--{phase}-instances", type=int, default=1)
+        g.add_argument(f"--{phase}-tp", type=int, default=1, help=f"{phase}: tensor parallelism")
+        g.add_argument(f"--{phase}-pp", type=int, default=1, help=f"{phase}: pipeline stages")
+        g.add_argument(f"--{phase}-instances", type=int, default=1, help=f"{phase} instances")
     g.add_argument("--tp", type=int, default=1, help="colocated TP")
     g.add_argument("--pp", type=int, default=1, help="colocated PP")
     g.add_argument("--instances", type=int, default=1, help="colocated instances")

@@ -24,7 +24,7 @@ def register(sub) -> None:
                    help="HF folder or .gguf file (default: built-in SmolLM2-135M-Instruct)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--served-model-name", default=None,
                    help="the name clients use in 'model' (default: the model's own name)")
     p.add_argument("--api-key", default=os.environ.get("DISTSERVE_API_KEY"),
@@ -41,7 +41,7 @@ def register(sub) -> None:
     p.add_argument("--drain-timeout", type=float, default=5.0,
                    help="seconds in-flight requests get to finish after SIGTERM or Ctrl-C")
     p.add_argument("--log-level", default="warning",
-                   choices=["critical", "error", "warning", "info", "debug"])
+                   choices=["critical", "error", "warning", "info", "debug"], help="HTTP server log level")
     add_engine_args(p)
     add_deployment_args(p)
     p.set_defaults(func=run_serve)
@@ -59,19 +59,23 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--instances", type=int, default=None,
                    help="colocated instance processes (default 1), sharing the cores unless "
                         "--num-threads says otherwise (0: one engine inside the server's process)")
-    g.add_argument("--prefill-instances", type=int, default=0)
-    g.add_argument("--decode-instances", type=int, default=0)
+    g.add_argument("--prefill-instances", type=int, default=0,
+                   help="prefill instance processes (with --decode-instances: disaggregated)")
+    g.add_argument("--decode-instances", type=int, default=0, help="decode instance processes")
     g.add_argument("--prefill-threads", type=int, default=None, help="threads per prefill instance")
     g.add_argument("--decode-threads", type=int, default=None, help="threads per decode instance")
     g.add_argument("--prefill-max-num-batched-tokens", type=int, default=None,
                    help="prompt tokens in one prefill batch (a longer prompt runs alone)")
-    g.add_argument("--decode-max-num-seqs", type=int, default=None)
+    g.add_argument("--decode-max-num-seqs", type=int, default=None,
+                   help="requests in one decode batch (default: --max-num-seqs)")
     g.add_argument("--prefill-tp", type=int, default=None, help="tensor-parallel workers per "
                    "prefill instance (default: --tp)")
     g.add_argument("--prefill-pp", type=int, default=None, help="pipeline stages per prefill "
                    "instance (default: --pp)")
-    g.add_argument("--decode-tp", type=int, default=None)
-    g.add_argument("--decode-pp", type=int, default=None)
+    g.add_argument("--decode-tp", type=int, default=None, help="tensor-parallel workers per "
+                   "decode instance (default: --tp)")
+    g.add_argument("--decode-pp", type=int, default=None, help="pipeline stages per decode "
+                   "instance (default: --pp)")
     g.add_argument("--prefill-kv-cache-memory", type=float, default=None, help="GiB")
     g.add_argument("--decode-kv-cache-memory", type=float, default=None, help="GiB")
     g.add_argument("--transfer", choices=["shm", "tcp", "cuda_ipc"], default=None,

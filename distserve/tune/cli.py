@@ -14,7 +14,8 @@ def register(sub) -> None:
                    "built-in SmolLM2)")
     p.add_argument("--ttft-slo", type=float, required=True, help="seconds")
     p.add_argument("--tpot-slo", type=float, required=True, help="seconds")
-    p.add_argument("--workload", default="sharegpt", choices=["sharegpt", "humaneval", "longbench"])
+    p.add_argument("--workload", default="sharegpt", choices=["sharegpt", "humaneval", "longbench"],
+                   help="the bench dataset the plan is made and measured for")
     p.add_argument("-o", "--output", default="tune-report", help="report folder")
     p.add_argument("--latency-profile", default=None, help="a profile of this machine (default: "
                    "run `distserve profile` first)")

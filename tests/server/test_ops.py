@@ -103,3 +103,22 @@ def test_serve_refuses_a_port_in_use_before_loading_anything(tmp_path):
     assert done.returncode == 2
     assert f"--port {port} on 127.0.0.1 cannot be used" in done.stderr
     assert "loading" not in done.stdout
+
+
+def test_every_command_documents_each_option_and_its_default(monkeypatch):
+    """--help lists each option with a line of help and, where it has one, its default; an API
+    key taken from the environment is never printed."""
+    import argparse
+
+    from distserve.cli import build_parser
+    monkeypatch.setenv("DISTSERVE_API_KEY", "not-for-help-text")
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"distserve {name} {action.option_strings[0]} has no help"
+        text = command.format_help()
+        assert "not-for-help-text" not in text
+    serve = commands.choices["serve"].format_help()
+    assert "HTTP port (default: 8000)" in serve and "(default: 16)" in serve
