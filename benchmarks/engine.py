@@ -22,7 +22,6 @@ import argparse
 import itertools
 import json
 import pathlib
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import torch
 import transformers
 from transformers.generation.streamers import BaseStreamer
 
-from distserve import LLM, SamplingParams
+from distserve import LLM, SamplingParams, doctor
 from distserve.models import paged_kernel
 from distserve.models.loader import resolve_dtype
 from distserve.models.packed_linear import _onednn_bf16 as native_bf16
@@ -274,13 +273,13 @@ def main(argv=None) -> int:
         m["bandwidth_floor_ms"] = m["weight_bytes"] / best_bw * 1e3
         m["step_over_floor"] = m["decode_step_b1_ms"] / m["bandwidth_floor_ms"]
         m["batch32"] = batch32_floor(m, best_bw, peak)
-    report = {"machine": _cpu_name(), "threads": torch.get_num_threads(),
+    report = {"machine": doctor._cpu_name(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "transformers": transformers.__version__,
               "read_bandwidth_GBps": best_bw / 1e9,
               "read_bandwidth_GBps_per_measurement": [round(b / 1e9, 2) for b in bandwidths],
               "matmul_peak_GFLOPs": peak / 1e9, "matmul_peak_GFLOPs_per_measurement": [round(p / 1e9) for p in peaks],
               "linear_kernel": block_kernel(2048) or "onednn", "kernel_isa": paged_kernel.kernel_isa(),
-              "cpu_features": cpu_features(),
+              "cpu_features": sorted(f for f, on in doctor.report()["cpu_features"].items() if on),
               "quick": args.quick, "new_tokens": new_tokens, "repeats": repeats, "models": results}
     print()
     for m in results:
@@ -323,21 +322,6 @@ def batch32_floor(m: dict, bandwidth: float, peak_flops: float) -> dict:
 
 def _short(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}[dtype]
-
-
-def cpu_features() -> list[str]:
-    """The CPU's vector features that pick a kernel path."""
-    flags = set(paged_kernel._cpu_flags().decode().split())
-    return sorted(flags & {"avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
-
-
-def _cpu_name() -> str:
-    cpuinfo = pathlib.Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def transformers_tokenizer():

@@ -95,11 +95,7 @@ class PlanMonitor:
     def arrival_rate(self, now: float | None = None) -> float:
         """Requests per second that finished in the last window_s (= arriving, in a steady state)."""
         now = time.monotonic() if now is None else now
-        rows = [r for r in self._recent if r[0] >= now - self.window_s]
-        if len(rows) < 2:
-            return 0.0
-        span = max(r[1] for r in rows) - min(r[1] for r in rows)
-        return (len(rows) - 1) / span if span > 0 else 0.0
+        return _rate([r[1] for r in self._recent if r[0] >= now - self.window_s])
 
     def evaluate(self) -> DriftCheck | None:
         """Checks the batch of fresh requests if it is full; returns the check (or None)."""
@@ -107,9 +103,7 @@ class PlanMonitor:
             if len(self._batch) < self.detector.min_requests:
                 return None
             batch, self._batch = self._batch, []
-        arrivals = [r[1] for r in batch]
-        span = max(arrivals) - min(arrivals)
-        rate = (len(batch) - 1) / span if span > 0 else 0.0
+        rate = _rate([r[1] for r in batch])
         predicted = None
         if self.predictor is not None and rate > 0:
             try:
@@ -136,6 +130,12 @@ class PlanMonitor:
                 "ttft_slo": self.plan.ttft_slo, "tpot_slo": self.plan.tpot_slo,
                 "window_s": self.window_s, "arrival_rate": self.arrival_rate(),
                 "lengths": [[r[2], r[3]] for r in self._recent]}
+
+
+def _rate(arrivals: list[float]) -> float:
+    """Requests per second between the first and the last of these arrivals (0 if < 2)."""
+    span = max(arrivals) - min(arrivals) if len(arrivals) >= 2 else 0.0
+    return (len(arrivals) - 1) / span if span > 0 else 0.0
 
 
 def _fmt(d: dict) -> str:

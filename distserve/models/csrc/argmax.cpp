@@ -19,6 +19,17 @@ namespace {
 // does a beat b (at a later index)?
 inline bool beats(float a, float b) { return a > b || (std::isnan(a) && !std::isnan(b)); }
 
+// the best of the vector lanes' bests: each lane holds its first best; ties: lowest index
+inline void reduce_lanes(const float* vals, const int32_t* idx, int lanes, float& best, int64_t& best_i) {
+  best = vals[0];
+  best_i = idx[0];
+  for (int lane = 1; lane < lanes; ++lane)
+    if (beats(vals[lane], best) || (!beats(best, vals[lane]) && idx[lane] < best_i)) {
+      best = vals[lane];
+      best_i = idx[lane];
+    }
+}
+
 template <typename T>
 int64_t row_argmax(const T* row, int64_t n) {
   int64_t best_i = 0;
@@ -42,13 +53,7 @@ int64_t row_argmax(const T* row, int64_t n) {
     alignas(64) int32_t idx[16];
     _mm512_store_ps(vals, vbest);
     _mm512_store_si512(idx, vbest_idx);
-    best = vals[0];
-    best_i = idx[0];
-    for (int lane = 1; lane < 16; ++lane)  // each lane holds its first best; ties: lowest index
-      if (beats(vals[lane], best) || (!beats(best, vals[lane]) && idx[lane] < best_i)) {
-        best = vals[lane];
-        best_i = idx[lane];
-      }
+    reduce_lanes(vals, idx, 16, best, best_i);
   }
 #elif defined(DISTSERVE_SIMD)  // AVX2: the same with 8 lanes, comparisons as lane masks
   if (n >= 8) {
@@ -70,13 +75,7 @@ int64_t row_argmax(const T* row, int64_t n) {
     alignas(32) int32_t idx[8];
     _mm256_store_ps(vals, vbest);
     _mm256_store_si256(reinterpret_cast<__m256i*>(idx), vbest_idx);
-    best = vals[0];
-    best_i = idx[0];
-    for (int lane = 1; lane < 8; ++lane)  // each lane holds its first best; ties: lowest index
-      if (beats(vals[lane], best) || (!beats(best, vals[lane]) && idx[lane] < best_i)) {
-        best = vals[lane];
-        best_i = idx[lane];
-      }
+    reduce_lanes(vals, idx, 8, best, best_i);
   }
 #endif
   for (; j < n; ++j) {
