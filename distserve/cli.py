@@ -25,30 +25,46 @@ def _register_generate(sub) -> None:
     p.set_defaults(func=_run_generate)
 
 
+MODEL_TOPIC, ENGINE_TOPIC = "model and dtype", "engine and batching"
+PARALLEL_TOPIC, TRANSFER_TOPIC = "parallel instances", "KV transfer (disaggregated)"
+
+
+def arg_group(p: argparse.ArgumentParser, title: str):
+    """The parser's argument group of this title, made on first use: flags that several
+    modules add share one topic in --help."""
+    for group in p._action_groups:
+        if group.title == title:
+            return group
+    return p.add_argument_group(title)
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Flags shared by every command that starts an engine instance."""
-    g = p.add_argument_group("engine")
+    """Flags shared by every command that starts an engine instance, each under its topic."""
+    g = arg_group(p, MODEL_TOPIC)
     g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda if present)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="context length (default: the model's)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     g.add_argument("--kv-cache-memory", type=float, default=None, dest="kv_cache_memory_gib",
                    help="KV cache budget in GiB per instance (default 2, or less where all "
                         "instances' KV would take over half the memory available)")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="overrides --kv-cache-memory")
+    g = arg_group(p, ENGINE_TOPIC)
     g.add_argument("--max-num-seqs", type=int, default=256, help="requests in one batch")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="tokens in one batch (prompt chunks included)")
-    g.add_argument("--max-model-len", type=int, default=None,
-                   help="context length (default: the model's)")
     g.add_argument("--policy", default="prefill-first", choices=["prefill-first", "chunked"],
                    help="colocated batching: prompts before decodes, or chunked prefill")
     g.add_argument("--num-threads", type=int, default=None, help="torch threads per worker")
+    g = arg_group(p, PARALLEL_TOPIC)
     g.add_argument("--tensor-parallel-size", "--tp", "-tp", type=int, default=1,
                    dest="tensor_parallel_size", help="workers that split each layer (attention "
                    "heads, FFN columns) of an instance, over torch.distributed")
     g.add_argument("--pipeline-parallel-size", "--pp", "-pp", type=int, default=1,
                    dest="pipeline_parallel_size", help="pipeline stages (layer ranges) of an "
                    "instance; each step runs as micro-batches through them")
+    g = arg_group(p, TRANSFER_TOPIC)
     g.add_argument("--kv-checksum", action="store_true", help="disaggregated: verify every KV "
                    "block a decode instance pulls against the prefill side's checksum (CRC-32); "
                    "a request whose KV fails it is computed again, never decoded from bad KV")

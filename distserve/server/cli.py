@@ -17,30 +17,43 @@ from distserve.server.admission import DEFAULT_MAX_QUEUED
 from distserve.server.app import DEFAULT_MAX_BODY_BYTES
 
 
+HTTP_TOPIC, DEPLOYMENT_TOPIC = "HTTP server and security", "deployment (instance processes)"
+SLO_TOPIC, LIFECYCLE_TOPIC = "SLOs, metrics and drift", "failures and shutdown"
+RAY_TOPIC = "several machines (Ray)"
+
+
 def register(sub) -> None:
-    from distserve.cli import add_engine_args
+    from distserve.cli import (ENGINE_TOPIC, MODEL_TOPIC, PARALLEL_TOPIC, TRANSFER_TOPIC,
+                               add_engine_args, arg_group)
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    p.add_argument("model", nargs="?", default=None,
+    for title in (MODEL_TOPIC, HTTP_TOPIC, DEPLOYMENT_TOPIC, ENGINE_TOPIC, PARALLEL_TOPIC,
+                  TRANSFER_TOPIC, SLO_TOPIC, LIFECYCLE_TOPIC, RAY_TOPIC):
+        arg_group(p, title)   # --help lists the topics in this order
+    g = arg_group(p, MODEL_TOPIC)
+    g.add_argument("model", nargs="?", default=None,
                    help="HF folder or .gguf file (default: built-in SmolLM2-135M-Instruct)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port")
-    p.add_argument("--served-model-name", default=None,
+    g.add_argument("--served-model-name", default=None,
                    help="the name clients use in 'model' (default: the model's own name)")
-    p.add_argument("--api-key", default=os.environ.get("DISTSERVE_API_KEY"),
+    g = arg_group(p, HTTP_TOPIC)
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
+    g.add_argument("--port", type=int, default=8000, help="HTTP port")
+    g.add_argument("--api-key", default=os.environ.get("DISTSERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes "
                         "(default: $DISTSERVE_API_KEY, which keeps the key out of `ps`)")
-    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+    g.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="largest request body accepted (default 4 MiB); larger ones get 413")
-    p.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED,
+    g = arg_group(p, SLO_TOPIC)
+    g.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED,
                    help="requests waiting for their first token before new ones get 429 with "
                         f"Retry-After (default {DEFAULT_MAX_QUEUED})")
-    p.add_argument("--reject-late", action="store_true",
+    g.add_argument("--reject-late", action="store_true",
                    help="refuse (429) a request whose predicted queueing + prefill exceeds the "
                         "TTFT SLO (needs --ttft-slo/--tpot-slo or a --plan)")
-    p.add_argument("--drain-timeout", type=float, default=5.0,
+    g = arg_group(p, LIFECYCLE_TOPIC)
+    g.add_argument("--drain-timeout", type=float, default=5.0,
                    help="seconds in-flight requests get to finish after SIGTERM or Ctrl-C")
-    p.add_argument("--log-level", default="warning",
+    g.add_argument("--log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug"], help="HTTP server log level")
     add_engine_args(p)
     add_deployment_args(p)
@@ -48,7 +61,8 @@ def register(sub) -> None:
 
 
 def add_deployment_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("deployment (instance processes)")
+    from distserve.cli import PARALLEL_TOPIC, TRANSFER_TOPIC, arg_group
+    g = arg_group(p, DEPLOYMENT_TOPIC)
     g.add_argument("--plan", default=None, help="a plan file from `distserve plan` (YAML or "
                    "JSON): deploys the mode its verdict chose, its instance counts, TP and PP, "
                    "batching limits and placement; the plan must be for the served model")
@@ -68,6 +82,10 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens in one prefill batch (a longer prompt runs alone)")
     g.add_argument("--decode-max-num-seqs", type=int, default=None,
                    help="requests in one decode batch (default: --max-num-seqs)")
+    g.add_argument("--prefill-kv-cache-memory", type=float, default=None, help="GiB")
+    g.add_argument("--decode-kv-cache-memory", type=float, default=None, help="GiB")
+    g.add_argument("--no-pin-cpus", action="store_true", help="do not pin instances to cores")
+    g = arg_group(p, PARALLEL_TOPIC)
     g.add_argument("--prefill-tp", type=int, default=None, help="tensor-parallel workers per "
                    "prefill instance (default: --tp)")
     g.add_argument("--prefill-pp", type=int, default=None, help="pipeline stages per prefill "
@@ -76,20 +94,20 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
                    "decode instance (default: --tp)")
     g.add_argument("--decode-pp", type=int, default=None, help="pipeline stages per decode "
                    "instance (default: --pp)")
-    g.add_argument("--prefill-kv-cache-memory", type=float, default=None, help="GiB")
-    g.add_argument("--decode-kv-cache-memory", type=float, default=None, help="GiB")
+    g = arg_group(p, TRANSFER_TOPIC)
     g.add_argument("--transfer", choices=["shm", "tcp", "cuda_ipc"], default=None,
                    help="KV transfer: shm (same host, KV in host memory; the default), tcp "
                         "(raw bytes over a socket, any host, CPU or GPU; the default with "
                         "--launcher ray) or cuda_ipc (instances on CUDA GPUs of one node: "
                         "GPU to GPU, never through host memory)")
+    g = arg_group(p, RAY_TOPIC)
     g.add_argument("--launcher", choices=["local", "ray"], default="local",
                    help="local: instance processes on this machine; ray: Ray actors on the "
                         "nodes of a Ray cluster, placed as a --plan says (needs .[ray])")
     g.add_argument("--ray-address", default=None,
                    help="the Ray cluster to join (default: $RAY_ADDRESS, a cluster started "
                         "with `ray start` on this machine, or else a new local one)")
-    g.add_argument("--no-pin-cpus", action="store_true", help="do not pin instances to cores")
+    g = arg_group(p, SLO_TOPIC)
     g.add_argument("--ttft-slo", type=float, default=None, help="seconds; with --tpot-slo, "
                    "/metrics exports SLO attainment and goodput over --slo-window")
     g.add_argument("--tpot-slo", type=float, default=None, help="seconds")

@@ -122,3 +122,22 @@ def test_every_command_documents_each_option_and_its_default(monkeypatch):
         assert "not-for-help-text" not in text
     serve = commands.choices["serve"].format_help()
     assert "HTTP port (default: 8000)" in serve and "(default: 16)" in serve
+
+
+def test_serve_help_groups_every_option_by_topic():
+    """Every serve flag sits under a named topic of --help, none under argparse's catch-all."""
+    import argparse
+
+    from distserve.cli import build_parser
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    serve = commands.choices["serve"]
+    catch_all = {"options", "optional arguments", "positional arguments"}
+    topic = {id(a): g.title for g in serve._action_groups for a in g._group_actions}
+    for action in serve._actions:
+        if action.dest != "help":
+            assert topic[id(action)] not in catch_all, f"{action.dest} is in {topic[id(action)]!r}"
+    text = serve.format_help()
+    titles = ["model and dtype:", "HTTP server and security:", "deployment (instance processes):",
+              "KV transfer (disaggregated):", "SLOs, metrics and drift:", "several machines (Ray):"]
+    assert [text.index(t) for t in titles] == sorted(text.index(t) for t in titles)
+    assert text.index("\n  --port") > text.index("HTTP server and security:") > text.index("\n  --dtype")
