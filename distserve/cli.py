@@ -16,9 +16,13 @@ def _register_generate(sub) -> None:
     p.add_argument("prompts", nargs="+", help="prompt strings")
     p.add_argument("--model", default=None, help="HF folder or .gguf file (default: built-in SmolLM2)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    p.add_argument("--top-k", type=int, default=-1, help="-1: no top-k")
+    sampling = ("(default: the model's generation_config.json, else llama.cpp's %s; "
+                "see docs/serving.md)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0: greedy " + sampling % "0.8")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling mass " + sampling % "0.95")
+    p.add_argument("--top-k", type=int, default=None, help="-1: no top-k " + sampling % "40")
     p.add_argument("--seed", type=int, default=None, help="seeded sampling (reproducible)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     add_engine_args(p)
@@ -88,11 +92,24 @@ def engine_config_from_args(args: argparse.Namespace, model: str | None):
         pipeline_parallel_size=args.pipeline_parallel_size)
 
 
+def sampling_from_args(args: argparse.Namespace):
+    """generate's SamplingParams: each of --temperature/--top-p/--top-k given wins, the rest
+    come from the model (greedy decoding of a small model loops); with where they came from."""
+    from distserve.models.generation_config import KEYS, sampling_defaults
+    from distserve.request import SamplingParams
+    chosen = {key: getattr(args, key) for key in KEYS if getattr(args, key) is not None}
+    source = "the command line"
+    if len(chosen) < len(KEYS):
+        defaults, source = sampling_defaults(args.model)
+        chosen = {**defaults, **chosen}
+    return SamplingParams(max_tokens=args.max_tokens, seed=args.seed, **chosen), source
+
+
 def _run_generate(args: argparse.Namespace) -> int:
     from distserve.llm import LLM
-    from distserve.request import SamplingParams
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_tokens=args.max_tokens, seed=args.seed)
+    params, source = sampling_from_args(args)
+    print(f"sampling: temperature {params.temperature:g}, top_p {params.top_p:g}, top_k "
+          f"{params.top_k} ({source}; --temperature 0 for greedy)", file=sys.stderr)
     llm = LLM.from_config(engine_config_from_args(args, args.model))
     prompts = args.prompts
     if args.chat:
