@@ -49,12 +49,19 @@ def test_tune_plans_serves_measures_and_reports(tmp_path_factory, tokenizer_dir)
             assert len(run["repeats"]) == 1 and run["bound_pp"] >= 3.0   # the same trace again
             assert run["spread_pp"] == pytest.approx(
                 100 * abs(run["repeats"][0] - run["measured"]["attainment"]))
+            band = run["band"]   # the prediction's error bars: fit and seeds
+            assert band["low"] <= run["predicted"]["attainment"] <= band["high"]
+            assert band["point"] == run["predicted"]["attainment"] and len(band["by_seed"]) == 5
+            assert run["inside"] == (band["low"] <= run["measured"]["attainment"] <= band["high"])
+        assert all(w > 0 for w in r["band"]["widths"].values())   # the profile's own fit error
+        assert len(r["speed_by_run"]) == 4   # 2 rates x 2 runs, each with its own speed
     assert doc["rounds"][0]["speed_measured"]   # the step traces gave the served speed
     if len(doc["rounds"]) == 2:
         assert doc["rounds"][1]["speed_planned"] == doc["rounds"][0]["speed_measured"]
+        assert doc["rounds"][1]["band"]["speed_spread"]   # round 1's runs moved its fit band
     for name in ("report.md", "attainment.png", "plan.yaml", "profile.json"):
         assert (out / name).stat().st_size > 0
-    assert "| rate (req/s) |" in (out / "report.md").read_text()
+    assert "| predicted [low, high] |" in (out / "report.md").read_text()
     assert _processes_mentioning(str(out)) == []   # the servers and their instances are gone
 
 

@@ -29,6 +29,8 @@ def register(sub) -> None:
     p.add_argument("--plan-requests", type=int, default=400, help="requests per simulation")
     p.add_argument("--repeats", type=int, default=1, help="runs of each rate's trace (2 or more: "
                    "the measured run-to-run spread widens the accuracy bound)")
+    p.add_argument("--band-seeds", type=int, default=5, help="other samples of each run's trace "
+                   "simulated for the predicted band's seed spread (0: none)")
     p.set_defaults(func=run_tune)
 
 
@@ -38,12 +40,14 @@ def run_tune(args: argparse.Namespace) -> int:
     check_slo_seconds(args.ttft_slo, args.tpot_slo)
     if args.rounds < 1 or not 1 <= args.num_rates <= len(RATE_FACTORS):
         raise ValueError(f"--rounds must be >= 1 and --num-rates in 1..{len(RATE_FACTORS)}")
-    if args.num_prompts < 1 or args.plan_requests < 10 or args.repeats < 1:
-        raise ValueError("--num-prompts and --repeats must be >= 1 and --plan-requests >= 10")
+    if args.num_prompts < 1 or args.plan_requests < 10 or args.repeats < 1 or args.band_seeds < 0:
+        raise ValueError("--num-prompts and --repeats must be >= 1, --plan-requests >= 10 and "
+                         "--band-seeds >= 0")
     cfg = TuneConfig(args.model, args.workload, args.ttft_slo, args.tpot_slo,
                      pathlib.Path(args.output), args.latency_profile, rounds=args.rounds,
                      num_rates=args.num_rates, num_prompts=args.num_prompts,
-                     plan_requests=args.plan_requests, repeats=args.repeats)
+                     plan_requests=args.plan_requests, repeats=args.repeats,
+                     band_seeds=args.band_seeds)
     if args.cores:
         cfg.cores = args.cores
     doc = tune(cfg, progress=lambda m: print(m, file=sys.stderr, flush=True))

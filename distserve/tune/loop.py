@@ -20,16 +20,18 @@ import pathlib
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from distserve.cluster.step_trace import ENV as STEP_TRACE_ENV
 from distserve.planner.calibration import speed_of_traces
+from distserve.planner.error_bars import fit_error, fit_widths, inside, prediction_band, speed_spread
 from distserve.planner.goodput import HORIZONS, SLO, _lifetime
 from distserve.planner.hardware import Cluster, get_hardware
 from distserve.planner.models import MODELS, get_model
 from distserve.planner.planning import make_plan, planned_deployment
-from distserve.planner.reality_check import replay
+from distserve.planner.reality_check import replay, runs_of, trace_of
 from distserve.planner.search import Problem
+from distserve.planner.step_traces import read_traces, run_speed, summarise
 from distserve.planner.workload import TRACES, Lengths
 from distserve.tune.serve import free_port, start_server, stop_server
 
@@ -51,6 +53,7 @@ class TuneConfig:
     num_prompts: int = 60
     repeats: int = 1                       # runs of each rate's trace (2+: reality's spread)
     plan_requests: int = 400
+    band_seeds: int = 5                    # resampled traces per rate for the seed band
     seed: int = 0
     profile_args: tuple = ("--prefill-lens", "16,64,256,512", "--batch-sizes", "1,2,4,8,16",
                            "--context-lens", "64,256", "--repeats", "2")
@@ -130,7 +133,36 @@ def bench(cfg: TuneConfig, port: int, rate: float, seed: int, path: pathlib.Path
     return json.loads(path.read_text())
 
 
-def run_round(cfg: TuneConfig, k: int, profile: str, speed: dict | None, progress) -> dict:
+def alternative_of(plan):
+    """The deployment the plan is compared with: the best colocated one beside a disaggregated
+    plan, the best disaggregated one beside a colocated plan; None when the search found none."""
+    if plan.mode == "disaggregated":
+        return replace(plan, mode="colocated") if plan.colocated else None
+    return replace(plan, mode="disaggregated") if plan.prefill.instances and plan.decode.instances else None
+
+
+def band_of(p: Problem, plan, trace, rate: float, slo: dict, widths: dict, seeds) -> dict:
+    """The predicted band of `plan` on a run's trace (distserve.planner.error_bars), its
+    deployment rebuilt at any speed from the problem the round planned with."""
+    return prediction_band(trace, lambda s: planned_deployment(replace(p, speed=s), plan), p.speed,
+                           widths, rate, slo, seeds)
+
+
+def speeds_by_run(folder: pathlib.Path, entry, windows: list, speed: dict | None) -> list[dict]:
+    """Per measured run (a (start, end) monotonic window), the speed its model steps ran at x
+    the profile, per phase that ran steps: the machine's run-to-run speed, which widens the
+    next round's fit band."""
+    out = []
+    for start, end in windows:
+        summary = summarise(read_traces(folder, start, end), entry, 0.0)
+        out.append({phase: round(v * (speed or {}).get(phase, 1.0), 4)
+                    for phase, v in run_speed(summary).items()
+                    if sum(s[f"{phase}_profile_ms_total"] for s in summary.values())})
+    return out
+
+
+def run_round(cfg: TuneConfig, k: int, profile: str, speed: dict | None, progress,
+              last_speeds: list | None = None) -> dict:
     p = problem_for(cfg, profile, speed)
     progress(f"round {k}: planning on {cfg.cores} core(s)"
              + (f" at the measured speed {speed}" if speed else "") + " ...")
@@ -142,39 +174,70 @@ def run_round(cfg: TuneConfig, k: int, profile: str, speed: dict | None, progres
     progress(f"round {k}: {plan.mode} plan, predicted goodput {predicted_goodput:.3g} req/s; "
              "serving it")
     rates = [f * predicted_goodput for f in RATE_FACTORS[:cfg.num_rates]]
+    fit, spread = fit_error(profile, planned_model_name(cfg.model)), speed_spread(last_speeds or [])
+    widths, seeds = fit_widths(fit, spread), range(1000, 1000 + cfg.band_seeds)
+    alt = alternative_of(plan)
     traces = cfg.out / f"traces-round{k}"
     port = free_port()
     env = {**os.environ, STEP_TRACE_ENV: str(traces)}
     flags = [*([cfg.model] if cfg.model else []), "--plan", str(plan_path), "--no-pin-cpus"]
     proc = start_server(flags, port, cfg.out / f"serve-round{k}.log", env=env)
-    runs = []
+    runs, windows = [], []
     try:
         dep = planned_deployment(p, plan)
         slo = {"ttft": cfg.ttft_slo, "tpot": cfg.tpot_slo}
         for i, rate in enumerate(rates):
             n = prompts_for(cfg, p, rate)
+            start = time.monotonic()
             doc = bench(cfg, port, rate, cfg.seed + i, cfg.out / f"bench-round{k}-{i}.json", n)
+            windows.append((start, time.monotonic()))
             row = replay(doc, dep, slo)[0]
             row["rate"] = rate
             # the same arrivals and prompts again, straight after: reality's own spread
-            again = [bench(cfg, port, rate, cfg.seed + i, cfg.out / f"bench-round{k}-{i}-{j}.json",
-                           n)["slo_attainment"] for j in range(1, cfg.repeats)]
+            again = []
+            for j in range(1, cfg.repeats):
+                start = time.monotonic()
+                again.append(bench(cfg, port, rate, cfg.seed + i,
+                                   cfg.out / f"bench-round{k}-{i}-{j}.json", n)["slo_attainment"])
+                windows.append((start, time.monotonic()))
             row |= accuracy(row, again)
+            trace, _ = trace_of(runs_of(doc)[0])
+            row["band"] = band_of(p, plan, trace, rate, slo, widths, seeds)
+            row["inside"] = inside(row["band"], row["measured"]["attainment"])
+            if alt is not None:
+                row["alternative"] = band_of(p, alt, trace, rate, slo, widths, seeds)
             runs.append(row)
+            b = row["band"]
             progress(f"round {k}: {rate:.3g} req/s: measured {100 * row['measured']['attainment']:.1f}% "
-                     f"attainment, predicted {100 * row['predicted']['attainment']:.1f}%")
+                     f"attainment, predicted {100 * row['predicted']['attainment']:.1f}% "
+                     f"[{100 * b['low']:.1f}, {100 * b['high']:.1f}]")
     finally:
         stop_server(proc)
-    measured_speed = None
+    measured_speed, by_run = None, []
     try:   # against the entry this round planned with: the profile at `speed` already
-        relative = speed_of_traces(str(traces), p.instance(1, 1).latency.entry)
+        entry = p.instance(1, 1).latency.entry
+        relative = speed_of_traces(str(traces), entry)
         measured_speed = {phase: round(float(v) * (speed or {}).get(phase, 1.0), 3)
                           for phase, v in relative.items()}
+        by_run = speeds_by_run(traces, entry, windows, speed)
     except (ValueError, FileNotFoundError) as e:
         progress(f"round {k}: no speed from the step traces ({e})")
     return {"round": k, "plan": plan.to_dict(), "plan_key": list(plan_key(plan)),
             "predicted_goodput": predicted_goodput, "speed_planned": speed,
-            "speed_measured": measured_speed, "runs": runs}
+            "speed_measured": measured_speed, "speed_by_run": by_run,
+            "band": {"fit_error": fit, "speed_spread": spread, "widths": widths,
+                     "seeds": cfg.band_seeds,
+                     "alternative": None if alt is None else _plan_name(alt)},
+            "runs": runs}
+
+
+def _plan_name(plan) -> str:
+    """A plan's deployment in a few words, for the report's comparison column."""
+    if plan.mode == "colocated":
+        c = plan.colocated
+        return f"colocated {c.get('instances') or 1} x (TP {c['tp']}, PP {c['pp']})"
+    return (f"disaggregated {plan.prefill.instances}P (TP {plan.prefill.tp}, PP {plan.prefill.pp}) + "
+            f"{plan.decode.instances}D (TP {plan.decode.tp}, PP {plan.decode.pp})")
 
 
 def tune(cfg: TuneConfig, progress=lambda msg: None) -> dict:
@@ -190,7 +253,8 @@ def tune(cfg: TuneConfig, progress=lambda msg: None) -> dict:
         doc["latency_profile"] = profile
         speed = None
         for k in range(1, cfg.rounds + 1):
-            r = run_round(cfg, k, profile, speed, progress)
+            last = doc["rounds"][-1]["speed_by_run"] if doc["rounds"] else None
+            r = run_round(cfg, k, profile, speed, progress, last)
             doc["rounds"].append(r)
             write_report(doc, cfg.out)
             if k > 1 and r["plan_key"] == doc["rounds"][-2]["plan_key"]:
