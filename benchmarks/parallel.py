@@ -5,7 +5,8 @@
 1. Prefill latency and decode step time of SmolLM2 instances of TP 1, TP 2 and PP 2 (one
    thread per worker, so TP 1 runs on one core and the others on two), timed by the package's
    profiler (distserve.planner.profile_engine.measure) on the same shapes, with the paper's
-   speed-up K (TP 1 ms / parallel ms) and the PP model's numbers (profile_cli.pipeline_fit).
+   speed-up K (TP 1 ms / parallel ms) and the PP model's numbers (profile_cli.pipeline_fit;
+   benchmarks/pp_model.py checks that model against a served PP instance).
 2. Goodput of `distserve serve --prefill-tp 2` (prefill TP 2 -> decode TP 1, KV resharded on
    the way) against 1 prefill + 1 decode of one worker each, measured with `distserve bench`
    on the long-prompt workload, SLOs from the single-request times (TTFT 4x the prefill,
@@ -37,7 +38,7 @@ DEPLOYMENTS = {
 
 
 def step_times(prefill_lens: list[int], batches: list[int], context: int, repeats: int) -> dict:
-    from distserve.planner.profile_cli import pipeline_fit, speedup
+    from distserve.planner.profile_cli import fit_entry, pipeline_fit, speedup
     from distserve.planner.profile_engine import measure
     prefill = [[n] for n in prefill_lens]
     decode = [(b, context) for b in batches]
@@ -50,7 +51,9 @@ def step_times(prefill_lens: list[int], batches: list[int], context: int, repeat
     base = out["tp1"]
     out["speedup"] = {name: {phase: speedup(base[phase], out[name][phase])
                              for phase in ("prefill", "decode")} for name in ("tp2", "pp2")}
-    out["pp2_model"] = pipeline_fit(base, out["pp2"], 2)
+    if len(base["prefill"]) >= 3 and len(base["decode"]) >= 3:
+        entry, _ = fit_entry(base["prefill"], base["decode"])
+        out["pp2_model"] = pipeline_fit(entry, base, out["pp2"], 2)
     return out
 
 
@@ -65,8 +68,11 @@ def print_steps(steps: dict) -> None:
         print(f"  batch {len(ctxs):>3}, context {ctxs[0]:<5}  " + "".join(f"{v:>9.1f}" for v in row))
     for name, k in steps["speedup"].items():
         print(f"K ({name} over tp1): prefill {k['prefill']:.2f}, decode {k['decode']:.2f}")
-    fit = steps["pp2_model"]
-    print(f"PP 2 model: stage_ms {fit['stage_ms']:.2f}, decode_factor {fit['decode_factor']:.2f}")
+    fit = steps.get("pp2_model") or {}
+    for phase, f in fit.items():
+        if "bottleneck" in f:   # the synchronous pipeline's cost (benchmarks/pp_model.py)
+            print(f"PP 2 {phase}: slowest stage {f['bottleneck']:.2f} x even, handover "
+                  f"{f['hop_ms']:.2f} ms + {f['hop_ms_per_token']:.3f} ms per row")
 
 
 def main(argv=None) -> int:

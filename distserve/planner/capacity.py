@@ -27,7 +27,7 @@ def instance_capacity(inst: InstanceConfig, lengths, phase: str) -> float:
             ks |= {min(most, max(1, int(peak))), min(most, max(1, math.ceil(peak)))}
         best = 0.0
         for k in ks:
-            t = lat.prefill_stage(k * mean_in, k * mean_in * mean_in)   # one stage's share
+            t = lat.prefill_busy(k, k * mean_in, k * mean_in * mean_in)
             best = max(best, k / t if t > 0 else math.inf)
         return float(best)
     mean_out = float(outs.mean())
@@ -35,9 +35,9 @@ def instance_capacity(inst: InstanceConfig, lengths, phase: str) -> float:
     most = int(min(inst.max_batch, inst.kv_capacity // max(ins.mean() + outs.mean(), 1)))
     best = 0.0
     for b in sorted({1, max(1, most // 4), max(1, most // 2), max(1, most)}):
-        per_lane = max(1, b // lat.pp)      # PP lanes: micro-batches in flight side by side
+        per_lane = max(1, b // lat.lanes)   # interleaved PP: micro-batches in flight side by side
         step = lat.decode(np.full(per_lane, context))   # one lane's step, every stage
-        best = max(best, per_lane * lat.pp / step / mean_out if step > 0 else math.inf)
+        best = max(best, per_lane * lat.lanes / step / mean_out if step > 0 else math.inf)
     return float(best)
 
 

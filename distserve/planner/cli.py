@@ -22,6 +22,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    f"artifact's schema, or a built-in one: {', '.join(BUILTIN_PROFILES)} (A100 fits; "
                    "on Hopper the roofline takes its factors from the shipped measured table), "
                    "or a CSV of measured steps of your own cluster (docs/planner.md)")
+    g.add_argument("--pp-schedule", choices=["synchronous", "interleaved"], default="synchronous",
+                   help="how pipeline-parallel instances run: synchronous is distserve's engine "
+                   "(one step at a time, micro-batches through the stages, with bubbles); "
+                   "interleaved is the paper artifact's (a batch in every stage)")
     g = p.add_argument_group("workload and SLOs")
     g.add_argument("--workload", default="sharegpt", help="sharegpt | humaneval | longbench | "
                    "fixed:IN:OUT | a JSON/JSONL file of input_len/output_len")
@@ -115,7 +119,8 @@ def _problem(args, cluster: Cluster):
                       SLO(args.ttft_slo, args.tpot_slo, args.attainment), args.latency_profile,
                       getattr(args, "colocated_profile", None), args.num_requests,
                       tuple(range(args.seeds)), getattr(args, "rate", None) if args.func is run_plan else None,
-                      args.max_num_batched_tokens, args.chunked_prefill, **kwargs)
+                      args.max_num_batched_tokens, args.chunked_prefill,
+                      pp_schedule=args.pp_schedule, **kwargs)
     problem.speed = _speed(args, problem)
     return problem
 

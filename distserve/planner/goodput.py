@@ -134,5 +134,5 @@ def capacity_guess(deployment, lengths: Lengths) -> float:
     ins, _ = lengths.sample(256, np.random.default_rng(1))
     inst = getattr(deployment, "prefill", None) or deployment.instance
     count = getattr(deployment, "num_prefill", None) or deployment.num_instances
-    t = inst.latency.prefill(np.array([ins.mean()]))
-    return max(count * inst.latency.pp / max(t, 1e-6), 1e-3)
+    t = inst.latency.prefill_busy(1, ins.mean(), ins.mean() ** 2)
+    return max(count / max(t, 1e-6), 1e-3)

@@ -1,22 +1,32 @@
 """The latency model of an instance: its profile entry (distserve.planner.profiles) or, for a
 (model, TP) the profile lacks, the roofline calibrated on that profile
-(distserve.planner.roofline), with its PP degree. With PP stages p, a prefill batch spends
-prefill_ms / p + stage_ms * p in each stage, and a decode micro-batch decode_factor *
-decode_ms / p per stage (so decode_factor * decode_ms through the whole pipeline). stage_ms
-is the artifact's provisional PP_STAGE_MS and decode_factor 1, unless the profile holds what
-`distserve profile --pp` measured ("_pipeline"). Pure Python: never imports torch.
+(distserve.planner.roofline), with its PP degree and how its pipeline runs.
+
+Two pipelines (`schedule`):
+- "synchronous", our engine's: a step splits its batch into m = min(PP, rows) micro-batches
+  that pass the PP stages in turn (forward only), and the next step starts when the last one
+  is out. Its cost (PipelineCost) is one micro-batch's way through every stage, the other
+  m - 1 behind it at the slowest stage (the bubbles), and the handovers between stages, each
+  fitted per phase from PP instances timed by `distserve profile --pp`.
+- "interleaved", the paper artifact's: PP batches in flight, one per stage; a prefill batch
+  spends prefill_ms / p + stage_ms * p in each stage, and a decode micro-batch decode_factor
+  * decode_ms / p per stage, PP micro-batches side by side (the artifact's provisional
+  PP_STAGE_MS and decode_factor 1). benchmarks/paper.py uses it to reproduce the paper.
+Pure Python: never imports torch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from distserve.planner.hardware import get_hardware
-from distserve.planner.profiles import Profile, ProfileEntry, context_term, load_profile
+from distserve.planner.profiles import (PipelineCost, Profile, ProfileEntry, context_term,
+                                        load_profile)
 from distserve.planner.roofline import roofline_entry
 
 PP_STAGE_MS = 1.0   # per-stage pipeline constant of the artifact's prefill model (provisional)
+SCHEDULES = ("synchronous", "interleaved")
 
 
 @dataclass(frozen=True)
@@ -27,26 +37,68 @@ class InstanceLatency:
     tp: int = 1
     pp: int = 1
     source: str = "profile"
-    stage_ms: float = PP_STAGE_MS     # a prefill batch's extra time per stage is stage_ms * pp
-    decode_factor: float = 1.0        # a decode micro-batch's time over decode_ms, with PP
+    stage_ms: float = PP_STAGE_MS     # interleaved: a prefill batch's extra time per stage is stage_ms * pp
+    decode_factor: float = 1.0        # interleaved: a decode micro-batch's time over decode_ms
+    schedule: str = "synchronous"     # how the pipeline runs (the module's docstring)
+    prefill_pipe: PipelineCost = PipelineCost()   # synchronous: per phase
+    decode_pipe: PipelineCost = PipelineCost()
+
+    @property
+    def interleaved(self) -> bool:
+        return self.pp > 1 and self.schedule == "interleaved"
+
+    @property
+    def lanes(self) -> int:
+        """Decode batches in flight at once: PP of them interleaved, else one."""
+        return self.pp if self.interleaved else 1
 
     def prefill_stage(self, sum_len: float, sum_sq: float) -> float:
-        """Seconds a prefill batch spends in each pipeline stage."""
+        """Interleaved: seconds a prefill batch spends in each pipeline stage."""
         a, b, c = self.entry.prefill
         return ((a + b * sum_len + c * sum_sq) / self.pp + (self.stage_ms * self.pp if self.pp > 1 else 0.0)) * 1e-3
+
+    def prefill_batch(self, prompts: int, sum_len: float, sum_sq: float) -> float:
+        """Seconds from the start of a prefill batch of `prompts` prompts to its first tokens."""
+        if self.interleaved:
+            return self.pp * self.prefill_stage(sum_len, sum_sq)
+        a, b, c = self.entry.prefill
+        return self.pipelined(self.prefill_pipe, a, b * sum_len + c * sum_sq, prompts, sum_len) * 1e-3
+
+    def prefill_busy(self, prompts: int, sum_len: float, sum_sq: float) -> float:
+        """Seconds before the instance can start its next prefill batch: one stage's time when
+        batches follow each other through the stages (interleaved), else the whole step."""
+        if self.interleaved:
+            return self.prefill_stage(sum_len, sum_sq)
+        return self.prefill_batch(prompts, sum_len, sum_sq)
 
     def prefill(self, lens) -> float:
         """Seconds from the start of a prefill batch to its first tokens (all stages)."""
         lens = np.asarray(lens, dtype=float)
-        return self.pp * self.prefill_stage(lens.sum(), (lens * lens).sum())
+        return self.prefill_batch(lens.size, lens.sum(), (lens * lens).sum())
+
+    def pipelined(self, pipe: PipelineCost, fixed_ms: float, variable_ms: float, rows: int,
+                  tokens: float) -> float:
+        """Milliseconds of a synchronous step of `rows` sequences (`tokens` in all) whose PP-1
+        time is fixed_ms + variable_ms."""
+        if self.pp == 1 or rows < 1:
+            return fixed_ms + variable_ms
+        return pipe.step_ms(fixed_ms, variable_ms, min(self.pp, rows), self.pp, tokens)
 
     def decode_coeffs(self, batch: int) -> tuple[float, float, float]:
-        """(a, b, c) in seconds of one decode step through every stage:
-        a + b * sum(context + 1) + c * batch."""
+        """(a, b, c) in seconds of one decode step of `batch` requests through every stage:
+        a + b * sum(context + 1) + c * batch (interleaved: of one lane's micro-batch)."""
         e = self.entry
         a, b, c = e.decode_small if batch < e.threshold else e.decode_large
-        f = (self.decode_factor if self.pp > 1 else 1.0) * 1e-3
-        return a * f, b * f, c * f
+        if self.pp == 1:
+            return a * 1e-3, b * 1e-3, c * 1e-3
+        if self.interleaved:
+            f = self.decode_factor * 1e-3
+            return a * f, b * f, c * f
+        m, p, q = min(self.pp, max(batch, 1)), self.pp, self.decode_pipe
+        g = 1 + (m - 1) * q.bottleneck / p     # the pipelined step of PipelineCost, term by term
+        k = m + p - 2
+        return ((a * g + k * q.hop_ms) * 1e-3, b * g / m * 1e-3,
+                (c * g / m + k * q.hop_ms_per_token / m) * 1e-3)
 
     def decode(self, context_lens) -> float:
         ctx = np.asarray(context_lens, dtype=float)
@@ -55,11 +107,19 @@ class InstanceLatency:
 
 
 def instance_latency(model, tp: int, pp: int = 1, profile: str | Profile | None = "distserve",
-                     hardware=None) -> InstanceLatency:
-    """The latency of an instance of `model` (a ModelSpec) with TP `tp` and PP `pp`: the
-    profile's entry when it has one; else the roofline, with efficiency factors fitted on a
-    measured table (`profile` a .csv: measured.py), or on the table shipped for `hardware`'s
-    generation when the profile was made on another one, or else on the profile."""
+                     hardware=None, schedule: str = "synchronous") -> InstanceLatency:
+    """The latency of an instance of `model` (a ModelSpec) with TP `tp` and PP `pp`, whose
+    pipeline runs as `schedule` says (the module's docstring)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown PP schedule {schedule!r}: choose from {', '.join(SCHEDULES)}")
+    return replace(_latency(model, tp, pp, profile, hardware), schedule=schedule)
+
+
+def _latency(model, tp: int, pp: int, profile, hardware) -> InstanceLatency:
+    """The profile's entry when it has one; else the roofline, with efficiency factors fitted
+    on a measured table (`profile` a .csv: measured.py), or on the table shipped for
+    `hardware`'s generation when the profile was made on another one, or else on the profile.
+    The PP model is the profile's (`distserve profile --pp`) for its own hardware."""
     from distserve.planner.measured import factors_for, is_table, table_for
     from distserve.planner.roofline import profile_path
     if isinstance(profile, str) and is_table(profile):

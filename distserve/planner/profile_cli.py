@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from distserve.planner.profiles import ProfileEntry, fit_decode, fit_prefill
+from distserve.planner.profiles import PipelineCost, ProfileEntry, fit_decode, fit_prefill
 
 DEFAULT_PREFILL_LENS = "16,32,64,128,256,512,1024"
 DEFAULT_BATCHES = "1,2,4,8,16,32,64,96,128"
@@ -143,22 +143,62 @@ def speedup(base: list, measured: list) -> float:
     return float(np.median(ratios))
 
 
-def pipeline_fit(base: dict, measured: dict, pp: int) -> dict:
-    """The PP model's two numbers from a PP instance's times and TP 1's ({"prefill": [(lens,
-    ms)], "decode": [(contexts, ms)]} each). stage_ms: one prompt's latency through p stages
-    is prefill_ms + stage_ms * p^2 (p stages of prefill_ms / p + stage_ms each). decode_factor:
-    the simulator runs p decode micro-batches side by side, each through every stage, so a
-    step of batch B, split into p micro-batches, takes decode_factor * decode_ms(B / p)."""
-    one = {x[0]: t for x, t in base["prefill"] if len(x) == 1}
-    stage = [(t - one[x[0]]) / pp ** 2 for x, t in measured["prefill"]
-             if len(x) == 1 and x[0] in one]
-    dec = {(len(c), c[0]): t for c, t in base["decode"] if min(c) == max(c)}
-    factor = [t / dec[(len(c) // pp, c[0])] for c, t in measured["decode"]
-              if min(c) == max(c) and len(c) % pp == 0 and (len(c) // pp, c[0]) in dec]
-    if not stage or not factor:
-        raise ValueError(f"PP {pp}: need one-prompt prefills and decode batches of a multiple "
-                         f"of {pp} requests whose 1/{pp} was measured at TP 1 too")
-    return {"stage_ms": max(0.0, float(np.median(stage))), "decode_factor": float(np.median(factor))}
+def pipeline_fit(entry: ProfileEntry, base: dict, measured: dict, pp: int) -> dict:
+    """The synchronous pipeline's cost per phase (PipelineCost: bottleneck, hop_ms,
+    hop_ms_per_token) from a PP instance's step times and TP 1's on the same shapes
+    ({"prefill": [(lens, ms)], "decode": [(contexts, ms)]} each). A shape of r rows runs as
+    m = min(pp, r) micro-batches; its TP-1 time is `entry`'s fixed cost plus the rest, which
+    splits over the micro-batches. Fitted by non-negative least squares on relative error;
+    without a shape of two micro-batches or more the stages are taken as even."""
+    from scipy.optimize import nnls
+
+    out = {}
+    for phase in ("prefill", "decode"):
+        tp1 = {json.dumps(x): t for x, t in base[phase]}
+        rows, ys, ws = [], [], []
+        for x, t in measured[phase]:
+            one = tp1.get(json.dumps(x))
+            if one is None or t <= 0:
+                continue
+            fixed = entry.prefill[0] if phase == "prefill" else \
+                (entry.decode_small if len(x) < entry.threshold else entry.decode_large)[0]
+            fixed = min(fixed, one)
+            m = min(pp, len(x))
+            tokens = sum(x) if phase == "prefill" else len(x)
+            t1 = fixed + (one - fixed) / m
+            rows.append([(m - 1) / pp * t1, m + pp - 2, (m + pp - 2) * tokens / m])
+            ys.append(t - t1)
+            ws.append(1 / t)
+        if not rows:
+            raise ValueError(f"PP {pp}: no {phase} shape was measured at TP 1 and PP {pp} both")
+        a, w = np.array(rows, dtype=float), np.array(ws)
+        coef, _ = nnls(a * w[:, None], np.array(ys) * w)
+        bottleneck = float(coef[0]) if a[:, 0].any() else 1.0
+        out[phase] = PipelineCost(bottleneck, float(coef[1]), float(coef[2])).to_dict()
+    return out
+
+
+def pipeline_errors(entry: ProfileEntry, base: dict, measured: dict, pp: int, fit: dict) -> dict:
+    """The fitted PP model against the measured PP times: {phase: {"mean", "max"}} relative."""
+    from distserve.planner.latency import InstanceLatency
+    lat = InstanceLatency(entry, 1, pp, prefill_pipe=PipelineCost(**fit["prefill"]),
+                          decode_pipe=PipelineCost(**fit["decode"]))
+    out = {}
+    for phase in ("prefill", "decode"):
+        tp1 = {json.dumps(x): t for x, t in base[phase]}
+        errs = []
+        for x, t in measured[phase]:
+            one = tp1.get(json.dumps(x))
+            if one is None:
+                continue
+            pipe = lat.prefill_pipe if phase == "prefill" else lat.decode_pipe
+            fixed = entry.prefill[0] if phase == "prefill" else \
+                (entry.decode_small if len(x) < entry.threshold else entry.decode_large)[0]
+            fixed = min(fixed, one)
+            tokens = sum(x) if phase == "prefill" else len(x)
+            errs.append(abs(lat.pipelined(pipe, fixed, one - fixed, len(x), tokens) / t - 1))
+        out[phase] = {"mean": float(np.mean(errs)), "max": float(np.max(errs))}
+    return out
 
 
 def run_profile(args: argparse.Namespace) -> int:
@@ -216,7 +256,9 @@ def run_profile(args: argparse.Namespace) -> int:
             doc[name][str(tp)] = tp_entry.to_dict()
             doc["_fit_error"].setdefault(f"{name} tp{tp}", tp_errors)
         else:
-            doc.setdefault("_pipeline", {}).setdefault(name, {})[str(pp)] = pipeline_fit(m, pm, pp)
+            fit = pipeline_fit(entry, m, pm, pp)
+            fit["error"] = pipeline_errors(entry, m, pm, pp, fit)
+            doc.setdefault("_pipeline", {}).setdefault(name, {})[str(pp)] = fit
     with open(args.output, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=2)
     if args.json:
@@ -248,6 +290,10 @@ def run_profile(args: argparse.Namespace) -> int:
         print(f"  TP {tp} x PP {pp}: speed-up K over TP 1 (median over the shapes): prefill "
               f"{k['prefill']:.2f}, decode step {k['decode']:.2f}")
     for pp, fit in doc.get("_pipeline", {}).get(name, {}).items():
-        print(f"  PP {pp} model: {fit['stage_ms']:.3g} ms per stage per prefill batch, decode "
-              f"micro-batch factor {fit['decode_factor']:.2f}")
+        for phase in ("prefill", "decode"):
+            f, e = fit[phase], fit.get("error", {}).get(phase)
+            print(f"  PP {pp} {phase}: slowest stage {f['bottleneck']:.2f} x even, handover "
+                  f"{f['hop_ms']:.3g} ms + {f['hop_ms_per_token']:.3g} ms per "
+                  f"{'token' if phase == 'prefill' else 'request'}"
+                  + (f" (fit error mean {e['mean']:.1%}, max {e['max']:.1%})" if e else ""))
     return 0

@@ -30,6 +30,30 @@ THRESHOLD = 95      # the artifact's decode batch size where "largebs" coefficie
 
 
 @dataclass(frozen=True)
+class PipelineCost:
+    """What a synchronous pipeline of p stages adds to a step. With m micro-batches of n tokens
+    each (rows, for decode) and T(n) one micro-batch's step at PP 1, the step takes
+        T(n) * (1 + (m - 1) * bottleneck / p) + (m + p - 2) * (hop_ms + hop_ms_per_token * n)
+    : the first micro-batch through every stage, each other one a slowest-stage time behind
+    it (bottleneck: that stage's share of the work x p, 1 when the stages are even), and the
+    handovers between stages. Unmeasured: even stages and free handovers."""
+    bottleneck: float = 1.0
+    hop_ms: float = 0.0
+    hop_ms_per_token: float = 0.0
+
+    def step_ms(self, fixed_ms: float, variable_ms: float, m: int, p: int, tokens: float) -> float:
+        """A step whose PP-1 time is fixed_ms + variable_ms over its whole batch, split in m
+        micro-batches of tokens / m tokens each."""
+        one = fixed_ms + variable_ms / m
+        return (one * (1 + (m - 1) * self.bottleneck / p)
+                + (m + p - 2) * (self.hop_ms + self.hop_ms_per_token * tokens / m))
+
+    def to_dict(self) -> dict:
+        return {"bottleneck": self.bottleneck, "hop_ms": self.hop_ms,
+                "hop_ms_per_token": self.hop_ms_per_token}
+
+
+@dataclass(frozen=True)
 class ProfileEntry:
     """One (model, TP) of a profile: three [a, b, c] triples in milliseconds."""
     prefill: tuple[float, float, float]
@@ -112,12 +136,16 @@ class Profile:
         return self.entries.get(model.lower(), {}).get(tp)
 
     def pipeline(self, model: str, pp: int) -> dict:
-        """What `distserve profile --pp` measured for PP `pp` of `model`: {"stage_ms",
-        "decode_factor"} (InstanceLatency's fields), or {} (the artifact's model)."""
+        """What `distserve profile --pp` measured for PP `pp` of `model`, as InstanceLatency's
+        fields: the synchronous pipeline's cost per phase ({"prefill_pipe", "decode_pipe"}),
+        or {} (even stages, free handovers)."""
         for name, by_pp in self.meta.get("_pipeline", {}).items():
             if name.lower() == model.lower() and str(pp) in by_pp:
                 m = by_pp[str(pp)]
-                return {"stage_ms": float(m["stage_ms"]), "decode_factor": float(m["decode_factor"])}
+                if "prefill" not in m:   # a profile made before the synchronous model
+                    return {}
+                return {"prefill_pipe": PipelineCost(**m["prefill"]),
+                        "decode_pipe": PipelineCost(**m["decode"])}
         return {}
 
     @property

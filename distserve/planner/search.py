@@ -45,6 +45,7 @@ class Problem:
     max_num_batched_tokens: int | None = None
     chunked: bool = False                  # colocated baseline with chunked prefill
     speed: dict | None = None              # {"prefill": k, "decode": k}: the profile's times x k
+    pp_schedule: str = "synchronous"       # how PP instances run (latency.py): ours, or "interleaved"
     jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     @property
@@ -56,7 +57,8 @@ class Problem:
         return min(self.lengths.max_total_len, self.model.max_positions)
 
     def instance(self, tp: int, pp: int, profile: str | None = None) -> InstanceConfig:
-        lat = instance_latency(self.model, tp, pp, profile or self.profile, self.hw)
+        lat = instance_latency(self.model, tp, pp, profile or self.profile, self.hw,
+                               self.pp_schedule)
         if self.speed:
             lat = dataclasses.replace(lat, entry=scaled(lat.entry, self.speed["prefill"], self.speed["decode"]))
         return InstanceConfig(lat, kv_capacity_tokens(self.model, self.hw, tp, pp),

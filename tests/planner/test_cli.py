@@ -133,29 +133,53 @@ def test_profile_fit_finds_the_batch_where_decode_turns_compute_bound():
     assert max(abs(ProfileEntry(entry.prefill, line, line).decode_ms(c) / t - 1) for c, t in decode) > 0.1
 
 
-def test_speedup_and_pipeline_fit_from_measurements():
-    from distserve.planner.profile_cli import pipeline_fit, speedup
+def test_speedup_from_measurements():
+    from distserve.planner.profile_cli import speedup
     base = {"prefill": [([64], 10.0), ([128], 20.0), ([64, 64], 21.0)],
             "decode": [([32], 4.0), ([32, 32], 5.0), ([32] * 4, 7.0), ([8, 32], 5.0)]}
     tp2 = {"prefill": [([64], 6.0), ([128], 10.0)], "decode": [([32], 2.0), ([32, 32], 4.0)]}
     assert speedup(base["prefill"], tp2["prefill"]) == pytest.approx(np.median([10 / 6, 2.0]))
     assert speedup(base["decode"], tp2["decode"]) == pytest.approx(np.median([2.0, 1.25]))
-    # PP 2: one prompt costs 10 -> 14 ms (4 ms over 2^2 stage slots), a batch of 2 at 6 ms
-    # against 4 ms for one request at TP 1, a batch of 4 at 6 ms against 5 for 2
-    pp2 = {"prefill": [([64], 14.0), ([128], 24.0), ([64, 64], 15.0)],
-           "decode": [([32] * 2, 6.0), ([32] * 4, 6.0), ([32], 3.0)]}
-    fit = pipeline_fit(base, pp2, 2)
-    assert fit["stage_ms"] == pytest.approx(1.0)
-    assert fit["decode_factor"] == pytest.approx(np.median([6 / 4, 6 / 5]))
+
+
+def test_pipeline_fit_recovers_the_synchronous_pipeline_cost():
+    """PP step times made from known costs (slowest stage, handovers) are fitted back to them,
+    and the fit's error on its own measurements is ~0; a phase with no shape measured both
+    ways is an error naming the PP degree."""
+    from distserve.planner.latency import InstanceLatency
+    from distserve.planner.profiles import PipelineCost
+    from distserve.planner.profile_cli import pipeline_errors, pipeline_fit
+    from distserve.planner.profiles import ProfileEntry
+    entry = ProfileEntry((5.0, 0.1, 1e-5), (3.0, 0.001, 0.2), (3.0, 0.001, 0.2), threshold=95)
+    truth = {"prefill": PipelineCost(1.3, 2.0, 0.01), "decode": PipelineCost(1.1, 0.5, 0.3)}
+    lat = InstanceLatency(entry, 1, 2, prefill_pipe=truth["prefill"], decode_pipe=truth["decode"])
+    prefill_shapes = [[64], [256], [64, 64], [256, 256], [128] * 4]
+    decode_shapes = [[100], [100] * 2, [100] * 8, [400] * 16, [50] * 32]
+    base = {"prefill": [(x, entry.prefill_ms(x)) for x in prefill_shapes],
+            "decode": [(x, entry.decode_ms(x)) for x in decode_shapes]}
+    pp2 = {"prefill": [(x, lat.prefill(x) * 1e3) for x in prefill_shapes],
+           "decode": [(x, lat.decode(x) * 1e3) for x in decode_shapes]}
+    fit = pipeline_fit(entry, base, pp2, 2)
+    for phase, cost in truth.items():
+        assert fit[phase]["bottleneck"] == pytest.approx(cost.bottleneck, rel=1e-3)
+        assert fit[phase]["hop_ms"] == pytest.approx(cost.hop_ms, rel=1e-3)
+        assert fit[phase]["hop_ms_per_token"] == pytest.approx(cost.hop_ms_per_token, rel=1e-3)
+    assert max(e["max"] for e in pipeline_errors(entry, base, pp2, 2, fit).values()) < 1e-6
+    # one-prompt shapes only: the handovers are fitted, the stages taken as even
+    single = pipeline_fit(entry, {"prefill": base["prefill"][:2], "decode": base["decode"][:1]},
+                          {"prefill": pp2["prefill"][:2], "decode": pp2["decode"][:1]}, 2)
+    assert single["prefill"]["bottleneck"] == 1.0
     with pytest.raises(ValueError, match="PP 2"):
-        pipeline_fit(base, {"prefill": [([64, 64], 5.0)], "decode": []}, 2)
+        pipeline_fit(entry, base, {"prefill": [([64, 64, 64], 5.0)], "decode": pp2["decode"]}, 2)
 
 
 @pytest.mark.slow
 def test_profile_measures_tp_and_pp_instances_and_the_planner_uses_them(tiny_llama, tmp_path,
                                                                         capsys):
-    from distserve.planner.latency import PP_STAGE_MS, instance_latency
     import dataclasses
+
+    from distserve.planner.latency import instance_latency
+    from distserve.planner.profiles import PipelineCost
 
     from distserve.planner.models import from_config_json
     from distserve.planner.profiles import Profile
@@ -165,7 +189,7 @@ def test_profile_measures_tp_and_pp_instances_and_the_planner_uses_them(tiny_lla
                  "--context-lens", "8,32", "--repeats", "1", "--name", "tiny", "--num-threads", "1",
                  "--tp", "1,2", "--pp", "1,2", "--no-engine-overhead"]) == 0
     text = capsys.readouterr().out
-    assert "TP 2 x PP 1: speed-up K" in text and "PP 2 model" in text
+    assert "TP 2 x PP 1: speed-up K" in text and "PP 2 decode: slowest stage" in text
     doc = json.load(open(out))
     assert set(doc["tiny"]) == {"1", "2"}
     assert set(doc["_speedup"]["tiny"]) == {"tp2", "pp2"}
@@ -176,9 +200,12 @@ def test_profile_measures_tp_and_pp_instances_and_the_planner_uses_them(tiny_lla
     tp2 = instance_latency(model, 2, 1, profile)
     assert tp2.source == "profile" and tp2.entry == profile.get("tiny", 2)   # measured, not roofline
     pp2 = instance_latency(model, 1, 2, profile)
-    assert (pp2.stage_ms, pp2.decode_factor) == (fit["stage_ms"], fit["decode_factor"])
-    # without a measurement the artifact's provisional constant stays
-    assert instance_latency(model, 1, 4, profile).stage_ms == PP_STAGE_MS
+    assert pp2.decode_pipe == PipelineCost(**{k: fit["decode"][k] for k in
+                                              ("bottleneck", "hop_ms", "hop_ms_per_token")})
+    assert pp2.prefill_pipe.to_dict() == {k: fit["prefill"][k] for k in pp2.prefill_pipe.to_dict()}
+    assert fit["error"]["decode"]["mean"] >= 0
+    # without a measurement: even stages, free handovers
+    assert instance_latency(model, 1, 4, profile).decode_pipe == PipelineCost()
 
 
 def test_profile_measures_the_kv_pull_and_the_planner_takes_it_as_the_link(tmp_path):

@@ -1,4 +1,5 @@
 """The fitted (artifact) latency model and the calibrated roofline, against hand-computed values."""
+import dataclasses
 import json
 import os
 
@@ -25,15 +26,43 @@ def test_fitted_prefill_and_decode_by_hand():
     assert e.decode_ms([100] * 95) == pytest.approx(a + b * 101 * 95 + c * 95)
 
 
-def test_pipeline_parallel_forms():
+def test_pipeline_parallel_forms_interleaved():
+    """The artifact's pipeline: a batch in every stage, PP decode micro-batches side by side."""
     e = load_profile("distserve").get("facebook/opt-66b", 4)
-    lat = instance_latency(get_model("opt-66b"), 4, 2)
+    lat = instance_latency(get_model("opt-66b"), 4, 2, schedule="interleaved")
     ms = e.prefill_ms([512])
     assert lat.prefill_stage(512, 512 ** 2) == pytest.approx((ms / 2 + PP_STAGE_MS * 2) * 1e-3)
     assert lat.prefill([512]) == pytest.approx(2 * (ms / 2 + PP_STAGE_MS * 2) * 1e-3)
+    assert lat.prefill_busy(1, 512, 512 ** 2) == pytest.approx(lat.prefill_stage(512, 512 ** 2))
     # a decode micro-batch spends decode_ms / p in each of the p stages
     assert lat.decode([300] * 8) == pytest.approx(e.decode_ms([300] * 8) * 1e-3)
-    assert lat.source == "profile" and (lat.tp, lat.pp) == (4, 2)
+    assert lat.source == "profile" and (lat.tp, lat.pp) == (4, 2) and lat.lanes == 2
+
+
+def test_pipeline_parallel_forms_synchronous():
+    """Our engine's pipeline, by hand: m = min(PP, rows) micro-batches; the first through every
+    stage, each other one a slowest-stage time behind, (m + p - 2) handovers."""
+    from distserve.planner.profiles import PipelineCost
+    e = load_profile("distserve").get("facebook/opt-66b", 4)
+    lat = instance_latency(get_model("opt-66b"), 4, 2)   # even stages, free handovers
+    assert lat.schedule == "synchronous" and lat.lanes == 1
+    a, b, c = e.prefill
+    assert lat.prefill([512]) == pytest.approx(e.prefill_ms([512]) * 1e-3)   # one micro-batch
+    var = b * 1024 + c * 2 * 512 ** 2
+    assert lat.prefill([512, 512]) == pytest.approx((a + var / 2) * 1.5 * 1e-3)
+    assert lat.prefill_busy(2, 1024, 2 * 512 ** 2) == lat.prefill([512, 512])
+    da, db, dc = e.decode_small
+    ctx = [300] * 8
+    assert lat.decode(ctx) == pytest.approx((da * 1.5 + (db * 301 * 8 + dc * 8) * 1.5 / 2) * 1e-3)
+    measured = dataclasses.replace(lat, decode_pipe=PipelineCost(1.2, 3.0, 0.5))
+    one = da + (db * 301 * 8 + dc * 8) / 2
+    assert measured.decode(ctx) == pytest.approx((one * (1 + 1.2 / 2) + 2 * (3.0 + 0.5 * 4)) * 1e-3)
+    # PP 4 with 2 requests: 2 micro-batches, 4 handovers
+    four = dataclasses.replace(measured, pp=4)
+    one = da + (db * 301 * 2 + dc * 2) / 2
+    assert four.decode([300] * 2) == pytest.approx((one * (1 + 1.2 / 4) + 4 * (3.0 + 0.5)) * 1e-3)
+    with pytest.raises(ValueError, match="interleaved"):
+        instance_latency(get_model("opt-66b"), 4, 2, schedule="gpipe")
 
 
 @pytest.mark.skipif(not os.path.exists(SHARED), reason="shared reference data not mounted")

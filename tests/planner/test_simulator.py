@@ -17,8 +17,8 @@ from distserve.planner.workload import Lengths, Trace, make_trace
 ENTRY = ProfileEntry((10.0, 0.1, 1e-4), (20.0, 0.01, 0.5), (30.0, 0.01, 0.2))
 
 
-def inst(pp=1, capacity=10 ** 9, entry=ENTRY, **kw):
-    return InstanceConfig(InstanceLatency(entry, 1, pp), capacity, **kw)
+def inst(pp=1, capacity=10 ** 9, entry=ENTRY, schedule="synchronous", **kw):
+    return InstanceConfig(InstanceLatency(entry, 1, pp, schedule=schedule), capacity, **kw)
 
 
 def poisson_trace(n, rate, length, seed=0, out=1):
@@ -40,14 +40,57 @@ def test_md1_ttft_one_instance(rho):
 
 @pytest.mark.parametrize("rho", [0.3, 0.6])
 def test_md1_two_way_pipeline(rho):
-    """PP 2, each stage D/2: avg TTFT = D + RD^2 / (4(2 - RD)) (D includes the stage constants)."""
+    """The artifact's interleaved PP 2, each stage D/2: avg TTFT = D + RD^2 / (4(2 - RD)) (D
+    includes the stage constants)."""
     d_ms = 100.0
     entry = ProfileEntry((d_ms, 0, 0), (1, 0, 0), (1, 0, 0))
-    dep = Disaggregated(inst(pp=2, entry=entry, max_num_batched_tokens=64), _ZERO)
+    dep = Disaggregated(inst(pp=2, entry=entry, max_num_batched_tokens=64, schedule="interleaved"),
+                        _ZERO)
     D = 2 * (d_ms / 2 + PP_STAGE_MS * 2) * 1e-3
     R = rho / (D / 2)
     ttft = simulate(poisson_trace(40000, R, 64), dep).ttft.mean()
     assert ttft == pytest.approx(D + R * D * D / (4 * (2 - R * D)), rel=0.03)
+
+
+@pytest.mark.parametrize("rho", [0.3, 0.6])
+def test_md1_synchronous_pipeline(rho):
+    """Our engine's PP 2 with one prompt a batch: the prompt passes both stages before the next
+    starts, so it is M/D/1 with D = the PP-1 time + one handover."""
+    from dataclasses import replace
+
+    from distserve.planner.profiles import PipelineCost
+    d_ms, hop_ms = 100.0, 5.0
+    entry = ProfileEntry((d_ms, 0, 0), (1, 0, 0), (1, 0, 0))
+    one = inst(pp=2, entry=entry, max_num_batched_tokens=64)
+    lat = replace(one.latency, prefill_pipe=PipelineCost(1.0, hop_ms, 0.0))
+    dep = Disaggregated(replace(one, latency=lat), _ZERO)
+    D = (d_ms + hop_ms) * 1e-3
+    R = rho / D
+    ttft = simulate(poisson_trace(40000, R, 64), dep).ttft.mean()
+    assert ttft == pytest.approx(D + R * D * D / (2 * (1 - R * D)), rel=0.03)
+
+
+def test_synchronous_pipeline_decodes_one_batch_through_the_stages():
+    """Two requests decoding together on a PP-2 decode instance: one lane, every step the
+    pipelined step of the batch of two (two micro-batches: 1.5 x one micro-batch's step plus
+    two handovers), not two lanes of one request each (the interleaved artifact's)."""
+    from dataclasses import replace
+
+    from distserve.planner.profiles import PipelineCost
+    entry = ProfileEntry((1.0, 0, 0), (20.0, 0.0, 2.0), (20.0, 0.0, 2.0))
+    pipe = PipelineCost(1.0, 3.0, 0.5)
+    sync = inst(pp=2, entry=entry)
+    sync = replace(sync, latency=replace(sync.latency, decode_pipe=pipe))
+    trace = Trace(np.zeros(2), np.full(2, 16), np.full(2, 11))
+    r = simulate(trace, Disaggregated(inst(entry=entry), sync))
+    # the first request's first step runs alone (the second joins at the next boundary): one
+    # micro-batch and one handover; then nine steps of two micro-batches of 22 ms each
+    alone, two = 22.0 + (3.0 + 0.5), 22.0 * 1.5 + 2 * (3.0 + 0.5)
+    assert r.tpot[0] == pytest.approx((alone + 9 * two) / 10 * 1e-3, rel=1e-6)
+    assert r.tpot[1] == pytest.approx(two * 1e-3, rel=0.1)
+    inter = simulate(trace, Disaggregated(inst(entry=entry), inst(pp=2, entry=entry,
+                                                                   schedule="interleaved")))
+    assert inter.tpot == pytest.approx([22e-3] * 2, rel=1e-6)   # a lane each, side by side
 
 
 def test_md1_tensor_parallel_speedup():

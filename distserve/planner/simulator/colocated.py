@@ -6,13 +6,15 @@ step, pausing the running batch. Chunked prefill: each iteration carries every r
 request's decode token plus prompt chunks filling a token budget (time: the larger fixed cost
 of the two fits, plus each fit's token terms; a chunk of x tokens after y done costs
 c * (x^2 + 2xy) in attention). A request is admitted when the KV pool holds all of it
-(no preemption). PP stages run as PP lanes sharing the queue and the KV pool.
+(no preemption). A PP instance runs its pipeline as the latency model says: one
+iteration at a time through the stages (ours), or PP lanes sharing the queue and the KV pool
+(the artifact's interleaved pipeline).
 """
 from __future__ import annotations
 
 import heapq
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from distserve.dispatch import least_loaded
 from distserve.planner.simulator.common import INF, InstanceConfig, SimResult, decode_coeffs, result
@@ -49,15 +51,19 @@ class _Colocated:
         self.cap, self.maxb = inst.kv_capacity, inst.max_batch
         self.chunked = c.chunked
         self.budget = inst.max_num_batched_tokens or (CHUNKED_BUDGET if c.chunked else inst.kv_capacity)
-        pp = inst.latency.pp
-        a, b, cc = inst.latency.entry.prefill
-        self.pf = ((a + (inst.latency.stage_ms * pp * pp if pp > 1 else 0.0)) * 1e-3, b * 1e-3, cc * 1e-3)
-        self.coeffs = decode_coeffs(inst.latency)
+        lat = self.lat = inst.latency
+        a, b, cc = lat.entry.prefill
+        pp = lat.pp
+        self.pf = ((a + (lat.stage_ms * pp * pp if lat.interleaved else 0.0)) * 1e-3, b * 1e-3, cc * 1e-3)
+        self.coeffs = decode_coeffs(lat)
+        # a chunked iteration's decode rows at PP 1; a synchronous pipeline is applied to the
+        # whole iteration (mixed)
+        self.mix_coeffs = decode_coeffs(lat if lat.interleaved else replace(lat, pp=1))
         m = c.num_instances
         self.queue = [deque() for _ in range(m)]
         self.kv, self.load = [0] * m, [0] * m
         padded = inst.latency.entry.decode_context == "max"
-        self.lanes = [[Lane(padded) for _ in range(pp)] for _ in range(m)]
+        self.lanes = [[Lane(padded) for _ in range(lat.lanes)] for _ in range(m)]
 
     def run(self):
         arr, inp, out, heap = self.arr, self.inp, self.out, self.heap
@@ -147,7 +153,10 @@ class _Colocated:
         a, b, c = self.pf
         lane.batch, lane.state = batch, 2
         lane.version += 1
-        lane.t0, lane.p = now, a + b * tot + c * sum(self.inp[r] ** 2 for r in batch)
+        sq = sum(self.inp[r] ** 2 for r in batch)
+        lane.t0 = now
+        lane.p = (a + b * tot + c * sq if self.lat.interleaved
+                  else self.lat.prefill_batch(len(batch), tot, sq))
         if len(self.lanes[i]) > 1:
             self.contend(i, lane, lane.p / len(self.lanes[i]))
         return now + lane.p
@@ -189,8 +198,14 @@ class _Colocated:
             else:
                 lane.batch.append(r)
         if lane.B:
-            da, db, dc = self.coeffs(lane.B)
+            da, db, dc = self.mix_coeffs(lane.B)
             t += max(0.0, da - pa) + db * lane.ctx_sum() + dc * lane.B
+        if self.lat.pp > 1 and not self.lat.interleaved:   # the iteration through the stages
+            rows = len(chunks) + lane.B
+            tokens = (room - left) + lane.B
+            fixed = max(pa, da) if lane.B else pa
+            t = self.lat.pipelined(self.lat.prefill_pipe, fixed * 1e3, (t - fixed) * 1e3,
+                                   rows, tokens) * 1e-3
         lane.s0, lane.k, lane.state = lane.step, 1 if lane.B else 0, 3
         lane.version += 1
         return now + t

@@ -49,9 +49,12 @@ def result(arrival: list, first: list, last: list, out: list) -> SimResult:
 
 
 def decode_coeffs(latency: InstanceLatency):
-    """B -> (a, b, c) in seconds, picking the small- or large-batch fit."""
-    e = latency.entry
-    f = (latency.decode_factor if latency.pp > 1 else 1.0) * 1e-3
-    small, large = tuple(x * f for x in e.decode_small), tuple(x * f for x in e.decode_large)
-    th = e.threshold
-    return lambda b: small if b < th else large
+    """B -> (a, b, c) in seconds of one decode step (of one lane), memoised per batch size."""
+    cache: dict = {}
+
+    def coeffs(b: int):
+        c = cache.get(b)
+        if c is None:
+            c = cache[b] = latency.decode_coeffs(b)
+        return c
+    return coeffs

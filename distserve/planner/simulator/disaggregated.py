@@ -2,12 +2,13 @@
 
 A request goes to the prefill instance that the controller would pick (distserve.dispatch:
 the fewest prompt tokens queued or running); a prefill instance batches prompts FCFS up to a
-token budget and its KV room, through PP pipeline stages; its KV stays until a decode instance
+token budget and its KV room, through its PP stages (the latency model's pipeline: one
+batch at a time, or one per stage when interleaved); its KV stays until a decode instance
 pulls it. When the first token is out the request goes to the decode instance holding the
 fewest requests, which admits FCFS while its KV pool holds the whole request (prompt + output:
 no preemption), then pulls the KV (bytes / link bandwidth), frees the prefill side, and
-batches it continuously into one of its PP lanes. As in our engine, the pull is part of the
-decode step that admits the request: that step starts only when the pulls of the requests
+batches it continuously (into one of its PP lanes when interleaved). As in our engine, the
+pull is part of the decode step that admits the request: that step starts only when the pulls of the requests
 joining it are done, so every request decoding on the instance waits for them
 (`pull_stalls_decode`; False: pulls overlap decoding, the request joins when its own is done).
 """
@@ -55,10 +56,8 @@ class _Disaggregated:
         P, D = d.prefill, d.decode
         self.pcap, self.dcap, self.dmax = P.kv_capacity, D.kv_capacity, D.max_batch
         self.budget = P.max_num_batched_tokens or P.kv_capacity
-        self.pp = P.pp
-        a, b, c = P.latency.entry.prefill
-        pc = P.latency.stage_ms * self.pp if self.pp > 1 else 0.0
-        self.pstage = (a * 1e-3 / self.pp + pc * 1e-3, b * 1e-3 / self.pp, c * 1e-3 / self.pp)
+        self.plat = P.latency
+        self.pp = P.pp if P.latency.interleaved else 1   # stages that hold a batch each
         self.xfer = d.kv_bytes_per_token / d.link_bandwidth if d.link_bandwidth < INF else 0.0
         self.stall = d.pull_stalls_decode and self.xfer > 0
         self.coeffs = decode_coeffs(D.latency)
@@ -69,7 +68,7 @@ class _Disaggregated:
         self.dwait = [deque() for _ in range(d.num_decode)]
         self.dkv, self.dactive, self.dload = [0] * d.num_decode, [0] * d.num_decode, [0] * d.num_decode
         padded = D.latency.entry.decode_context == "max"
-        self.lanes = [[Lane(padded) for _ in range(D.pp)] for _ in range(d.num_decode)]
+        self.lanes = [[Lane(padded) for _ in range(D.latency.lanes)] for _ in range(d.num_decode)]
 
     def push(self, t: float, kind: int, x, y) -> None:
         self.seq += 1
@@ -122,12 +121,11 @@ class _Disaggregated:
         if not batch:
             return   # KV full: retried when a decode instance pulls some away
         self.pkv[j] += tot
-        a, b, c = self.pstage
-        st = a + b * tot + c * sq
         self.pbusy[j] = True
         if self.pp == 1:
-            self.push(now + st, PF_DONE, j, batch)
+            self.push(now + self.plat.prefill_batch(len(batch), tot, sq), PF_DONE, j, batch)
             return
+        st = self.plat.prefill_stage(tot, sq)
         free, t = self.stage_free[j], now
         for s in range(self.pp):
             t = max(t, free[s]) + st
