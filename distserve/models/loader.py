@@ -76,8 +76,8 @@ def find_model(model: str | None) -> ModelSource:
     """Resolve a model argument: None = built-in SmolLM2, a .gguf file, or an HF folder."""
     name, path, is_gguf = locate_model(model)
     if is_gguf:
-        from distserve.models.gguf_loader import load_gguf
-        gguf = load_gguf(path)
+        from distserve.models.gguf_cache import load_gguf_cached
+        gguf = load_gguf_cached(path)
         return ModelSource(name, gguf.config, path, gguf)
     return ModelSource(name, json.loads((path / "config.json").read_text()), path)
 
