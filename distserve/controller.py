@@ -64,6 +64,7 @@ class _Instance:
     stats: m.Stats | None = None
     load: int = 0            # requests assigned and not finished (decode / colocated)
     queued_tokens: int = 0   # prompt tokens dispatched, first token not out yet (prefill)
+    switching_to: str | None = None   # draining to switch roles: takes no new request
 
 
 class Controller(Failover):
@@ -103,6 +104,8 @@ class Controller(Failover):
         self.transfer_seconds = 0.0
         self.num_transfers = 0
         self.num_dropped_messages = 0
+        self.num_role_switches = 0
+        self._switched: dict[str, asyncio.Future] = {}   # instance -> its RoleSwitched answer
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -188,7 +191,8 @@ class Controller(Failover):
         await self._push(target, m.AddRequest(tracked.request_id, ids, params, arrival, resume))
 
     def _least_loaded(self, role: str) -> _Instance | None:
-        pool = [i for iid, i in self.instances.items() if i.spec.role == role and self.supervisor.is_up(iid)]
+        pool = [i for iid, i in self.instances.items()
+                if i.spec.role == role and i.switching_to is None and self.supervisor.is_up(iid)]
         if not pool:
             return None
         return pool[least_loaded([i.queued_tokens if role == "prefill" else i.load for i in pool])]
@@ -311,6 +315,10 @@ class Controller(Failover):
             tracked = self._forget(msg.request_id)
             if tracked is not None:
                 tracked.outputs.put_nowait(ValueError(msg.message))
+        elif isinstance(msg, m.RoleSwitched):
+            waiter = self._switched.pop(msg.instance_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(msg)
         elif isinstance(msg, m.Failed):   # it could not start again: it is down
             if self.supervisor.is_starting(msg.instance_id):
                 self.supervisor.down(msg.instance_id, time.monotonic(), msg.message)
@@ -362,6 +370,79 @@ class Controller(Failover):
             tracked = self.requests.pop(request_id)
             tracked.outputs.put_nowait(error)
 
+    # ------------------------------------------------------------------ roles
+    def holds_requests(self, iid: str) -> bool:
+        """Whether any request is still on the instance: queued, running, or (prefill) its KV
+        not yet pulled by a decode instance."""
+        inst = self.instances[iid]
+        return inst.load > 0 or inst.queued_tokens > 0 or any(
+            t.prefill == iid and not t.migrated for t in self.requests.values())
+
+    async def switch_role(self, iid: str, role: str, timeout_s: float = 120.0,
+                          poll_s: float = 0.05) -> None:
+        """Moves instance `iid` to `role` in place: it takes no new request, the ones it
+        holds finish (their KV pulled away), then it builds an engine of the new role over
+        its loaded model and cache, and dispatch counts it in its new role. Raises ValueError
+        for a switch that cannot be made (the last instance of its role, one not started
+        switchable), TimeoutError when it does not drain in time (it keeps its role)."""
+        inst = self.instances.get(iid)
+        if inst is None:
+            raise ValueError(f"no instance {iid!r}")
+        old = inst.spec.role
+        if role not in ("prefill", "decode") or not self.disaggregated:
+            raise ValueError(f"roles switch between prefill and decode; {iid} is {old}, asked {role!r}")
+        if not inst.spec.switchable:
+            raise ValueError(f"{iid} was not started switchable (serve --adapt)")
+        if role == old or inst.switching_to is not None:
+            raise ValueError(f"{iid} is {old}{' and switching' if inst.switching_to else ''}")
+        if self._least_loaded(old) is None or len(
+                [i for i in self.instances.values() if i.spec.role == old and i.switching_to is None
+                 and self.supervisor.is_up(i.spec.instance_id)]) < 2:
+            raise ValueError(f"{iid} is the last {old} instance up")
+        inst.switching_to = role
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                while self.holds_requests(iid):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{iid} did not drain in {timeout_s:g} s")
+                    await asyncio.sleep(poll_s)
+                waiter = asyncio.get_running_loop().create_future()
+                self._switched[iid] = waiter
+                await self._send(iid, m.SwitchRole(role))
+                answer = await asyncio.wait_for(waiter, max(1.0, deadline - time.monotonic()))
+                if not answer.error:
+                    break
+                if time.monotonic() > deadline:   # e.g. a release still on its way
+                    raise TimeoutError(f"{iid} kept its role: {answer.error}")
+                await asyncio.sleep(poll_s)
+            inst.spec.role = role
+            inst.ready.role = role
+            inst.ready.endpoint = answer.endpoint
+            self.supervisor.members[iid].role = role
+            self.num_role_switches += 1
+            log.warning("%s switched from %s to %s", iid, old, role)
+        finally:
+            self._switched.pop(iid, None)
+            inst.switching_to = None
+
+    def switch_candidate(self, role: str) -> str | None:
+        """The switchable instance of `role` with the least work, if one can be spared."""
+        pool = [i for iid, i in self.instances.items() if i.spec.role == role
+                and i.switching_to is None and self.supervisor.is_up(iid)]
+        movable = [i for i in pool if i.spec.switchable]
+        if len(pool) < 2 or not movable:
+            return None
+        return min(movable, key=lambda i: (i.queued_tokens, i.load)).spec.instance_id
+
+    def roles(self) -> dict[str, int]:
+        """Instances per role (those switching counted in their new role)."""
+        out: dict[str, int] = {}
+        for inst in self.instances.values():
+            r = inst.switching_to or inst.spec.role
+            out[r] = out.get(r, 0) + 1
+        return out
+
     # ------------------------------------------------------------------ numbers
     def stats(self) -> EngineStats:
         stats = [i.stats for i in self.instances.values() if i.stats is not None]
@@ -386,7 +467,8 @@ class Controller(Failover):
         return {"internal_messages_dropped": self.num_dropped_messages,
                 "instance_failures": self.supervisor.num_failures,
                 "instance_restarts": self.supervisor.num_restarts, "requests_rerun": self.num_reruns,
-                "kv_pulls_recomputed": self.num_kv_recomputes}
+                "kv_pulls_recomputed": self.num_kv_recomputes,
+                "role_switches": self.num_role_switches}
 
     def instance_stats(self) -> list[m.Stats]:
         return [i.stats for i in self.instances.values() if i.stats is not None]

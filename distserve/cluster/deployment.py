@@ -133,6 +133,21 @@ class Deployment:
     def num_instances(self) -> int:
         return len(self.specs)
 
+    def make_switchable(self) -> list[str]:
+        """Starts every one-worker prefill and decode instance switchable (serve --adapt: it
+        keeps an exported KV cache and a puller, to change roles in place); returns the ids
+        of those that cannot be (several workers each)."""
+        if self.mode != "disaggregated":
+            raise ValueError("--adapt moves instances between prefill and decode: it needs a "
+                             "disaggregated deployment")
+        fixed = []
+        for spec in self.specs:
+            if spec.config.num_workers == 1:
+                spec.switchable = True
+            else:
+                fixed.append(spec.instance_id)
+        return fixed
+
     @classmethod
     def from_flags(cls, base: EngineConfig, mode: str | None = None, instances: int | None = None,
                    prefill_instances: int = 0, decode_instances: int = 0,

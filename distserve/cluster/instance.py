@@ -40,8 +40,12 @@ class ControllerGone(Exception):
 
 class InstanceLoop:
     def __init__(self, role: str, instance_id: str, config: EngineConfig, controller: str,
-                 transfer: str, sealer: m.Sealer, host: str = "127.0.0.1") -> None:
+                 transfer: str, sealer: m.Sealer, host: str = "127.0.0.1",
+                 switchable: bool = False) -> None:
+        if switchable and (role == "colocated" or config.num_workers > 1):
+            raise ValueError("only a one-worker prefill or decode instance can switch roles")
         self.role, self.instance_id, self.config = role, instance_id, config
+        self.switchable = switchable
         self.sealer = sealer
         self.ctx = zmq.Context()
         self.out = self.ctx.socket(zmq.PUSH)
@@ -76,28 +80,60 @@ class InstanceLoop:
         instance's cache lives where decode instances can pull from it (every worker's share
         for TP x PP, each exported by its worker); a decode instance pulls."""
         secret = self.sealer.secret
+        if self.switchable:   # both roles' parts: an exported cache, a puller
+            return self._build_switchable(role, config, transfer, host)
         if role == "prefill":
             if config.num_workers > 1:
                 executor = load_executor(config, pin_cores=True,
                                          kv_link=KVLink(transfer, secret, host, export=True))
                 return (Engine(config, executor, role), [],
                         InstanceEndpoint(executor.kv_endpoints), None)
-            sources = []
-
-            def allocate(shape, num_blocks, dtype, device):
-                cache, source = make_source(transfer, shape, num_blocks, dtype, device,
-                                            host=host, secret=secret)
-                sources.append(source)
-                return cache
-            executor = load_executor(config, allocate, pin_cores=True)
-            return (Engine(config, executor, role), sources,
-                    InstanceEndpoint([src.endpoint for src in sources]), None)
+            executor, sources, endpoint = self._load_exported(config, transfer, host)
+            return Engine(config, executor, role), sources, endpoint, None
         if role == "decode":
             executor = load_executor(config, pin_cores=True,
                                      kv_link=KVLink(transfer, secret, host, export=False))
             return (Engine(config, executor, role, self._pull), [], None,
                     make_puller(transfer, secret=secret))
         return Engine(config, load_executor(config, pin_cores=True), role), [], None, None
+
+    def _build_switchable(self, role: str, config: EngineConfig, transfer: str, host: str):
+        """An instance that may change roles later keeps what both need from the start: its
+        cache where decode instances can pull from it, and a puller of its own."""
+        executor, sources, self._export = self._load_exported(config, transfer, host)
+        engine = Engine(config, executor, role, self._pull if role == "decode" else None)
+        return (engine, sources, self._export if role == "prefill" else None,
+                make_puller(transfer, secret=self.sealer.secret))
+
+    def _load_exported(self, config: EngineConfig, transfer: str, host: str):
+        """(executor, KV sources, endpoint) of a one-worker instance whose cache is allocated
+        where decode instances can pull from it."""
+        sources = []
+
+        def allocate(shape, num_blocks, dtype, device):
+            cache, source = make_source(transfer, shape, num_blocks, dtype, device,
+                                        host=host, secret=self.sealer.secret)
+            sources.append(source)
+            return cache
+        executor = load_executor(config, allocate, pin_cores=True)
+        return executor, sources, InstanceEndpoint([src.endpoint for src in sources])
+
+    def switch_role(self, role: str) -> m.RoleSwitched:
+        """A new engine of `role` over the same executor (the model and the cache stay); only
+        when no request is here, so no block is held and none is lost."""
+        e = self.engine
+        why = ("this instance was not started switchable" if not self.switchable else
+               f"unknown role {role!r}" if role not in ("prefill", "decode") else
+               f"{len(e.requests) + len(e.held)} request(s) still here" if e.has_unfinished
+               or e.requests or e.held or e.migrations else "")
+        if why:
+            return m.RoleSwitched(self.instance_id, self.role, None, why)
+        # the step trace hook is the executor's: it stays
+        self.engine = Engine(self.config, e.executor, role, self._pull if role == "decode" else None)
+        self.role = role
+        log.warning("%s: now a %s instance", self.instance_id, role)
+        endpoint = msgspec.to_builtins(self._export) if role == "prefill" else None
+        return m.RoleSwitched(self.instance_id, role, endpoint)
 
     def _send(self, msg) -> None:
         try:
@@ -186,6 +222,8 @@ class InstanceLoop:
             except (ValueError, msgspec.ValidationError) as err:
                 rid = cmd.request_id if isinstance(cmd, m.AddRequest) else cmd.ticket.request_id
                 self._send(m.Rejected(self.instance_id, rid, str(err)))
+        elif isinstance(cmd, m.SwitchRole):
+            self._send(self.switch_role(cmd.role))
         elif isinstance(cmd, m.Release):
             e.release(cmd.request_id)
         elif isinstance(cmd, m.Abort):
@@ -254,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config-json", required=True, help="EngineConfig fields as JSON")
     ap.add_argument("--transfer", default="shm", choices=["shm", "tcp", "cuda_ipc"])
     ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--switchable", action="store_true", help="keep what both the prefill and "
+                    "the decode role need, to switch between them in place (serve --adapt)")
     args = ap.parse_args(argv)
     parent = os.getppid()   # now: once the parent is gone, this process is already someone else's
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {args.instance_id} %(levelname)s: %(message)s")
@@ -267,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     sealer = m.Sealer(bytes.fromhex(secret), nonce=secrets.token_bytes(16))  # this incarnation
     try:
         loop = InstanceLoop(args.role, args.instance_id, config, args.controller, args.transfer,
-                            sealer, args.host)
+                            sealer, args.host, args.switchable)
     except Exception as err:  # tell the controller why, then fail
         ctx = zmq.Context()
         s = ctx.socket(zmq.PUSH)

@@ -23,6 +23,7 @@ class InstanceSpec:
     node: int | None = None        # the plan's node index (None: wherever the launcher
     #                                placing it finds room; the local launcher: this machine)
     host: str = "127.0.0.1"        # the address its sockets bind to on that machine
+    switchable: bool = False       # can switch between prefill and decode in place (--adapt)
 
     @property
     def tp(self) -> int:

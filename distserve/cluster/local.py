@@ -41,7 +41,7 @@ class LocalProcess:
         cmd = [sys.executable, "-m", "distserve.cluster.instance", "--role", spec.role,
                "--instance-id", spec.instance_id, "--controller", controller,
                "--config-json", json.dumps(asdict(spec.config)), "--transfer", transfer,
-               "--host", spec.host]
+               "--host", spec.host, *(["--switchable"] if spec.switchable else [])]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      stdin=subprocess.DEVNULL)
         if spec.devices and not on_gpus:

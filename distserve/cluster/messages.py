@@ -118,6 +118,12 @@ class Shutdown(msgspec.Struct, tag=True):
     pass
 
 
+class SwitchRole(msgspec.Struct, tag=True):
+    """Become a prefill or a decode instance, the model kept loaded: taken only by an
+    instance started switchable and holding no request (the controller drains it first)."""
+    role: str
+
+
 # ---- instance -> controller
 class Ready(msgspec.Struct, tag=True):
     instance_id: str
@@ -179,6 +185,15 @@ class Heartbeat(msgspec.Struct, tag=True):
     busy_s: float = 0.0   # how long the engine iteration in progress has run (0: between)
 
 
+class RoleSwitched(msgspec.Struct, tag=True):
+    """The answer to SwitchRole: the instance's role now, and (a prefill instance) where its KV
+    is pulled from; `error` says why it kept its role."""
+    instance_id: str
+    role: str
+    endpoint: dict[str, Any] | None = None
+    error: str = ""
+
+
 class PullFailed(msgspec.Struct, tag=True):
     """A decode instance could not pull a request's KV (its source died, a checksum failed):
     it computes the prompt itself (recomputed: the source's hold may go), or the request is
@@ -189,9 +204,9 @@ class PullFailed(msgspec.Struct, tag=True):
     recomputed: bool = False
 
 
-ToInstance = Union[AddRequest, AddMigration, Release, Abort, Shutdown]
+ToInstance = Union[AddRequest, AddMigration, Release, Abort, Shutdown, SwitchRole]
 ToController = Union[Ready, Outputs, Tickets, Migrated, Rejected, Stats, Failed, Heartbeat,
-                     PullFailed]
+                     PullFailed, RoleSwitched]
 HEARTBEAT_S = 0.25
 HEARTBEAT_TIMEOUT_S = 1.5
 

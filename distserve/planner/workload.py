@@ -86,6 +86,16 @@ class Lengths:
             raise ValueError(f"unknown workload {spec!r}; choose one of {', '.join([*DATASETS, *TRACES])}, "
                              "fixed:IN:OUT, or a JSON/JSONL file of input_len/output_len")
 
+    @classmethod
+    def of_pairs(cls, pairs, name: str = "observed") -> Lengths:
+        """Lengths drawn from these (input_len, output_len) pairs, e.g. what a server observed."""
+        arr = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        if not len(arr) or arr.min() < 1:
+            raise ValueError("need at least one (input_len, output_len) pair of lengths >= 1")
+        self = cls.__new__(cls)
+        self.spec, self._pairs, self._dist, self._fixed = name, arr, None, None
+        return self
+
     def sample(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         if self._fixed is not None:
             return np.full(n, self._fixed[0], np.int64), np.full(n, self._fixed[1], np.int64)

@@ -116,6 +116,15 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
                    "requests per drift check of the workload against the plan")
     g.add_argument("--drift-checks", type=int, default=3, help="with --plan: checks in a row "
                    "that must find the workload off the plan before it counts as drifted")
+    g.add_argument("--adapt", action="store_true", help="with a disaggregated --plan: every "
+                   "--adapt-interval, score each split of the instances between prefill and "
+                   "decode on the observed workload (the plan's latency model) and switch one "
+                   "instance's role in place when another split wins by --adapt-margin twice "
+                   "in a row (model kept loaded, no request lost)")
+    g.add_argument("--adapt-interval", type=float, default=30.0, help="seconds between "
+                   "--adapt checks")
+    g.add_argument("--adapt-margin", type=float, default=0.05, help="SLO attainment (0-1) "
+                   "another split must win by before an instance switches")
 
 
 def deployment_from_args(args: argparse.Namespace, config):
@@ -135,6 +144,11 @@ def deployment_from_args(args: argparse.Namespace, config):
             raise ValueError(f"{mismatch}; serve the plan's model, or add --ignore-plan-model "
                              "to deploy the plan for this one anyway")
         deployment = Deployment.from_plan(plan, config, transfer, pin_cpus, args.launcher)
+        if args.adapt:
+            fixed = deployment.make_switchable()
+            if fixed:
+                deployment.warnings.append(f"--adapt leaves {', '.join(fixed)} in their roles "
+                                           "(instances of several workers cannot switch)")
         if mismatch:
             deployment.warnings.append(f"{mismatch}: its predicted goodput does not apply")
         if (len(deployment.nodes) > 1 and transfer in ("shm", "cuda_ipc")
@@ -220,6 +234,11 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
+    if args.adapt and not args.plan:
+        raise ValueError("--adapt re-plans the split of a plan's instances: give --plan")
+    if args.adapt and (args.adapt_interval <= 0 or not 0 <= args.adapt_margin < 1):
+        raise ValueError(f"--adapt-interval must be > 0 and --adapt-margin in [0, 1), got "
+                         f"{args.adapt_interval} and {args.adapt_margin}")
     check_port_free(args.host, args.port)   # before minutes of loading, not after
     config = engine_config_from_args(args, args.model)
     deployment = deployment_from_args(args, config)
@@ -231,6 +250,9 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.reject_late and slo is None:
         raise ValueError("--reject-late needs a TTFT SLO: give --ttft-slo and --tpot-slo (or a --plan)")
     monitor = plan_monitor_from_args(args)
+    if args.adapt and monitor is None:
+        raise ValueError("--adapt needs the plan's workload to be readable here (see the "
+                         "warning above)")
     try:
         return asyncio.run(_serve(args, config, deployment, slo, monitor))
     finally:
@@ -296,6 +318,7 @@ async def _serve(args, config, deployment, slo, monitor=None) -> int:
     from distserve.server.app import build_app
 
     print(f"loading {args.model or 'the built-in SmolLM2-135M-Instruct'} ...", flush=True)
+    adapting = None
     if deployment is None:
         from distserve.engine.async_engine import AsyncEngine
         from distserve.engine.engine import Engine
@@ -307,6 +330,7 @@ async def _serve(args, config, deployment, slo, monitor=None) -> int:
         client = Controller(deployment.specs, args.model, launcher,
                             transfer=deployment.transfer, host=host)
         await client.start()
+        adapting = _start_adaptation(args, client, monitor)
         what = ", ".join(f"{s.instance_id} ({_parallelism(s)}cpus {s.devices or 'any'})"
                          for s in deployment.specs)
         if args.launcher == "ray":
@@ -325,6 +349,8 @@ async def _serve(args, config, deployment, slo, monitor=None) -> int:
     try:
         await server.serve()
     finally:   # SIGTERM and Ctrl-C come here too: every instance is stopped
+        if adapting is not None:
+            adapting.cancel()
         if deployment is None:
             client.shutdown()
         else:
@@ -332,6 +358,20 @@ async def _serve(args, config, deployment, slo, monitor=None) -> int:
     if server.stopped_by:
         print(f"stopped by signal {server.stopped_by[0]}: drained and shut down", flush=True)
     return 0
+
+
+def _start_adaptation(args, controller, monitor):
+    """Under --adapt, the task that moves instances between prefill and decode (None else)."""
+    if not args.adapt:
+        return None
+    from distserve.planner.adapt import Hysteresis
+    from distserve.server.adaptation import Adaptation
+    from distserve.server.plan_monitor import plan_problem
+    adaptation = Adaptation(controller, monitor, plan_problem(monitor.plan), monitor.plan,
+                            args.adapt_interval, Hysteresis(margin=args.adapt_margin))
+    print(f"adapting: every {args.adapt_interval:g} s the split of the instances between prefill "
+          "and decode is re-planned on the observed workload", flush=True)
+    return asyncio.get_running_loop().create_task(adaptation.run())
 
 
 def _draining_server():

@@ -39,6 +39,7 @@ RELIABILITY = {   # what the controller counts since start (Controller.counts)
     "requests_rejected_busy": "Requests refused with 429: --max-queued-requests were waiting.",
     "requests_rejected_late": "Requests refused with 429 by --reject-late: their predicted TTFT "
                               "was over the TTFT SLO.",
+    "role_switches": "Instances switched between prefill and decode in place (--adapt).",
 }
 
 

@@ -23,22 +23,28 @@ from distserve.planner.workload import Lengths
 log = logging.getLogger(__name__)
 
 
-def plan_predictor(plan, requests: int = 300, seeds: tuple = (0, 1)) -> Callable[[float], float]:
-    """rate -> the plan's simulated attainment at that rate, on its own workload and SLOs.
-    Raises ValueError where the plan cannot be simulated here (its model or latency profile
-    is not on this machine)."""
+def plan_problem(plan, requests: int = 300, seeds: tuple = (0, 1)):
+    """The planner's problem a plan was made for (its model, hardware, workload, SLOs and
+    latency profile), to simulate it here. Raises ValueError where it cannot be (its model
+    or latency profile is not on this machine)."""
     from distserve.planner.goodput import SLO
     from distserve.planner.hardware import Cluster, get_hardware
     from distserve.planner.models import get_model
+    from distserve.planner.search import Problem
+    return Problem(get_model(plan.model), Cluster(get_hardware(plan.hardware), plan.nodes,
+                                                  plan.gpus_per_node),
+                   Lengths(plan.workload), SLO(plan.ttft_slo, plan.tpot_slo, plan.attainment_target),
+                   (plan.latency_source or {}).get("profile") or "distserve",
+                   requests=requests, seeds=seeds, jobs=1)
+
+
+def plan_predictor(plan, requests: int = 300, seeds: tuple = (0, 1)) -> Callable[[float], float]:
+    """rate -> the plan's simulated attainment at that rate, on its own workload and SLOs.
+    Raises ValueError where the plan cannot be simulated here."""
     from distserve.planner.planning import planned_deployment
     from distserve.planner.reality_check import fresh_attainment
-    from distserve.planner.search import Problem
-    lengths = Lengths(plan.workload)
-    problem = Problem(get_model(plan.model), Cluster(get_hardware(plan.hardware), plan.nodes,
-                                                     plan.gpus_per_node),
-                      lengths, SLO(plan.ttft_slo, plan.tpot_slo, plan.attainment_target),
-                      (plan.latency_source or {}).get("profile") or "distserve",
-                      requests=requests, seeds=seeds, jobs=1)
+    problem = plan_problem(plan, requests, seeds)
+    lengths = problem.lengths
     dep = planned_deployment(problem, plan)
     slo = {"ttft": plan.ttft_slo, "tpot": plan.tpot_slo}
     cache: dict[float, float] = {}

@@ -1,0 +1,67 @@
+"""Adaptive resources (`serve --plan PLAN --adapt`): the split of a deployment's instances
+between prefill and decode, re-planned on the workload the server observes.
+
+Every interval the server asks `split_attainments` how each split of its instances (p prefill,
+n - p decode, each instance as the plan's) would do on the observed lengths at the observed
+rate, simulated on the plan's own latency model; `Hysteresis` turns those scores into at
+most one move of one instance: only when another split beats the current one by `margin`
+points of attainment in `patience` checks in a row, and never within `cooldown_s` of the last
+move, so a workload on the edge between two splits does not make the instances flip back
+and forth. Pure Python: never imports torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from distserve.planner.planning import planned_deployment
+from distserve.planner.reality_check import fresh_attainment
+from distserve.planner.search import Problem
+from distserve.planner.workload import Lengths
+
+MARGIN = 0.05       # attainment a split must win by
+PATIENCE = 2        # checks in a row that must agree
+COOLDOWN_S = 60.0   # between two moves
+
+
+def split_attainments(problem: Problem, plan, total: int, lengths: Lengths, rate: float,
+                      requests: int = 300, seeds: tuple = (0, 1)) -> dict[int, float]:
+    """{prefill instances p: simulated attainment of p prefill + total - p decode instances}
+    for every split that keeps one of each, on `lengths` at `rate` (req/s)."""
+    if plan.mode != "disaggregated" or total < 2:
+        raise ValueError("only a disaggregated deployment of two instances or more can move "
+                         "instances between prefill and decode")
+    base = planned_deployment(problem, plan)
+    slo = {"ttft": problem.slo.ttft, "tpot": problem.slo.tpot}
+    out = {}
+    for p in range(1, total):
+        dep = replace(base, num_prefill=p, num_decode=total - p)
+        runs = fresh_attainment(dep, lengths, max(rate, 1e-3), requests, slo, seeds)
+        out[p] = sum(runs) / len(runs)
+    return out
+
+
+@dataclass
+class Hysteresis:
+    """When to move one instance (see the module's docstring)."""
+    margin: float = MARGIN
+    patience: int = PATIENCE
+    cooldown_s: float = COOLDOWN_S
+    target: int | None = None      # the split that has been winning
+    streak: int = 0                # checks in a row it won
+    last_move: float = -math.inf
+
+    def decide(self, current: int, scores: dict[int, float], now: float) -> int:
+        """+1: one more prefill instance (a decode one switches), -1: one fewer, 0: stay.
+        `current` is the prefill instances now; `scores` what split_attainments gave."""
+        # ties go to the split nearest the current one: no move for nothing
+        best = max(scores, key=lambda p: (scores[p], -abs(p - current)))
+        if best == current or scores[best] < scores.get(current, 0.0) + self.margin:
+            self.target, self.streak = None, 0
+            return 0
+        self.streak = self.streak + 1 if best == self.target else 1
+        self.target = best
+        if self.streak < self.patience or now - self.last_move < self.cooldown_s:
+            return 0
+        self.last_move, self.streak = now, 0
+        return 1 if best > current else -1

@@ -1,0 +1,76 @@
+"""`serve --plan PLAN --adapt`: the running deployment follows its workload.
+
+Every `interval_s` the server takes what it observed (the plan monitor's recent lengths and
+arrival rate), scores every split of its instances between prefill and decode on the plan's
+latency model (planner.adapt.split_attainments, in a thread: simulations never run on the
+server's loop), and, when the hysteresis says so, switches one instance in place
+(Controller.switch_role: drained, role changed, model kept loaded). /metrics counts the
+switches (role_switches). Imports no torch.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from distserve.planner.adapt import Hysteresis, split_attainments
+from distserve.planner.workload import Lengths
+
+log = logging.getLogger(__name__)
+MIN_OBSERVED = 50     # finished requests before the workload is judged at all
+RECENT = 1000         # the newest lengths it is judged on
+
+
+class Adaptation:
+    def __init__(self, controller, monitor, problem, plan, interval_s: float = 30.0,
+                 hysteresis: Hysteresis | None = None, min_observed: int = MIN_OBSERVED) -> None:
+        self.controller, self.monitor = controller, monitor
+        self.problem, self.plan = problem, plan
+        self.interval_s = interval_s
+        self.hysteresis = hysteresis or Hysteresis()
+        self.min_observed = min_observed
+        self.last_scores: dict[int, float] = {}
+        self.checks = 0
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.check()
+            except asyncio.CancelledError:
+                raise
+            except Exception:   # a failed check must not end the server
+                log.exception("an adaptation check failed")
+
+    async def check(self, now: float | None = None) -> int:
+        """One look at the observed workload; returns the move made (+1 one more prefill
+        instance, -1 one fewer, 0 none)."""
+        seen = self.monitor.observed_workload()
+        pairs, rate = seen["lengths"][-RECENT:], seen["arrival_rate"]
+        if len(pairs) < self.min_observed or rate <= 0:
+            return 0
+        roles = self.controller.roles()
+        prefill, total = roles.get("prefill", 0), roles.get("prefill", 0) + roles.get("decode", 0)
+        self.last_scores = await asyncio.to_thread(
+            split_attainments, self.problem, self.plan, total, Lengths.of_pairs(pairs), rate)
+        self.checks += 1
+        move = self.hysteresis.decide(prefill, self.last_scores,
+                                      time.monotonic() if now is None else now)
+        if move:
+            old, new = ("decode", "prefill") if move > 0 else ("prefill", "decode")
+            iid = self.controller.switch_candidate(old)
+            if iid is None:
+                return 0
+            log.warning("the observed workload (%.3g req/s) is served best by %d prefill + %d "
+                        "decode instances (%s): %s becomes a %s instance", rate, prefill + move,
+                        total - prefill - move, _fmt(self.last_scores), iid, new)
+            try:
+                await self.controller.switch_role(iid, new)
+            except (ValueError, TimeoutError) as e:
+                log.warning("%s stays %s: %s", iid, old, e)
+                return 0
+        return move
+
+
+def _fmt(scores: dict[int, float]) -> str:
+    return ", ".join(f"{p}P: {100 * a:.0f}%" for p, a in sorted(scores.items()))
