@@ -65,7 +65,9 @@ class Failover:
 
     async def _watch(self, interval_s: float = 0.25) -> None:
         """Finds instances that died or went silent, runs their requests again elsewhere and
-        starts them again when their back-off is over."""
+        starts them again when their back-off is over. A round that fails is logged and the
+        next one runs: supervision never ends while the controller runs (a dead watch loop
+        would leave a lost instance down for good)."""
         last = time.monotonic()
         while True:
             await asyncio.sleep(interval_s)
@@ -73,28 +75,39 @@ class Failover:
             stalled, last = now - last > 4 * interval_s, now
             if stalled:   # this loop was held up: the heartbeats queued meanwhile are not late
                 continue
-            sup = self.supervisor
-            for iid, inst in self.instances.items():
-                if sup.is_up(iid) and not inst.process.alive:
-                    await self._lose(iid, f"instance {iid} exited")
-                elif sup.is_starting(iid) and not inst.process.alive:
-                    sup.down(iid, now, f"instance {iid} exited while restarting")
-            for iid in sup.silent(now):
-                await self._lose(iid, f"instance {iid} sent no heartbeat for {sup.heartbeat_timeout_s:g} s")
-            for iid in sup.late_starts(now):
-                self.instances[iid].process.stop(0.0)
-                sup.down(iid, now, f"instance {iid} was not ready in time after a restart")
-            for iid in sup.restarts_due(now):
-                self._restart(iid, now)
-            for tracked in [t for t in self.requests.values() if t.ticket_at and not t.migrated
-                            and now - t.ticket_at > self.kv_lease_s]:
-                await self._rerun(tracked, f"its KV was not pulled within {self.kv_lease_s:g} s")
+            try:
+                await self._supervise(now)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("a round of instance supervision failed; the next one follows")
+
+    async def _supervise(self, now: float) -> None:
+        sup = self.supervisor
+        for iid, inst in self.instances.items():
+            if sup.is_up(iid) and not inst.process.alive:
+                await self._lose(iid, f"instance {iid} exited")
+            elif sup.is_starting(iid) and not inst.process.alive:
+                sup.down(iid, now, f"instance {iid} exited while restarting")
+        for iid in sup.silent(now):
+            await self._lose(iid, f"instance {iid} sent no heartbeat for {sup.heartbeat_timeout_s:g} s")
+        for iid in sup.late_starts(now):
+            self.instances[iid].process.stop(0.0)
+            sup.down(iid, now, f"instance {iid} was not ready in time after a restart")
+        for iid in sup.restarts_due(now):
+            self._restart(iid, now)
+        for tracked in [t for t in self.requests.values() if t.ticket_at and not t.migrated
+                        and now - t.ticket_at > self.kv_lease_s]:
+            await self._rerun(tracked, f"its KV was not pulled within {self.kv_lease_s:g} s")
 
     async def _lose(self, iid: str, why: str) -> None:
         log.error("%s; its requests run again on the other instances", why)
         inst = self.instances[iid]
         self.supervisor.down(iid, time.monotonic(), why)
-        await asyncio.to_thread(inst.process.stop, 0.0)   # a hung one is killed
+        try:
+            await asyncio.to_thread(inst.process.stop, 0.0)   # a hung one is killed
+        except Exception as e:   # it may linger; its restart is still due, its requests rerun
+            log.error("instance %s could not be stopped: %s", iid, e)
         for tracked in list(self.requests.values()):
             lost_kv = tracked.prefill == iid and not tracked.migrated
             if tracked.decode == iid or lost_kv:

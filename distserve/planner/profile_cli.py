@@ -150,8 +150,7 @@ def pipeline_fit(entry: ProfileEntry, base: dict, measured: dict, pp: int) -> di
     m = min(pp, r) micro-batches; its TP-1 time is `entry`'s fixed cost plus the rest, which
     splits over the micro-batches. Fitted by non-negative least squares on relative error;
     without a shape of two micro-batches or more the stages are taken as even."""
-    from scipy.optimize import nnls
-
+    from distserve.planner.roofline import _nnls
     out = {}
     for phase in ("prefill", "decode"):
         tp1 = {json.dumps(x): t for x, t in base[phase]}
@@ -172,7 +171,7 @@ def pipeline_fit(entry: ProfileEntry, base: dict, measured: dict, pp: int) -> di
         if not rows:
             raise ValueError(f"PP {pp}: no {phase} shape was measured at TP 1 and PP {pp} both")
         a, w = np.array(rows, dtype=float), np.array(ws)
-        coef, _ = nnls(a * w[:, None], np.array(ys) * w)
+        coef = _nnls(a * w[:, None], np.array(ys) * w)
         bottleneck = float(coef[0]) if a[:, 0].any() else 1.0
         out[phase] = PipelineCost(bottleneck, float(coef[1]), float(coef[2])).to_dict()
     return out

@@ -209,3 +209,33 @@ def test_health_and_metrics_tell_a_client_what_happened(tiny_llama, reference):
             await c.shutdown()
 
     asyncio.run(asyncio.wait_for(run(), 240))
+
+
+def test_supervision_outlives_a_failed_round_and_brings_the_only_prefill_back(tiny_llama, reference):
+    """The only prefill instance is killed for real, and stopping it raises (an injected
+    fault: a process that takes longer than the wait to exit cannot be made here on demand).
+    The failed supervision round is logged, the next ones run: the instance is restarted and
+    the deployment serves again (a watch loop that died with the round left it down for good:
+    every request a 503)."""
+    async def run():
+        c = _controller(tiny_llama, "disaggregated", prefill=1, decode=1)
+        await c.start()
+        try:
+            handle = c.instances["prefill-0"].process
+            real_stop = handle.stop
+
+            def stop_fails_once(timeout=10.0):
+                handle.stop = real_stop
+                raise TimeoutError("the killed process did not exit in time (injected)")
+            handle.stop = stop_fails_once
+            os.kill(handle.proc.pid, signal.SIGKILL)
+            await _until(lambda: c.counts()["instance_failures"] == 1, 15)
+            await _until(lambda: c.health()["status"] == "ok", 60)   # restarted, rejoined
+            assert c.counts()["instance_restarts"] == 1
+            again = await _serve_all(c)
+            _check(again, reference)
+            await _no_leaks(c)
+        finally:
+            await c.shutdown()
+
+    asyncio.run(asyncio.wait_for(run(), 240))
