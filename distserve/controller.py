@@ -190,9 +190,13 @@ class Controller(Failover):
         tracked.run_params = params
         await self._push(target, m.AddRequest(tracked.request_id, ids, params, arrival, resume))
 
-    def _least_loaded(self, role: str) -> _Instance | None:
-        pool = [i for iid, i in self.instances.items()
+    def _serving(self, role: str) -> list[_Instance]:
+        """The instances of `role` that take new requests: up, and not draining to switch."""
+        return [i for iid, i in self.instances.items()
                 if i.spec.role == role and i.switching_to is None and self.supervisor.is_up(iid)]
+
+    def _least_loaded(self, role: str) -> _Instance | None:
+        pool = self._serving(role)
         if not pool:
             return None
         return pool[least_loaded([i.queued_tokens if role == "prefill" else i.load for i in pool])]
@@ -395,9 +399,7 @@ class Controller(Failover):
             raise ValueError(f"{iid} was not started switchable (serve --adapt)")
         if role == old or inst.switching_to is not None:
             raise ValueError(f"{iid} is {old}{' and switching' if inst.switching_to else ''}")
-        if self._least_loaded(old) is None or len(
-                [i for i in self.instances.values() if i.spec.role == old and i.switching_to is None
-                 and self.supervisor.is_up(i.spec.instance_id)]) < 2:
+        if len(self._serving(old)) < 2:
             raise ValueError(f"{iid} is the last {old} instance up")
         inst.switching_to = role
         try:
@@ -428,8 +430,7 @@ class Controller(Failover):
 
     def switch_candidate(self, role: str) -> str | None:
         """The switchable instance of `role` with the least work, if one can be spared."""
-        pool = [i for iid, i in self.instances.items() if i.spec.role == role
-                and i.switching_to is None and self.supervisor.is_up(iid)]
+        pool = self._serving(role)
         movable = [i for i in pool if i.spec.switchable]
         if len(pool) < 2 or not movable:
             return None

@@ -94,11 +94,10 @@ class InstanceLatency:
         if self.interleaved:
             f = self.decode_factor * 1e-3
             return a * f, b * f, c * f
-        m, p, q = min(self.pp, max(batch, 1)), self.pp, self.decode_pipe
-        g = 1 + (m - 1) * q.bottleneck / p     # the pipelined step of PipelineCost, term by term
-        k = m + p - 2
-        return ((a * g + k * q.hop_ms) * 1e-3, b * g / m * 1e-3,
-                (c * g / m + k * q.hop_ms_per_token / m) * 1e-3)
+        m, q = min(self.pp, max(batch, 1)), self.decode_pipe
+        g, hops = q.factors(m, self.pp)   # PipelineCost.step_ms, term by term
+        return ((a * g + hops * q.hop_ms) * 1e-3, b * g / m * 1e-3,
+                (c * g / m + hops * q.hop_ms_per_token / m) * 1e-3)
 
     def decode(self, context_lens) -> float:
         ctx = np.asarray(context_lens, dtype=float)

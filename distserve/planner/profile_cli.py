@@ -143,6 +143,19 @@ def speedup(base: list, measured: list) -> float:
     return float(np.median(ratios))
 
 
+def _paired(entry: ProfileEntry, base: dict, measured: dict, phase: str):
+    """The PP shapes of `phase` that TP 1 ran too: (shape, PP ms, TP-1 ms, the TP-1 step's
+    fixed part from `entry`, tokens (prefill) or rows (decode)) each."""
+    tp1 = {json.dumps(x): t for x, t in base[phase]}
+    for x, t in measured[phase]:
+        one = tp1.get(json.dumps(x))
+        if one is None or t <= 0:
+            continue
+        fixed = entry.prefill[0] if phase == "prefill" else \
+            (entry.decode_small if len(x) < entry.threshold else entry.decode_large)[0]
+        yield x, t, one, min(fixed, one), sum(x) if phase == "prefill" else len(x)
+
+
 def pipeline_fit(entry: ProfileEntry, base: dict, measured: dict, pp: int) -> dict:
     """The synchronous pipeline's cost per phase (PipelineCost: bottleneck, hop_ms,
     hop_ms_per_token) from a PP instance's step times and TP 1's on the same shapes
@@ -153,17 +166,9 @@ def pipeline_fit(entry: ProfileEntry, base: dict, measured: dict, pp: int) -> di
     from distserve.planner.roofline import _nnls
     out = {}
     for phase in ("prefill", "decode"):
-        tp1 = {json.dumps(x): t for x, t in base[phase]}
         rows, ys, ws = [], [], []
-        for x, t in measured[phase]:
-            one = tp1.get(json.dumps(x))
-            if one is None or t <= 0:
-                continue
-            fixed = entry.prefill[0] if phase == "prefill" else \
-                (entry.decode_small if len(x) < entry.threshold else entry.decode_large)[0]
-            fixed = min(fixed, one)
+        for x, t, one, fixed, tokens in _paired(entry, base, measured, phase):
             m = min(pp, len(x))
-            tokens = sum(x) if phase == "prefill" else len(x)
             t1 = fixed + (one - fixed) / m
             rows.append([(m - 1) / pp * t1, m + pp - 2, (m + pp - 2) * tokens / m])
             ys.append(t - t1)
@@ -180,22 +185,12 @@ def pipeline_fit(entry: ProfileEntry, base: dict, measured: dict, pp: int) -> di
 def pipeline_errors(entry: ProfileEntry, base: dict, measured: dict, pp: int, fit: dict) -> dict:
     """The fitted PP model against the measured PP times: {phase: {"mean", "max"}} relative."""
     from distserve.planner.latency import InstanceLatency
-    lat = InstanceLatency(entry, 1, pp, prefill_pipe=PipelineCost(**fit["prefill"]),
-                          decode_pipe=PipelineCost(**fit["decode"]))
+    lat = InstanceLatency(entry, 1, pp)
     out = {}
     for phase in ("prefill", "decode"):
-        tp1 = {json.dumps(x): t for x, t in base[phase]}
-        errs = []
-        for x, t in measured[phase]:
-            one = tp1.get(json.dumps(x))
-            if one is None:
-                continue
-            pipe = lat.prefill_pipe if phase == "prefill" else lat.decode_pipe
-            fixed = entry.prefill[0] if phase == "prefill" else \
-                (entry.decode_small if len(x) < entry.threshold else entry.decode_large)[0]
-            fixed = min(fixed, one)
-            tokens = sum(x) if phase == "prefill" else len(x)
-            errs.append(abs(lat.pipelined(pipe, fixed, one - fixed, len(x), tokens) / t - 1))
+        pipe = PipelineCost(**{k: fit[phase][k] for k in PipelineCost().to_dict()})
+        errs = [abs(lat.pipelined(pipe, fixed, one - fixed, len(x), tokens) / t - 1)
+                for x, t, one, fixed, tokens in _paired(entry, base, measured, phase)]
         out[phase] = {"mean": float(np.mean(errs)), "max": float(np.max(errs))}
     return out
 

@@ -41,12 +41,17 @@ class PipelineCost:
     hop_ms: float = 0.0
     hop_ms_per_token: float = 0.0
 
+    def factors(self, m: int, p: int) -> tuple[float, int]:
+        """(what one micro-batch's step is multiplied by, the handovers) of a step of m
+        micro-batches through p stages."""
+        return 1 + (m - 1) * self.bottleneck / p, m + p - 2
+
     def step_ms(self, fixed_ms: float, variable_ms: float, m: int, p: int, tokens: float) -> float:
         """A step whose PP-1 time is fixed_ms + variable_ms over its whole batch, split in m
         micro-batches of tokens / m tokens each."""
-        one = fixed_ms + variable_ms / m
-        return (one * (1 + (m - 1) * self.bottleneck / p)
-                + (m + p - 2) * (self.hop_ms + self.hop_ms_per_token * tokens / m))
+        g, hops = self.factors(m, p)
+        return ((fixed_ms + variable_ms / m) * g
+                + hops * (self.hop_ms + self.hop_ms_per_token * tokens / m))
 
     def to_dict(self) -> dict:
         return {"bottleneck": self.bottleneck, "hop_ms": self.hop_ms,

@@ -71,16 +71,16 @@ def render(doc: dict) -> str:
                   "| --- " * (10 + bool(alt)) + "|"]
         for run in r["runs"]:
             spread, b = run.get("spread_pp"), run.get("band")
-            band = [b["low"], b["high"]] if b else None
             lines.append(f"| {run['rate']:.3g} | {100 * run['measured']['attainment']:.1f}% | "
-                         f"{100 * run['predicted']['attainment']:.1f}% | {_pct_band(band)} | "
+                         f"{100 * run['predicted']['attainment']:.1f}% | {_pct_band(_ends(b))} | "
                          f"{_pct_band(b and b['fit'])} | {_pct_band(b and b['seeds'])} | "
                          f"{'-' if b is None else 'yes' if run['inside'] else 'no'} | "
                          f"{run['error_pp']:+.1f} | "
                          f"{'-' if spread is None else f'{spread:.1f}'} | "
                          f"{'yes' if run['holds'] else 'no'} |"
                          + (f" {_pct_band(_ends(run.get('alternative')))} |" if alt else ""))
-        lines += ["", *([_band_text(r), ""] if _band_text(r) else [])]
+        text = _band_text(r)
+        lines += ["", *([text, ""] if text else [])]
     lines += ["The prediction simulates exactly the arrivals and lengths each run sent; the "
               "spread is that of the same trace run again straight after (--repeats; '-': one "
               "run per rate, so the bound is 3 points).", ""]

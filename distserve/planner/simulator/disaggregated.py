@@ -8,9 +8,10 @@ pulls it. When the first token is out the request goes to the decode instance ho
 fewest requests, which admits FCFS while its KV pool holds the whole request (prompt + output:
 no preemption), then pulls the KV (bytes / link bandwidth), frees the prefill side, and
 batches it continuously (into one of its PP lanes when interleaved). As in our engine, the
-pull is part of the decode step that admits the request: that step starts only when the pulls of the requests
-joining it are done, so every request decoding on the instance waits for them
-(`pull_stalls_decode`; False: pulls overlap decoding, the request joins when its own is done).
+pull is part of the decode step that admits the request: that step starts only when the
+pulls of the requests joining it are done, so every request decoding on the instance waits
+for them (`pull_stalls_decode`; False: pulls overlap decoding, the request joins when its own
+is done).
 """
 from __future__ import annotations
 
