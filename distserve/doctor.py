@@ -3,7 +3,8 @@
 CPU and the vector features that choose a kernel path, the kernels' build (ISA, vector
 width, which bf16 linear kernel), the dtype `--dtype auto` picks, threads, memory, GPUs,
 Ray and the packaged model. Builds the kernels if they are not built yet (once, with a
-message); never loads a model.
+message); never loads a model. `--build-kernels` only builds them: the step to run after
+`pip install`, which cannot compile them (its build isolation has no torch).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 import os
 import platform
 import sys
+import time
 
 FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 
@@ -100,10 +102,34 @@ def format_report(doc: dict) -> str:
 def register(sub) -> None:
     p = sub.add_parser("doctor", help="what this machine gives the engine (for bug reports)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--build-kernels", action="store_true", help="only build the CPU kernels "
+                   "now (1-4 minutes, once per machine and version) instead of on the first "
+                   "start; prints where they are and how long it took")
     p.set_defaults(func=run_doctor)
 
 
+def build_kernels() -> int:
+    """Builds the CPU kernels, or finds them built: 0 with their path, else 1 and why."""
+    from distserve.models import paged_kernel
+    if os.environ.get("DISTSERVE_PAGED_KERNEL") == "0":
+        print("distserve doctor: DISTSERVE_PAGED_KERNEL=0 turns the CPU kernels off; unset it "
+              "to build them", file=sys.stderr)
+        return 1
+    path = paged_kernel.library_path()
+    built_before = path.exists()
+    start = time.perf_counter()
+    if not paged_kernel.kernel_available():
+        print("distserve doctor: the CPU kernels could not be built (the warning above says "
+              "why); the engine runs the torch ops instead", file=sys.stderr)
+        return 1
+    took = time.perf_counter() - start
+    print(f"CPU kernels {'already built' if built_before else f'built in {took:.0f} s'}: {path}")
+    return 0
+
+
 def run_doctor(args: argparse.Namespace) -> int:
+    if args.build_kernels:
+        return build_kernels()
     doc = report()
     print(json.dumps(doc, indent=2) if args.json else format_report(doc))
     return 0

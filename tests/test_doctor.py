@@ -2,6 +2,7 @@
 has them, the kernel build the engine really uses, and the dtype `auto` then picks."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -40,3 +41,62 @@ def test_doctor_prints_a_readable_report(capsys):
     from distserve.doctor import format_report, report
     text = format_report(report())
     assert "CPU kernels:" in text and "--dtype auto:" in text and "GPUs:" in text
+
+
+def _loaded_libraries() -> str:
+    with open("/proc/self/maps", encoding="utf-8") as f:
+        return f.read()
+
+
+def test_build_kernels_names_the_library_the_engine_loads(capsys):
+    path = paged_kernel.library_path()
+    if not path.exists():   # a real build takes minutes: this test only finds one
+        pytest.skip("the CPU kernels are not built on this machine yet")
+    from distserve.cli import main
+    assert main(["doctor", "--build-kernels"]) == 0
+    assert capsys.readouterr().out == f"CPU kernels already built: {path}\n"
+    assert paged_kernel.kernel_available() and str(path) in _loaded_libraries()
+
+
+def test_build_kernels_says_why_it_builds_nothing(capsys, monkeypatch):
+    from distserve.cli import main
+    monkeypatch.setattr(paged_kernel, "_state", {})
+    monkeypatch.setenv("DISTSERVE_PAGED_KERNEL", "0")
+    assert main(["doctor", "--build-kernels"]) == 1
+    assert "DISTSERVE_PAGED_KERNEL=0" in capsys.readouterr().err
+    monkeypatch.setenv("DISTSERVE_PAGED_KERNEL", "1")
+    monkeypatch.setenv("DISTSERVE_CPU_ISA", "sse")
+    assert main(["doctor", "--build-kernels"]) == 2
+    assert "DISTSERVE_CPU_ISA='sse'" in capsys.readouterr().err
+
+
+def test_a_first_build_says_what_it_builds_why_and_how_long_it_took(caplog, monkeypatch,
+                                                                      tmp_path):
+    from torch.utils import cpp_extension
+    built = []
+    monkeypatch.setattr(paged_kernel, "library_path", lambda: tmp_path / "kernels.so")
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: built.append(kw["name"]))
+    with caplog.at_level("WARNING", logger=paged_kernel.__name__):
+        paged_kernel._load()
+    assert built == ["kernels"]   # the compiler stands in for minutes of g++ here
+    start, done = [r.getMessage() for r in caplog.records]
+    assert "building the CPU kernels" in start and "1-4 minutes" in start
+    assert "once per machine and distserve version" in start and "--build-kernels" in start
+    assert re.fullmatch(rf"CPU kernels built in \d+ s: {re.escape(str(tmp_path))}/kernels.so", done)
+
+
+def test_serve_builds_the_kernels_where_its_console_shows_it(capfd, monkeypatch):
+    from distserve.cli import build_parser, engine_config_from_args
+    from distserve.server.cli import _build_kernels_aside
+    if not paged_kernel.library_path().exists():   # a real build takes minutes
+        pytest.skip("the CPU kernels are not built on this machine yet")
+    args = build_parser().parse_args(["serve", "--device", "cpu"])
+    builder = _build_kernels_aside(args, engine_config_from_args(args, None))
+    assert builder.wait(timeout=120) == 0
+    assert capfd.readouterr().err == ""   # a warm start stays quiet
+    monkeypatch.setenv("DISTSERVE_CPU_ISA", "sse")   # what it says reaches the console
+    assert _build_kernels_aside(args, engine_config_from_args(args, None)).wait(timeout=120) == 0
+    assert "CPU kernels unavailable" in capfd.readouterr().err
+    for flags in (["--device", "cuda"], ["--launcher", "ray", "--device", "cpu"]):
+        args = build_parser().parse_args(["serve", *flags])
+        assert _build_kernels_aside(args, engine_config_from_args(args, None)) is None

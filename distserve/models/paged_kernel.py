@@ -9,7 +9,10 @@ The attention kernel (csrc/paged_attention.cpp) reads each request's K/V from th
 blocks in place; the torch path copies them into a padded tensor first. They are compiled on
 first use with the machine's C++ compiler (cached by torch under ~/.cache/torch_extensions,
 one build per source digest and ISA) and the engine falls back to the torch path, with one
-warning, where that is not possible. DISTSERVE_PAGED_KERNEL=0 turns them off;
+warning, where that is not possible. The build (1-4 minutes) says on the console what it
+builds, why and when it is done; `distserve doctor --build-kernels` runs it ahead of the
+first start, which `pip install` cannot (its build isolation has no torch).
+DISTSERVE_PAGED_KERNEL=0 turns them off;
 DISTSERVE_CPU_ISA=avx2 builds them without their AVX-512 paths and =portable with plain loops
 only, so every path can be run and tested on a CPU that has more.
 """
@@ -19,7 +22,9 @@ import hashlib
 import logging
 import os
 import pathlib
+import sys
 import threading
+import time
 
 import torch
 
@@ -53,6 +58,23 @@ def kernel_isa() -> str:
     return isa
 
 
+def library_path() -> pathlib.Path:
+    """The shared library this machine's build is (or will be) cached as."""
+    from torch.utils.cpp_extension import _get_build_directory
+    name = _name(kernel_isa())
+    return pathlib.Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
+
+
+def _name(isa: str) -> str:
+    # torch rebuilds when a source changes, not a header or the CPU (-march=native): the
+    # digest of all of them, of the CPU's feature flags and of the ISA does. It names the
+    # build, so two checkouts or ISAs on one machine each keep theirs instead of rebuilding
+    # over each other.
+    sources = b"".join(p.read_bytes() for p in sorted(_CSRC.iterdir()))
+    digest = hashlib.sha256(sources + _cpu_flags() + isa.encode()).hexdigest()[:12]
+    return f"distserve_cpu_kernels_{isa}_{digest}"
+
+
 def _load() -> bool:
     if os.environ.get("DISTSERVE_PAGED_KERNEL", "1") == "0":
         return False
@@ -61,30 +83,25 @@ def _load() -> bool:
         isa = kernel_isa()
         if isa == "avx2" and not {"avx2", "fma"} <= set(_cpu_flags().split()[2:]):
             raise RuntimeError(f"{ISA_ENV}=avx2 on a CPU without AVX2 and FMA")
-        # torch rebuilds when a source changes, not a header or the CPU (-march=native): the
-        # digest of all of them, of the CPU's feature flags and of the ISA does. It names the
-        # build, so two checkouts or ISAs on one machine each keep theirs instead of
-        # rebuilding over each other.
-        sources = b"".join(p.read_bytes() for p in sorted(_CSRC.iterdir()))
-        digest = hashlib.sha256(sources + _cpu_flags() + isa.encode()).hexdigest()[:12]
-        name = f"distserve_cpu_kernels_{isa}_{digest}"
-        if not _built(name):
-            log.warning("building the CPU kernels for this machine (%s, once, about a minute)", isa)
+        path = library_path()
+        fresh = not path.exists()
+        if fresh:
+            log.warning("building the CPU kernels (attention, fused layer steps, bf16 linear "
+                        "layers) for this CPU, ISA %s: once per machine and distserve version, "
+                        "1-4 minutes; `distserve doctor --build-kernels` does it ahead", isa)
+        start = time.perf_counter()
         cpp_extension.load(
-            name=name, sources=[str(p) for p in _SOURCES], is_python_module=False,
+            name=path.stem, sources=[str(p) for p in _SOURCES], is_python_module=False,
             extra_cflags=["-O3", *ISA_FLAGS[isa], "-fopenmp", "-fopenmp-simd"],
             extra_ldflags=["-fopenmp"], verbose=False)
+        if fresh:
+            log.warning("CPU kernels built in %.0f s: %s", time.perf_counter() - start, path)
         return all(hasattr(torch.ops.distserve_cpu, op) for op in
                    ("paged_decode_attention", "add_rms_norm_", "silu_mul", "rotary_cache_write",
                     "amx_linear", "dpbf16_linear", "avx2_linear", "argmax_rows", "simd_lanes"))
     except Exception as exc:  # no compiler, no ninja, or a build error: the torch path works
         log.warning("CPU kernels unavailable, using the torch path: %s", exc)
         return False
-
-
-def _built(name: str) -> bool:
-    from torch.utils.cpp_extension import _get_build_directory
-    return (pathlib.Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists()
 
 
 def _cpu_flags() -> bytes:
@@ -108,3 +125,9 @@ def paged_decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, block_tab
     torch.ops.distserve_cpu.paged_decode_attention(out, q, layer_cache, block_tables,
                                                    context_lens, scale)
     return out
+
+
+if __name__ == "__main__":   # `serve` builds here, so that the messages reach its console
+    import logging as _logging
+    _logging.basicConfig(level=_logging.WARNING, format="%(message)s", stream=sys.stderr)
+    kernel_available()

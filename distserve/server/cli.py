@@ -329,7 +329,10 @@ async def _serve(args, config, deployment, slo, monitor=None) -> int:
         launcher, host = _launcher(args, deployment)   # before anything runs on the loop
         client = Controller(deployment.specs, args.model, launcher,
                             transfer=deployment.transfer, host=host)
+        kernels = _build_kernels_aside(args, config)
         await client.start()
+        if kernels is not None:
+            await asyncio.to_thread(kernels.wait)
         adapting = _start_adaptation(args, client, monitor)
         what = ", ".join(f"{s.instance_id} ({_parallelism(s)}cpus {s.devices or 'any'})"
                          for s in deployment.specs)
@@ -358,6 +361,23 @@ async def _serve(args, config, deployment, slo, monitor=None) -> int:
     if server.stopped_by:
         print(f"stopped by signal {server.stopped_by[0]}: drained and shut down", flush=True)
     return 0
+
+
+def _build_kernels_aside(args, config):
+    """Where instances run on this machine's CPU: the process that builds the CPU kernels, or
+    finds them built, alongside the instances' start. Its messages (what it builds, why, how
+    long it took) reach this console, where an instance's go to its log; the instances wait
+    for its build and then load it. None where there is nothing to build here."""
+    import subprocess
+    import sys
+
+    from distserve.cluster.deployment import visible_gpus
+    device = config.device or ("cuda" if visible_gpus() else "cpu")
+    if (args.launcher != "local" or not device.startswith("cpu")
+            or os.environ.get("DISTSERVE_PAGED_KERNEL") == "0"):
+        return None
+    return subprocess.Popen([sys.executable, "-m", "distserve.models.paged_kernel"],
+                            stdin=subprocess.DEVNULL)
 
 
 def _start_adaptation(args, controller, monitor):
