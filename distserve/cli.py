@@ -51,8 +51,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="context length (default: the model's)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     g.add_argument("--kv-cache-memory", type=float, default=None, dest="kv_cache_memory_gib",
-                   help="KV cache budget in GiB per instance (default 2, or less where all "
-                        "instances' KV would take over half the memory available)")
+                   help="KV cache budget in GiB per instance (default 2; serve gives less where "
+                        "all instances' KV would take over half the memory available, and an "
+                        "instance that decodes no more than --max-num-seqs requests of "
+                        "--max-model-len tokens can hold)")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="overrides --kv-cache-memory")
     g = arg_group(p, ENGINE_TOPIC)
     g.add_argument("--max-num-seqs", type=int, default=256, help="requests in one batch")

@@ -8,6 +8,7 @@ machine cannot run is listed in `warnings`, by name, never dropped silently.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -38,6 +39,21 @@ def default_kv_budget_gib(num_instances: int, available: int | None) -> float:
         return DEFAULT_KV_GIB
     fair = KV_SHARE_OF_MEMORY * available / 2 ** 30 / max(num_instances, 1)
     return max(min(DEFAULT_KV_GIB, round(fair, 2)), 0.05)
+
+
+def kv_in_use_gib(max_num_seqs: int, max_model_len: int, block_size: int,
+                  kv_bytes_per_token: int) -> float:
+    """The most KV an instance that runs at most max_num_seqs requests of up to max_model_len
+    tokens can hold in use: their whole blocks plus the block of slack per request that the
+    decode admission keeps, rounded up to 0.01 GiB so that it always holds them (never less
+    than one full-length request). More KV than this is never used, only allocated."""
+    blocks = max_num_seqs * (math.ceil(max_model_len / block_size) + 1)
+    return math.ceil(blocks * block_size * kv_bytes_per_token * 100 / 2 ** 30) / 100
+
+
+def instance_device(config: EngineConfig) -> str:
+    """The device an instance of this config runs on (the engine's default, without torch)."""
+    return config.device or ("cuda" if visible_gpus() else "cpu")
 
 
 def usable_cores() -> list[int]:

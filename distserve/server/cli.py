@@ -173,20 +173,13 @@ def plan_model_mismatch(plan, served: str | None) -> str:
     both are known, else the same name."""
     import os
 
-    from distserve.planner.models import MODELS, from_config_json, get_model, model_key
+    from distserve.planner.models import get_model, model_key
+    from distserve.server.kv_budget import served_model_spec
     try:
         planned = get_model(plan.model)
     except (ValueError, OSError, KeyError):
         planned = None
-    if served is None:
-        serving, name = MODELS["HuggingFaceTB/SmolLM2-135M"], "the built-in SmolLM2-135M"
-    elif os.path.isfile(os.path.join(served, "config.json")):
-        try:
-            serving, name = from_config_json(served), served
-        except (ValueError, OSError, KeyError):
-            serving, name = None, served
-    else:
-        serving, name = None, served
+    serving, name = served_model_spec(served)
     if planned is not None and serving is not None:
         same = planned.shape == serving.shape
     else:
@@ -196,18 +189,9 @@ def plan_model_mismatch(plan, served: str | None) -> str:
 
 
 def _fit_kv_to_memory(args, config, deployment):
-    """The default KV budget, shrunk so that every instance's together fit the machine."""
-    import dataclasses
-
-    from distserve.cluster.deployment import available_memory_bytes, default_kv_budget_gib
-    n = deployment.num_instances if deployment is not None else 1
-    budget = default_kv_budget_gib(n, available_memory_bytes())
-    if budget >= config.kv_cache_memory_gib:
-        return config, deployment
-    print(f"note: KV cache {budget:g} GiB per instance ({n} instance(s)), so that together they "
-          "take at most half the memory available; --kv-cache-memory sets it", flush=True)
-    config = dataclasses.replace(config, kv_cache_memory_gib=budget)
-    return config, deployment_from_args(args, config)
+    """The default KV budget, sized from the machine's memory and the model (kv_budget.py)."""
+    from distserve.server.kv_budget import fit_default_kv
+    return fit_default_kv(args, config, deployment, lambda c: deployment_from_args(args, c))
 
 
 def slo_from_args(args: argparse.Namespace, deployment=None):
@@ -371,9 +355,8 @@ def _build_kernels_aside(args, config):
     import subprocess
     import sys
 
-    from distserve.cluster.deployment import visible_gpus
-    device = config.device or ("cuda" if visible_gpus() else "cpu")
-    if (args.launcher != "local" or not device.startswith("cpu")
+    from distserve.cluster.deployment import instance_device
+    if (args.launcher != "local" or not instance_device(config).startswith("cpu")
             or os.environ.get("DISTSERVE_PAGED_KERNEL") == "0"):
         return None
     return subprocess.Popen([sys.executable, "-m", "distserve.models.paged_kernel"],

@@ -144,6 +144,79 @@ def test_the_default_kv_budget_fits_the_machine_with_all_instances_counted():
     assert default_kv_budget_gib(2, None) == 2.0               # no /proc/meminfo: the default
 
 
+def test_the_kv_in_use_is_what_the_engine_allocates_for_full_batches_of_full_requests():
+    import torch
+
+    from distserve.cluster.deployment import kv_in_use_gib
+    from distserve.kv.cache import KVCacheShape
+    from distserve.planner.models import MODELS
+    smollm2 = MODELS["HuggingFaceTB/SmolLM2-135M"]   # 30 layers, 3 KV heads of 64
+    engine_block = KVCacheShape(30, 3, 64, 16).bytes_per_block(torch.bfloat16)
+    assert engine_block == 16 * smollm2.kv_bytes_per_token == 16 * 23040
+    gib = kv_in_use_gib(16, 2048, 16, smollm2.kv_bytes_per_token)
+    assert gib == 0.71   # 16 x (128 + 1 slack) blocks of 360 KiB = 0.709 GiB, rounded up
+    blocks = KVCacheShape(30, 3, 64, 16).num_blocks_for(int(gib * 2 ** 30), torch.bfloat16)
+    assert 16 * 129 <= blocks < 16 * 129 + 30   # all 16 fit, and little more
+    assert kv_in_use_gib(1, 8192, 16, smollm2.kv_bytes_per_token) == 0.18   # one full request
+    assert kv_in_use_gib(256, 8192, 16, smollm2.kv_bytes_per_token) > 2   # the defaults
+
+
+def serve_budgets(monkeypatch, capsys, *flags, available_gib=64):
+    """{instance id: KV GiB} and the notes of `distserve serve FLAGS` on a machine with
+    `available_gib` free (and no GPU: the KV of --dtype auto reckoned in float32)."""
+    from distserve.cli import build_parser, engine_config_from_args
+    from distserve.server import kv_budget
+    from distserve.server.cli import _fit_kv_to_memory, deployment_from_args
+    monkeypatch.setattr(kv_budget, "available_memory_bytes", lambda: available_gib * 2 ** 30)
+    args = build_parser().parse_args(["serve", "--device", "cpu", "--no-pin-cpus", *flags])
+    config = engine_config_from_args(args, args.model)
+    config, deployment = _fit_kv_to_memory(args, config, deployment_from_args(args, config))
+    notes = capsys.readouterr().out.splitlines()
+    if deployment is None:
+        return {"in-process": config.kv_cache_memory_gib}, notes
+    return {s.instance_id: s.config.kv_cache_memory_gib for s in deployment.specs}, notes
+
+
+def test_the_default_kv_budget_of_an_instance_that_decodes_stops_at_what_it_can_use(
+        monkeypatch, capsys):
+    one_p_one_d = ["--prefill-instances", "1", "--decode-instances", "1"]
+    # the defaults (256 requests of 8192 tokens of SmolLM2) can use more than 2 GiB
+    assert serve_budgets(monkeypatch, capsys, *one_p_one_d) == (
+        {"prefill-0": 2.0, "decode-0": 2.0}, [])
+    budgets, notes = serve_budgets(monkeypatch, capsys, *one_p_one_d, "--max-model-len", "2048",
+                                   "--decode-max-num-seqs", "16")
+    assert budgets == {"prefill-0": 2.0, "decode-0": 1.42}   # 0.71 GiB in bfloat16, doubled
+    assert notes == ["note: KV cache 1.42 GiB per decode instance, not 2: all that 16 requests "
+                     "(--max-num-seqs) of 2048 tokens (--max-model-len) of the built-in "
+                     "SmolLM2-135M can hold in float32; --kv-cache-memory sets it"]
+    assert serve_budgets(monkeypatch, capsys, *one_p_one_d, "--max-model-len", "2048",
+                         "--decode-max-num-seqs", "16", "--dtype", "bfloat16")[0]["decode-0"] == 0.71
+    # a phase's own budget stays as given, and a switchable decode instance (serve --adapt)
+    # keeps the prefill share, since it may turn prefill
+    assert serve_budgets(monkeypatch, capsys, *one_p_one_d, "--max-model-len", "2048",
+                         "--decode-max-num-seqs", "16", "--decode-kv-cache-memory", "1.5")[0] == {
+        "prefill-0": 2.0, "decode-0": 1.5}
+    from distserve.cli import build_parser, engine_config_from_args
+    from distserve.server.cli import deployment_from_args
+    from distserve.server.kv_budget import fit_default_kv
+    args = build_parser().parse_args(["serve", "--device", "cpu", "--no-pin-cpus", *one_p_one_d,
+                                      "--max-model-len", "2048", "--decode-max-num-seqs", "16"])
+    config = engine_config_from_args(args, None)
+    switchable = deployment_from_args(args, config)
+    assert switchable.make_switchable() == []
+    _, switchable = fit_default_kv(args, config, switchable, rebuild=None)
+    assert [s.config.kv_cache_memory_gib for s in switchable.specs] == [2.0, 2.0]
+    # colocated instances, in their processes or in the server's, decode too
+    assert serve_budgets(monkeypatch, capsys, "--instances", "2", "--max-num-seqs", "4",
+                         "--max-model-len", "1024")[0] == {"colocated-0": 0.18, "colocated-1": 0.18}
+    assert serve_budgets(monkeypatch, capsys, "--instances", "0", "--max-num-seqs", "4",
+                         "--max-model-len", "1024")[0] == {"in-process": 0.18}
+    # with little memory the memory rule cuts first, and the cap still applies under it
+    budgets, notes = serve_budgets(monkeypatch, capsys, *one_p_one_d, "--max-model-len", "2048",
+                                   "--decode-max-num-seqs", "16", available_gib=2)
+    assert budgets == {"prefill-0": 0.5, "decode-0": 0.5} and len(notes) == 1
+
+
 def test_the_ray_launcher_flags_move_kv_over_tcp_and_pin_nothing_here():
     from distserve.cli import build_parser, engine_config_from_args
     from distserve.server.cli import deployment_from_args
