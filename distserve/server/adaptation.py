@@ -1,7 +1,7 @@
 """`serve --plan PLAN --adapt`: the running deployment follows its workload.
 
-Every `interval_s` the server takes what it observed (the plan monitor's recent lengths and
-arrival rate), scores every split of its instances between prefill and decode on the plan's
+Every `interval_s` the server takes what it observed in the last `window_s` (the plan monitor's
+lengths and arrival rate of the requests that finished then), scores every split of its instances between prefill and decode on the plan's
 latency model (planner.adapt.split_attainments, in a thread: simulations never run on the
 server's loop), and, when the hysteresis says so, switches one instance in place
 (Controller.switch_role: drained, role changed, model kept loaded). /metrics counts the
@@ -17,16 +17,16 @@ from distserve.planner.adapt import Hysteresis, split_attainments
 from distserve.planner.workload import Lengths
 
 log = logging.getLogger(__name__)
-MIN_OBSERVED = 50     # finished requests before the workload is judged at all
-RECENT = 1000         # the newest lengths it is judged on
+MIN_OBSERVED = 20     # finished requests in the window before the workload is judged at all
 
 
 class Adaptation:
     def __init__(self, controller, monitor, problem, plan, interval_s: float = 30.0,
-                 hysteresis: Hysteresis | None = None, min_observed: int = MIN_OBSERVED) -> None:
+                 hysteresis: Hysteresis | None = None, min_observed: int = MIN_OBSERVED,
+                 window_s: float = 120.0) -> None:
         self.controller, self.monitor = controller, monitor
         self.problem, self.plan = problem, plan
-        self.interval_s = interval_s
+        self.interval_s, self.window_s = interval_s, window_s
         self.hysteresis = hysteresis or Hysteresis()
         self.min_observed = min_observed
         self.last_scores: dict[int, float] = {}
@@ -45,8 +45,7 @@ class Adaptation:
     async def check(self, now: float | None = None) -> int:
         """One look at the observed workload; returns the move made (+1 one more prefill
         instance, -1 one fewer, 0 none)."""
-        seen = self.monitor.observed_workload()
-        pairs, rate = seen["lengths"][-RECENT:], seen["arrival_rate"]
+        pairs, rate = self.monitor.recent_workload(self.window_s, now)
         if len(pairs) < self.min_observed or rate <= 0:
             return 0
         roles = self.controller.roles()

@@ -125,6 +125,10 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
                    "--adapt checks")
     g.add_argument("--adapt-margin", type=float, default=0.05, help="SLO attainment (0-1) "
                    "another split must win by before an instance switches")
+    g.add_argument("--adapt-window", type=float, default=120.0, help="seconds of finished "
+                   "requests each --adapt check judges the workload on")
+    g.add_argument("--adapt-min-requests", type=int, default=20, help="finished requests the "
+                   "--adapt-window must hold before a check judges anything")
 
 
 def deployment_from_args(args: argparse.Namespace, config):
@@ -220,9 +224,11 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     if args.adapt and not args.plan:
         raise ValueError("--adapt re-plans the split of a plan's instances: give --plan")
-    if args.adapt and (args.adapt_interval <= 0 or not 0 <= args.adapt_margin < 1):
-        raise ValueError(f"--adapt-interval must be > 0 and --adapt-margin in [0, 1), got "
-                         f"{args.adapt_interval} and {args.adapt_margin}")
+    if args.adapt and (args.adapt_interval <= 0 or args.adapt_window <= 0
+                       or args.adapt_min_requests < 1 or not 0 <= args.adapt_margin < 1):
+        raise ValueError(f"--adapt-interval and --adapt-window must be > 0, --adapt-min-requests "
+                         f">= 1 and --adapt-margin in [0, 1), got {args.adapt_interval}, "
+                         f"{args.adapt_window}, {args.adapt_min_requests} and {args.adapt_margin}")
     check_port_free(args.host, args.port)   # before minutes of loading, not after
     config = engine_config_from_args(args, args.model)
     deployment = deployment_from_args(args, config)
@@ -371,9 +377,11 @@ def _start_adaptation(args, controller, monitor):
     from distserve.server.adaptation import Adaptation
     from distserve.server.plan_monitor import plan_problem
     adaptation = Adaptation(controller, monitor, plan_problem(monitor.plan), monitor.plan,
-                            args.adapt_interval, Hysteresis(margin=args.adapt_margin))
+                            args.adapt_interval, Hysteresis(margin=args.adapt_margin),
+                            min_observed=args.adapt_min_requests, window_s=args.adapt_window)
     print(f"adapting: every {args.adapt_interval:g} s the split of the instances between prefill "
-          "and decode is re-planned on the observed workload", flush=True)
+          f"and decode is re-planned on the workload of the last {args.adapt_window:g} s",
+          flush=True)
     return asyncio.get_running_loop().create_task(adaptation.run())
 
 

@@ -103,6 +103,15 @@ class PlanMonitor:
         now = time.monotonic() if now is None else now
         return _rate([r[1] for r in self._recent if r[0] >= now - self.window_s])
 
+    def recent_workload(self, window_s: float, now: float | None = None
+                        ) -> tuple[list[tuple[int, int]], float]:
+        """(input, output) lengths of the requests that finished in the last window_s, and their
+        arrival rate: the workload as it is now, not as it was minutes ago (adaptation must see
+        a shift within a window, however long the server has run before it)."""
+        now = time.monotonic() if now is None else now
+        rows = [r for r in self._recent if r[0] >= now - window_s]
+        return [(r[2], r[3]) for r in rows], _rate([r[1] for r in rows])
+
     def evaluate(self) -> DriftCheck | None:
         """Checks the batch of fresh requests if it is full; returns the check (or None)."""
         with self._lock:

@@ -105,3 +105,20 @@ def test_serve_watches_the_plan_it_was_given(tmp_path, capsys):
     assert "no drift detection" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--drift-batch"):
         plan_monitor_from_args(argparse.Namespace(plan=args.plan, drift_batch=5, drift_checks=2))
+
+
+def test_adaptation_sees_the_last_window_not_the_whole_history():
+    """After a shift, the lengths judged are the new ones only: the requests that finished in
+    the window, and their arrival rate."""
+    monitor = PlanMonitor(tiny_plan(pathlib.Path("unused"), "fixed:8:4"), None, min_requests=1000)
+    for i in range(100):   # the old workload, 1 req/s, finished before t = 200
+        monitor.record(arrival=float(i), finish=i + 1.0, input_len=100, output_len=400, met_both=True)
+    for i in range(30):    # the new one, 2 req/s, finishing in [300, 315)
+        monitor.record(arrival=300 + i / 2, finish=300.5 + i / 2, input_len=1900, output_len=20,
+                       met_both=True)
+    pairs, rate = monitor.recent_workload(60.0, now=320.0)
+    assert pairs == [(1900, 20)] * 30 and rate == pytest.approx(2.0)
+    pairs, rate = monitor.recent_workload(1000.0, now=320.0)
+    assert len(pairs) == 130
+    assert monitor.recent_workload(60.0, now=1000.0) == ([], 0.0)
+    monitor.close()
