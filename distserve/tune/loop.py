@@ -22,6 +22,8 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from distserve.cluster.step_trace import ENV as STEP_TRACE_ENV
 from distserve.planner.calibration import speed_of_traces
 from distserve.planner.error_bars import fit_error, fit_widths, inside, prediction_band, speed_spread
@@ -55,8 +57,7 @@ class TuneConfig:
     plan_requests: int = 400
     band_seeds: int = 5                    # resampled traces per rate for the seed band
     seed: int = 0
-    profile_args: tuple = ("--prefill-lens", "16,64,256,512", "--batch-sizes", "1,2,4,8,16",
-                           "--context-lens", "64,256", "--repeats", "2")
+    profile_args: tuple = ("--batch-sizes", "1,2,4,8,16", "--repeats", "2")
 
 
 def served_spec(model: str | None):
@@ -68,11 +69,25 @@ def planned_model_name(model: str | None) -> str:
     return served_spec(model).name
 
 
+def profiled_lengths(workload: str) -> tuple[str, str]:
+    """(--prefill-lens, --context-lens) for the profile: doubling lengths up to the workload's
+    99th-percentile prompt and prompt + output, so the latency model is fitted over the shapes
+    the deployment will run rather than extrapolated (attention grows with the square)."""
+    inputs, outputs = planned_lengths(workload).sample(4000, np.random.default_rng(0))
+    top_in = max(512, int(np.percentile(inputs, 99)))
+    top_ctx = max(256, int(np.percentile(inputs + outputs, 99)))
+    prefill = [n for n in (16, 64, 256, 512, 1024) if n < top_in] + [top_in]
+    context = [n for n in (64, 256, 1024) if n < top_ctx] + [top_ctx]
+    return ",".join(map(str, prefill)), ",".join(map(str, context))
+
+
 def profile_machine(cfg: TuneConfig, progress) -> str:
     path = cfg.out / "profile.json"
+    prefill_lens, context_lens = profiled_lengths(cfg.workload)
     cmd = [sys.executable, "-m", "distserve.cli", "profile", *([cfg.model] if cfg.model else []),
            "-o", str(path), "--name", planned_model_name(cfg.model), "--num-threads", "1",
-           "--clock", "cpu", *cfg.profile_args]
+           "--clock", "cpu", "--prefill-lens", prefill_lens, "--context-lens", context_lens,
+           *cfg.profile_args]
     progress(f"profiling this machine: {' '.join(cmd[3:])}")
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
