@@ -11,18 +11,19 @@ from __future__ import annotations
 import json
 import pathlib
 
+from distserve.cache_dir import cache_root
 from distserve.models.locate import DEFAULT_MODEL_NAME, find_default_gguf
 
 DONE_MARKER = ".distserve-export-done"
 
 
 def default_export_dir() -> pathlib.Path:
-    return pathlib.Path.home() / ".cache/distserve/hf" / DEFAULT_MODEL_NAME
+    return cache_root() / "hf" / DEFAULT_MODEL_NAME
 
 
 def export_default_model(out: pathlib.Path | str | None = None, dtype: str = "bfloat16") -> pathlib.Path:
-    """The HF folder of the built-in model at `out` (default ~/.cache/distserve/hf/NAME),
-    converting the GGUF the first time; returns the folder."""
+    """The HF folder of the built-in model at `out` (default: default_export_dir(), hf/NAME under
+    distserve.cache_dir's root), converting the GGUF the first time; returns the folder."""
     out = pathlib.Path(out) if out is not None else default_export_dir()
     marker = out / DONE_MARKER
     if marker.exists() and (out / "config.json").exists():

