@@ -1,0 +1,303 @@
+"""Adaptive resources (issue 18): a workload that shifts mid-run, served by the same
+disaggregated plan with and without `serve --adapt`.
+
+    python benchmarks/adaptive.py [--latency-profile P] [--phase-s 240] [--skip-real]
+
+1. **At scale, in the simulator.** OPT-13B on eight A100s (the paper's latency profile), eight
+   one-GPU instances: the split of prefill and decode instances that serves a ShareGPT-like
+   workload best, against the best split for a LongBench-like one, at a rate where they differ;
+   each phase's attainment with the split kept (static) and with the best split (what --adapt
+   moves to).
+2. **For real on this machine.** SmolLM2 as three one-thread instances (two cores leave a
+   2-instance deployment nothing to move: the last instance of a role never switches). The
+   rate and the starting split come from this machine's latency profile: the split that serves
+   the first phase best, at a rate where the second phase wants another split. The same trace
+   (ShareGPT prompts, then LongBench-like ones, Poisson arrivals at one rate) is sent to
+   `serve --plan` and to `serve --plan --adapt` with `distserve bench`; per request it records
+   when it was sent and whether it met both SLOs, and /metrics' role switches as they happen.
+Results: benchmarks/results/adaptive.json and adaptive.png (attainment over time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import httpx
+import numpy as np
+
+from serving import free_port, start_server, stop_server  # benchmarks/serving.py
+
+from distserve.planner.adapt import split_attainments
+from distserve.planner.goodput import SLO
+from distserve.planner.hardware import Cluster, get_hardware
+from distserve.planner.models import MODELS, get_model
+from distserve.planner.plan import PhasePlan, Plan
+from distserve.planner.search import Problem
+from distserve.planner.workload import Lengths
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks/results"
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M"
+TARGET = 0.9
+PHASES = ("sharegpt", "longbench")
+
+
+def split_plan(model: str, hardware: str, gpus: int, prefill: int, slo: SLO, workload: str,
+               profile: str) -> Plan:
+    """A disaggregated plan of `gpus` one-device instances, `prefill` of them prefill."""
+    return Plan(model=model, hardware=hardware, nodes=1, gpus_per_node=gpus, workload=workload,
+                ttft_slo=slo.ttft, tpot_slo=slo.tpot, attainment_target=TARGET,
+                algorithm="whole", prefill=PhasePlan(1, 1, prefill),
+                decode=PhasePlan(1, 1, gpus - prefill), goodput=0.0, goodput_per_gpu=0.0,
+                latency_source={"profile": profile})
+
+
+def phase_scores(problem: Problem, plan: Plan, rate: float, requests: int) -> dict:
+    """{phase: {prefill instances: simulated attainment}} at `rate`."""
+    total = plan.prefill.instances + plan.decode.instances
+    return {ph: split_attainments(problem, plan, total, Lengths(f"{ph}-trace"), rate, requests)
+            for ph in PHASES}
+
+
+def best(scores: dict[int, float]) -> int:
+    return max(scores, key=lambda p: (scores[p], -p))
+
+
+def choose_rate(problem: Problem, plan: Plan, rates, requests: int) -> dict:
+    """The static split is the one a plan for the first phase picks (the highest rate at which
+    it holds the target on that phase). The rate: the highest at which that split holds the
+    target on the first phase and another split holds it on the second where the static one
+    does not (the issue's target); else the one where the second phase's best split gains most
+    over the static one."""
+    table = []
+    for rate in rates:
+        s = phase_scores(problem, plan, rate, requests)
+        table.append({"rate": rate, "scores": s})
+        print(f"  {rate:.3g} req/s: " + "; ".join(
+            f"{ph} " + ", ".join(f"{p}P {100 * a:.0f}%" for p, a in sorted(s[ph].items()))
+            for ph in PHASES), file=sys.stderr, flush=True)
+    splits = table[0]["scores"][PHASES[0]]
+    goodput = {p: max([r["rate"] for r in table if r["scores"][PHASES[0]][p] >= TARGET], default=0.0)
+               for p in splits}
+    start = max(goodput, key=lambda p: (goodput[p], -p))
+    for row in table:
+        first, second = row["scores"][PHASES[0]], row["scores"][PHASES[1]]
+        moved = best(second)
+        row.update(start=start, moved=moved, gain=second[moved] - second[start],
+                   eligible=first[start] >= TARGET and moved != start,
+                   holds_through=second[moved] >= TARGET > second[start])
+    through = [r for r in table if r["eligible"] and r["holds_through"]]
+    pick = (max(through, key=lambda r: r["rate"]) if through else
+            max([r for r in table if r["eligible"]] or table, key=lambda r: (r["gain"], r["rate"])))
+    return {"table": table, "first_phase_goodput": goodput, "pick": pick}
+
+
+def at_scale(requests: int) -> dict:
+    """Part 1: OPT-13B, 8 x A100, the paper's profile."""
+    print("at scale (simulated): OPT-13B on 8 A100s", file=sys.stderr)
+    slo = SLO(1.0, 0.1)
+    problem = Problem(MODELS["facebook/opt-13b"], Cluster(get_hardware("a100-80g"), 1, 8),
+                      Lengths("sharegpt-trace"), slo, "distserve", requests=requests, jobs=1)
+    plan = split_plan("facebook/opt-13b", "a100-80g", 8, 1, slo, "sharegpt-trace", "distserve")
+    chosen = choose_rate(problem, plan, [2, 4, 6, 8, 10, 12, 14, 16, 20, 24], requests)
+    return {"model": "facebook/opt-13b", "gpus": 8, "slo": {"ttft": slo.ttft, "tpot": slo.tpot},
+            **chosen}
+
+
+def write_trace(path: pathlib.Path, counts: dict, seed: int) -> list[str]:
+    """The run's requests as a JSONL trace (replayed in order): each phase's real prompts."""
+    from distserve.bench import longbench, sharegpt
+    from distserve.bench.workload import load_tokenizer
+    tok = load_tokenizer(None)
+    loaders = {"sharegpt": sharegpt.workload, "longbench": longbench.workload}
+    phases = []
+    with open(path, "w") as f:
+        for ph in PHASES:
+            for r in loaders[ph](tok, counts[ph], seed).requests:
+                f.write(json.dumps({"prompt": r.prompt, "output_len": r.output_len}) + "\n")
+                phases.append(ph)
+    return phases
+
+
+def watch_switches(url: str, stop: threading.Event, out: list) -> None:
+    """time.monotonic() of each rise of /metrics' role-switch count (seen every 2 s)."""
+    seen = 0.0
+    while not stop.wait(2.0):
+        try:
+            for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+                if line.startswith("distserve:role_switches"):
+                    n = float(line.rsplit(" ", 1)[1])
+                    out.extend([time.monotonic()] * int(n - seen))
+                    seen = max(seen, n)
+        except httpx.HTTPError:
+            pass
+
+
+def serve_and_measure(name: str, flags: list[str], trace: pathlib.Path, rate: float,
+                      slo: SLO, work: pathlib.Path) -> dict:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    print(f"  {name}: serve {' '.join(flags)}", file=sys.stderr, flush=True)
+    proc = start_server(flags, port, work / f"server-{name}.log")
+    switches: list = []
+    stop = threading.Event()
+    try:
+        watcher = threading.Thread(target=watch_switches, args=(url, stop, switches))
+        watcher.start()
+        result = work / f"bench-{name}.json"
+        cmd = [sys.executable, "-m", "distserve.cli", "bench", "--base-url", url, "--dataset",
+               "jsonl", "--dataset-path", str(trace), "--request-rate", f"{rate:.6g}",
+               "--ttft-slo", f"{slo.ttft:g}", "--tpot-slo", f"{slo.tpot:g}", "--ignore-eos",
+               "--disable-tqdm", "--save-result", str(result)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        ended = time.monotonic()
+        if done.returncode != 0:
+            raise RuntimeError(f"bench failed: {done.stderr[-2000:]}")
+    finally:
+        stop.set()
+        stop_server(proc)
+    doc = json.loads(result.read_text())
+    first_send = ended - doc["duration"]   # its duration runs from the first send to the end
+    log = (work / f"server-{name}.log").read_text()
+    moves = [line for line in log.splitlines() if "becomes a" in line]
+    return {"records": doc["requests"], "switch_log": moves,
+            "switch_times_s": [round(t - first_send, 1) for t in switches]}
+
+
+def per_request(records: list, phases: list[str], slo: SLO) -> list[dict]:
+    from distserve.slo import meets
+    rows = []
+    for rec, ph in zip(records, phases):
+        tpot = rec.get("tpot")
+        ok = rec["success"] and all(meets(rec["ttft"], tpot, slo.ttft, slo.tpot))
+        rows.append({"phase": ph, "sent_s": rec["send_time"], "met": bool(ok)})
+    return rows
+
+
+def summarise(rows: list[dict], bin_s: float) -> dict:
+    """Per phase: attainment and goodput (requests meeting both SLOs per second of the phase's
+    sending time, vLLM's request_goodput); and attainment in bins of sending time."""
+    phases = {}
+    for ph in PHASES:
+        mine = [r for r in rows if r["phase"] == ph]
+        if not mine:
+            continue
+        span = max(r["sent_s"] for r in mine) - min(r["sent_s"] for r in mine)
+        met = sum(r["met"] for r in mine)
+        phases[ph] = {"requests": len(mine), "attainment": met / len(mine),
+                      "goodput": met / span if span > 0 else None,
+                      "starts_s": min(r["sent_s"] for r in mine)}
+    end = max(r["sent_s"] for r in rows)
+    bins = []
+    for lo in np.arange(0.0, end + bin_s, bin_s):
+        inside = [r["met"] for r in rows if lo <= r["sent_s"] < lo + bin_s]
+        if inside:
+            bins.append({"from_s": float(lo), "requests": len(inside),
+                         "attainment": sum(inside) / len(inside)})
+    return {"phases": phases, "over_time": bins}
+
+
+def real(args) -> dict:
+    """Part 2: three one-thread SmolLM2 instances on this machine."""
+    print("on this machine: SmolLM2, 3 one-thread instances", file=sys.stderr)
+    slo = SLO(args.ttft_slo, args.tpot_slo)
+    gpus = 3
+    problem = Problem(get_model(SMOLLM2), Cluster(get_hardware("cpu"), 1, gpus),
+                      Lengths("sharegpt-trace"), slo, args.latency_profile,
+                      requests=args.requests, jobs=1)
+    probe = split_plan(SMOLLM2, "cpu", gpus, 1, slo, "sharegpt-trace", args.latency_profile)
+    rates = [args.rate] if args.rate else [float(r) for r in args.rates.split(",")]
+    chosen = choose_rate(problem, probe, rates, args.requests)
+    pick = chosen["pick"]
+    rate, start = pick["rate"], pick["start"]
+    plan = split_plan(SMOLLM2, "cpu", gpus, start, slo, "sharegpt-trace", args.latency_profile)
+    out = {"model": SMOLLM2, "instances": gpus, "slo": {"ttft": slo.ttft, "tpot": slo.tpot},
+           "latency_profile": args.latency_profile, **chosen, "rate": rate,
+           "start_split": {"prefill": start, "decode": gpus - start}}
+    if args.skip_real:
+        return out
+    work = pathlib.Path(tempfile.mkdtemp(prefix="adaptive-"))
+    plan.save(str(work / "plan.yaml"))
+    counts = {ph: max(10, round(rate * args.phase_s)) for ph in PHASES}
+    phases = write_trace(work / "trace.jsonl", counts, args.seed)
+    common = ["--plan", str(work / "plan.yaml"), "--kv-cache-memory", "1", "--no-pin-cpus"]
+    adapt = ["--adapt", "--adapt-interval", f"{args.adapt_interval:g}", "--adapt-window",
+             f"{args.adapt_window:g}", "--adapt-min-requests", str(args.adapt_min_requests)]
+    out["runs"] = {}
+    for name, flags in (("static", common), ("adaptive", common + adapt)):
+        run = serve_and_measure(name, flags, work / "trace.jsonl", rate, slo, work)
+        rows = per_request(run["records"], phases, slo)
+        out["runs"][name] = {"flags": flags, **summarise(rows, args.bin_s),
+                             "switch_times_s": run["switch_times_s"],
+                             "switch_log": run["switch_log"], "requests": rows}
+        print(f"  {name}: " + ", ".join(
+            f"{ph} {100 * s['attainment']:.0f}%" for ph, s in out["runs"][name]["phases"].items())
+            + f"; switches at {run['switch_times_s']}", file=sys.stderr, flush=True)
+    out["counts"] = counts
+    return out
+
+
+def plot(doc: dict, path: pathlib.Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = doc["real"]["runs"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name, style in (("static", "o-"), ("adaptive", "s-")):
+        bins = runs[name]["over_time"]
+        ax.plot([b["from_s"] + doc["args"]["bin_s"] / 2 for b in bins],
+                [100 * b["attainment"] for b in bins], style, label=name)
+        for t in runs[name]["switch_times_s"]:
+            ax.axvline(t, color="C1", ls=":", lw=1)
+    shift = runs["static"]["phases"][PHASES[1]]["starts_s"]
+    ax.axvline(shift, color="grey", ls="--", lw=1)
+    ax.text(shift, 5, f" {PHASES[1]} prompts from here", color="grey")
+    ax.axhline(100 * TARGET, color="k", lw=0.5)
+    ax.set_xlabel("request sent at (s)")
+    ax.set_ylabel("requests meeting both SLOs (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"SmolLM2, 3 one-thread instances, {doc['real']['rate']:.3g} req/s: "
+                 "static plan vs --adapt (dotted: switches)", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--latency-profile", default=str(RESULTS / "profile_smollm2_avx2.json"),
+                    help="this machine's profile of SmolLM2 (distserve profile)")
+    ap.add_argument("--ttft-slo", type=float, default=20.0,
+                    help="seconds (about 2.5 x a LongBench-like prompt's prefill, one thread here)")
+    ap.add_argument("--tpot-slo", type=float, default=0.05,
+                    help="seconds (about 2 x the single-request decode step, one thread here)")
+    ap.add_argument("--rates", default="0.05,0.075,0.1,0.125,0.15",
+                    help="rates the real run's rate is chosen from (req/s)")
+    ap.add_argument("--rate", type=float, default=None, help="the real run's rate (req/s)")
+    ap.add_argument("--phase-s", type=float, default=300.0, help="seconds of each phase")
+    ap.add_argument("--adapt-interval", type=float, default=15.0)
+    ap.add_argument("--adapt-window", type=float, default=150.0)
+    ap.add_argument("--adapt-min-requests", type=int, default=8)
+    ap.add_argument("--bin-s", type=float, default=30.0)
+    ap.add_argument("--requests", type=int, default=300, help="requests per simulation")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-real", action="store_true", help="only choose the real run's rate")
+    ap.add_argument("-o", "--out", default=str(RESULTS / "adaptive.json"))
+    args = ap.parse_args()
+    doc = {"args": vars(args), "at_scale": at_scale(args.requests), "real": real(args)}
+    out = pathlib.Path(args.out)
+    out.write_text(json.dumps(doc, indent=1))
+    if "runs" in doc["real"]:
+        plot(doc, out.with_suffix(".png"))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
