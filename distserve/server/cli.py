@@ -320,7 +320,12 @@ async def _serve(args, config, deployment, slo, monitor=None) -> int:
         client = Controller(deployment.specs, args.model, launcher,
                             transfer=deployment.transfer, host=host)
         kernels = _build_kernels_aside(args, config)
-        await client.start()
+        try:
+            await client.start()
+        except BaseException:   # a failed start leaves no builder behind
+            if kernels is not None:
+                kernels.kill()
+            raise
         if kernels is not None:
             await asyncio.to_thread(kernels.wait)
         adapting = _start_adaptation(args, client, monitor)
