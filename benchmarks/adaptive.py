@@ -4,10 +4,9 @@ disaggregated plan with and without `serve --adapt`.
     python benchmarks/adaptive.py [--latency-profile P] [--phase-s 240] [--skip-real]
 
 1. **At scale, in the simulator.** OPT-13B on eight A100s (the paper's latency profile), eight
-   one-GPU instances: the split of prefill and decode instances that serves a ShareGPT-like
-   workload best, against the best split for a LongBench-like one, at a rate where they differ;
-   each phase's attainment with the split kept (static) and with the best split (what --adapt
-   moves to).
+   one-GPU instances: every split of prefill and decode instances on each phase at each rate,
+   the split a plan for the first phase picks, and whether one split holds both phases (then
+   a static plan of it needs no move).
 2. **For real on this machine.** SmolLM2 as three one-thread instances (two cores leave a
    2-instance deployment nothing to move: the last instance of a role never switches). The
    rate and the starting split come from this machine's latency profile: the split that serves
@@ -72,9 +71,9 @@ def best(scores: dict[int, float]) -> int:
 def choose_rate(problem: Problem, plan: Plan, rates, requests: int) -> dict:
     """The static split is the one a plan for the first phase picks (the highest rate at which
     it holds the target on that phase). The rate: the highest at which that split holds the
-    target on the first phase and another split holds it on the second where the static one
-    does not (the issue's target); else the one where the second phase's best split gains most
-    over the static one."""
+    target on the first phase, another split holds it on the second where the static one
+    does not (the issue's target), and no one split holds it on both (else a static plan of
+    that split would do); else the one where the second phase's best split gains most."""
     table = []
     for rate in rates:
         s = phase_scores(problem, plan, rate, requests)
@@ -89,8 +88,11 @@ def choose_rate(problem: Problem, plan: Plan, rates, requests: int) -> dict:
     for row in table:
         first, second = row["scores"][PHASES[0]], row["scores"][PHASES[1]]
         moved = best(second)
+        both = [p for p in splits if min(first[p], second[p]) >= TARGET]
+        # where one split holds both phases, a static plan of it needs no move: not eligible
         row.update(start=start, moved=moved, gain=second[moved] - second[start],
-                   eligible=first[start] >= TARGET and moved != start,
+                   static_for_both=both,
+                   eligible=first[start] >= TARGET and moved != start and not both,
                    holds_through=second[moved] >= TARGET > second[start])
     through = [r for r in table if r["eligible"] and r["holds_through"]]
     pick = (max(through, key=lambda r: r["rate"]) if through else
@@ -105,7 +107,7 @@ def at_scale(requests: int) -> dict:
     problem = Problem(MODELS["facebook/opt-13b"], Cluster(get_hardware("a100-80g"), 1, 8),
                       Lengths("sharegpt-trace"), slo, "distserve", requests=requests, jobs=1)
     plan = split_plan("facebook/opt-13b", "a100-80g", 8, 1, slo, "sharegpt-trace", "distserve")
-    chosen = choose_rate(problem, plan, [2, 4, 6, 8, 10, 12, 14, 16, 20, 24], requests)
+    chosen = choose_rate(problem, plan, list(range(2, 26, 2)), requests)
     return {"model": "facebook/opt-13b", "gpus": 8, "slo": {"ttft": slo.ttft, "tpot": slo.tpot},
             **chosen}
 
@@ -176,13 +178,15 @@ def per_request(records: list, phases: list[str], slo: SLO) -> list[dict]:
     for rec, ph in zip(records, phases):
         tpot = rec.get("tpot")
         ok = rec["success"] and all(meets(rec["ttft"], tpot, slo.ttft, slo.tpot))
-        rows.append({"phase": ph, "sent_s": rec["send_time"], "met": bool(ok)})
+        rows.append({"phase": ph, "sent_s": rec["send_time"], "met": bool(ok),
+                     "ttft": rec["ttft"], "tpot": tpot})
     return rows
 
 
-def summarise(rows: list[dict], bin_s: float) -> dict:
-    """Per phase: attainment and goodput (requests meeting both SLOs per second of the phase's
-    sending time, vLLM's request_goodput); and attainment in bins of sending time."""
+def summarise(rows: list[dict], slo: SLO, bin_s: float) -> dict:
+    """Per phase: attainment, the requests that missed each SLO, and goodput (requests meeting
+    both SLOs per second between the phase's first and last send); attainment in bins of
+    sending time."""
     phases = {}
     for ph in PHASES:
         mine = [r for r in rows if r["phase"] == ph]
@@ -192,6 +196,10 @@ def summarise(rows: list[dict], bin_s: float) -> dict:
         met = sum(r["met"] for r in mine)
         phases[ph] = {"requests": len(mine), "attainment": met / len(mine),
                       "goodput": met / span if span > 0 else None,
+                      "ttft_misses": sum(not (r["ttft"] is not None and r["ttft"] <= slo.ttft)
+                                         for r in mine),
+                      "tpot_misses": sum(not (r["tpot"] is not None and r["tpot"] <= slo.tpot)
+                                         for r in mine),
                       "starts_s": min(r["sent_s"] for r in mine)}
     end = max(r["sent_s"] for r in rows)
     bins = []
@@ -233,7 +241,7 @@ def real(args) -> dict:
     for name, flags in (("static", common), ("adaptive", common + adapt)):
         run = serve_and_measure(name, flags, work / "trace.jsonl", rate, slo, work)
         rows = per_request(run["records"], phases, slo)
-        out["runs"][name] = {"flags": flags, **summarise(rows, args.bin_s),
+        out["runs"][name] = {"flags": flags, **summarise(rows, slo, args.bin_s),
                              "switch_times_s": run["switch_times_s"],
                              "switch_log": run["switch_log"], "requests": rows}
         print(f"  {name}: " + ", ".join(
@@ -288,10 +296,17 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=300, help="requests per simulation")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-real", action="store_true", help="only choose the real run's rate")
+    ap.add_argument("--only-at-scale", action="store_true", help="redo the simulation at scale "
+                    "and keep the rest of --out as it is")
     ap.add_argument("-o", "--out", default=str(RESULTS / "adaptive.json"))
     args = ap.parse_args()
-    doc = {"args": vars(args), "at_scale": at_scale(args.requests), "real": real(args)}
     out = pathlib.Path(args.out)
+    if args.only_at_scale:
+        doc = json.loads(out.read_text())
+        doc["at_scale"] = at_scale(args.requests)
+        out.write_text(json.dumps(doc, indent=1))
+        return 0
+    doc = {"args": vars(args), "at_scale": at_scale(args.requests), "real": real(args)}
     out.write_text(json.dumps(doc, indent=1))
     if "runs" in doc["real"]:
         plot(doc, out.with_suffix(".png"))
