@@ -39,6 +39,7 @@ from distserve.planner.models import MODELS, get_model
 from distserve.planner.plan import PhasePlan, Plan
 from distserve.planner.search import Problem
 from distserve.planner.workload import Lengths
+from distserve.slo import meets
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks/results"
@@ -173,7 +174,6 @@ def serve_and_measure(name: str, flags: list[str], trace: pathlib.Path, rate: fl
 
 
 def per_request(records: list, phases: list[str], slo: SLO) -> list[dict]:
-    from distserve.slo import meets
     rows = []
     for rec, ph in zip(records, phases):
         tpot = rec.get("tpot")
@@ -194,12 +194,11 @@ def summarise(rows: list[dict], slo: SLO, bin_s: float) -> dict:
             continue
         span = max(r["sent_s"] for r in mine) - min(r["sent_s"] for r in mine)
         met = sum(r["met"] for r in mine)
+        verdicts = [meets(r["ttft"], r["tpot"], slo.ttft, slo.tpot) for r in mine]
         phases[ph] = {"requests": len(mine), "attainment": met / len(mine),
                       "goodput": met / span if span > 0 else None,
-                      "ttft_misses": sum(not (r["ttft"] is not None and r["ttft"] <= slo.ttft)
-                                         for r in mine),
-                      "tpot_misses": sum(not (r["tpot"] is not None and r["tpot"] <= slo.tpot)
-                                         for r in mine),
+                      "ttft_misses": sum(not ok[0] for ok in verdicts),
+                      "tpot_misses": sum(not ok[1] for ok in verdicts),
                       "starts_s": min(r["sent_s"] for r in mine)}
     end = max(r["sent_s"] for r in rows)
     bins = []

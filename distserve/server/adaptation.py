@@ -1,9 +1,10 @@
 """`serve --plan PLAN --adapt`: the running deployment follows its workload.
 
-Every `interval_s` the server takes what it observed in the last `window_s` (the plan monitor's
-lengths and arrival rate of the requests that finished then), scores every split of its instances between prefill and decode on the plan's
-latency model (planner.adapt.split_attainments, in a thread: simulations never run on the
-server's loop), and, when the hysteresis says so, switches one instance in place
+Every `interval_s` the server takes what it observed in the last `window_s` (the plan
+monitor's lengths and arrival rate of the requests that finished then), scores every split of
+its instances between prefill and decode on the plan's latency model
+(planner.adapt.split_attainments, in a thread: simulations never run on the server's loop),
+and, when the hysteresis says so, switches one instance in place
 (Controller.switch_role: drained, role changed, model kept loaded). /metrics counts the
 switches (role_switches). Imports no torch.
 """
