@@ -33,6 +33,7 @@ import numpy as np
 from serving import free_port, start_server, stop_server  # benchmarks/serving.py
 
 from distserve.planner.adapt import split_attainments
+from distserve.planner.calibration import parse_speed
 from distserve.planner.goodput import SLO
 from distserve.planner.hardware import Cluster, get_hardware
 from distserve.planner.models import MODELS, get_model
@@ -128,16 +129,22 @@ def write_trace(path: pathlib.Path, counts: dict, seed: int) -> list[str]:
     return phases
 
 
-def watch_switches(url: str, stop: threading.Event, out: list) -> None:
-    """time.monotonic() of each rise of /metrics' role-switch count (seen every 2 s)."""
+def watch_switches(url: str, stop: threading.Event, out: list, speeds: list) -> None:
+    """time.monotonic() of each rise of /metrics' role-switch count (seen every 2 s), and each
+    change of the model-step speed --adapt measured against the profile: (time, {phase: k})."""
     seen = 0.0
     while not stop.wait(2.0):
         try:
+            speed = {}
             for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
                 if line.startswith("distserve:role_switches"):
                     n = float(line.rsplit(" ", 1)[1])
                     out.extend([time.monotonic()] * int(n - seen))
                     seen = max(seen, n)
+                elif line.startswith("distserve:plan_model_step_speed{"):
+                    speed[line.split('phase="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+            if speed and (not speeds or speeds[-1][1] != speed):
+                speeds.append((time.monotonic(), speed))
         except httpx.HTTPError:
             pass
 
@@ -149,9 +156,10 @@ def serve_and_measure(name: str, flags: list[str], trace: pathlib.Path, rate: fl
     print(f"  {name}: serve {' '.join(flags)}", file=sys.stderr, flush=True)
     proc = start_server(flags, port, work / f"server-{name}.log")
     switches: list = []
+    speeds: list = []
     stop = threading.Event()
     try:
-        watcher = threading.Thread(target=watch_switches, args=(url, stop, switches))
+        watcher = threading.Thread(target=watch_switches, args=(url, stop, switches, speeds))
         watcher.start()
         result = work / f"bench-{name}.json"
         cmd = [sys.executable, "-m", "distserve.cli", "bench", "--base-url", url, "--dataset",
@@ -170,7 +178,8 @@ def serve_and_measure(name: str, flags: list[str], trace: pathlib.Path, rate: fl
     log = (work / f"server-{name}.log").read_text()
     moves = [line for line in log.splitlines() if "becomes a" in line]
     return {"records": doc["requests"], "switch_log": moves,
-            "switch_times_s": [round(t - first_send, 1) for t in switches]}
+            "switch_times_s": [round(t - first_send, 1) for t in switches],
+            "measured_speed": [{"at_s": round(t - first_send, 1), **k} for t, k in speeds]}
 
 
 def per_request(records: list, phases: list[str], slo: SLO) -> list[dict]:
@@ -217,7 +226,8 @@ def real(args) -> dict:
     gpus = 3
     problem = Problem(get_model(SMOLLM2), Cluster(get_hardware("cpu"), 1, gpus),
                       Lengths("sharegpt-trace"), slo, args.latency_profile,
-                      requests=args.requests, jobs=1)
+                      requests=args.requests, jobs=1,
+                      speed=parse_speed(args.speed) if args.speed else None)
     probe = split_plan(SMOLLM2, "cpu", gpus, 1, slo, "sharegpt-trace", args.latency_profile)
     rates = [args.rate] if args.rate else [float(r) for r in args.rates.split(",")]
     chosen = choose_rate(problem, probe, rates, args.requests)
@@ -225,7 +235,7 @@ def real(args) -> dict:
     rate, start = pick["rate"], pick["start"]
     plan = split_plan(SMOLLM2, "cpu", gpus, start, slo, "sharegpt-trace", args.latency_profile)
     out = {"model": SMOLLM2, "instances": gpus, "slo": {"ttft": slo.ttft, "tpot": slo.tpot},
-           "latency_profile": args.latency_profile, **chosen, "rate": rate,
+           "latency_profile": args.latency_profile, "speed": problem.speed, **chosen, "rate": rate,
            "start_split": {"prefill": start, "decode": gpus - start}}
     if args.skip_real:
         return out
@@ -242,6 +252,7 @@ def real(args) -> dict:
         rows = per_request(run["records"], phases, slo)
         out["runs"][name] = {"flags": flags, **summarise(rows, slo, args.bin_s),
                              "switch_times_s": run["switch_times_s"],
+                             "measured_speed": run["measured_speed"],
                              "switch_log": run["switch_log"], "requests": rows}
         print(f"  {name}: " + ", ".join(
             f"{ph} {100 * s['attainment']:.0f}%" for ph, s in out["runs"][name]["phases"].items())
@@ -284,6 +295,9 @@ def main() -> int:
                     help="seconds (about 2.5 x a LongBench-like prompt's prefill, one thread here)")
     ap.add_argument("--tpot-slo", type=float, default=0.05,
                     help="seconds (about 2 x the single-request decode step, one thread here)")
+    ap.add_argument("--speed", default=None, help="K or PREFILL:DECODE: the profile's step "
+                    "times x K for choosing the rate and the start (what three instances on two "
+                    "cores run at; the server's --adapt measures its own)")
     ap.add_argument("--rates", default="0.05,0.075,0.1,0.125,0.15",
                     help="rates the real run's rate is chosen from (req/s)")
     ap.add_argument("--rate", type=float, default=None, help="the real run's rate (req/s)")

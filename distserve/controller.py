@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import zmq
@@ -35,6 +36,7 @@ from distserve.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 SEND_TIMEOUT_S = 5.0
+STEP_SAMPLES_KEPT = 16384   # per instance: minutes of decode steps on a CPU
 
 
 @dataclass
@@ -65,6 +67,8 @@ class _Instance:
     load: int = 0            # requests assigned and not finished (decode / colocated)
     queued_tokens: int = 0   # prompt tokens dispatched, first token not out yet (prefill)
     switching_to: str | None = None   # draining to switch roles: takes no new request
+    # (time received, sample) of its recent one-phase steps (switchable instances only)
+    steps: deque = field(default_factory=lambda: deque(maxlen=STEP_SAMPLES_KEPT))
 
 
 class Controller(Failover):
@@ -298,7 +302,10 @@ class Controller(Failover):
             self.supervisor.beat(msg.instance_id, time.monotonic())
         elif isinstance(msg, m.Stats):
             if self.supervisor.is_up(msg.instance_id):
-                self.instances[msg.instance_id].stats = msg
+                inst = self.instances[msg.instance_id]
+                inst.stats = msg
+                now = time.monotonic()
+                inst.steps.extend((now, s) for s in msg.steps)
         elif isinstance(msg, m.Ready):
             if self.supervisor.is_starting(msg.instance_id):
                 self._attach(msg)
@@ -470,6 +477,10 @@ class Controller(Failover):
                 "instance_restarts": self.supervisor.num_restarts, "requests_rerun": self.num_reruns,
                 "kv_pulls_recomputed": self.num_kv_recomputes,
                 "role_switches": self.num_role_switches}
+
+    def recent_steps(self, since: float) -> list[m.StepSample]:
+        """Every instance's one-phase steps received at or after `since` (time.monotonic())."""
+        return [s for i in self.instances.values() for t, s in i.steps if t >= since]
 
     def instance_stats(self) -> list[m.Stats]:
         return [i.stats for i in self.instances.values() if i.stats is not None]

@@ -21,6 +21,7 @@ import torch
 import zmq
 
 from distserve.cluster import messages as m
+from distserve.cluster.step_samples import StepSampler
 from distserve.cluster.step_trace import StepTrace
 from distserve.config import EngineConfig
 from distserve.engine.engine import Engine, Migration
@@ -59,8 +60,11 @@ class InstanceLoop:
             role, config, transfer, host)
         executor = self.engine.executor
         self.trace = StepTrace.from_env(instance_id)
-        if self.trace is not None:
-            executor.on_step = self.trace.step
+        hook = self.trace.step if self.trace is not None else None
+        # under --adapt the controller weighs the steps' speed against the plan's profile
+        self.sampler = StepSampler(hook) if switchable else None
+        if self.sampler is not None or hook is not None:
+            executor.on_step = self.sampler.on_step if self.sampler is not None else hook
         self.endpoints: dict[str, InstanceEndpoint] = {}
         self.transfer_bytes, self.transfer_seconds, self.num_transfers = 0, 0.0, 0
         self._last_stats = 0.0
@@ -255,7 +259,8 @@ class InstanceLoop:
         self._send(m.Stats(self.instance_id, self.role, s.num_running, s.num_waiting,
                            s.queued_tokens, s.kv_usage, s.num_free_blocks, s.num_blocks,
                            self.transfer_bytes, self.transfer_seconds, self.num_transfers,
-                           s.prefill_seconds_per_token))
+                           s.prefill_seconds_per_token,
+                           self.sampler.take(now) if self.sampler is not None else []))
 
     def close(self) -> None:
         self._stopping.set()

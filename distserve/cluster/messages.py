@@ -158,6 +158,17 @@ class Rejected(msgspec.Struct, tag=True):
     message: str
 
 
+class StepSample(msgspec.Struct, array_like=True):
+    """One engine iteration that ran one phase alone, as a latency profile prices it: how long
+    it took, and its shape (a prefill step's chunk lengths; a decode step's batch, context sum
+    and longest context). `serve --adapt` sets the measured speed against the profile."""
+    seconds: float
+    prefill_lens: list[int]
+    decode_batch: int = 0
+    decode_context_sum: int = 0
+    decode_context_max: int = 0
+
+
 class Stats(msgspec.Struct, tag=True):
     instance_id: str
     role: str
@@ -171,6 +182,7 @@ class Stats(msgspec.Struct, tag=True):
     transfer_seconds: float = 0.0
     num_transfers: int = 0
     prefill_seconds_per_token: float = 0.0
+    steps: list[StepSample] = []    # iterations since the last Stats (switchable instances)
 
 
 class Failed(msgspec.Struct, tag=True):

@@ -3,7 +3,9 @@ between prefill and decode, re-planned on the workload the server observes.
 
 Every interval the server asks `split_attainments` how each split of its instances (p prefill,
 n - p decode, each instance as the plan's) would do on the observed lengths at the observed
-rate, simulated on the plan's own latency model; `Hysteresis` turns those scores into at
+rate, simulated on the plan's own latency model at the speed the instances' model steps ran
+at in the same window (`measured_speed`: a machine that runs slower than it was profiled,
+e.g. more instances than cores, is scored as it runs); `Hysteresis` turns those scores into at
 most one move of one instance: only when another split beats the current one by `margin`
 points of attainment in `patience` checks in a row, and never within `cooldown_s` of the last
 move, so a workload on the edge between two splits does not make the instances flip back
@@ -19,6 +21,7 @@ from distserve.planner.reality_check import fresh_attainment
 from distserve.planner.search import Problem
 from distserve.planner.workload import Lengths
 
+MIN_STEPS = 20      # one-phase steps in the window before that phase's speed is measured
 MARGIN = 0.05       # attainment a split must win by
 PATIENCE = 2        # checks in a row that must agree
 COOLDOWN_S = 60.0   # between two moves
@@ -39,6 +42,32 @@ def split_attainments(problem: Problem, plan, total: int, lengths: Lengths, rate
         runs = fresh_attainment(dep, lengths, max(rate, 1e-3), requests, slo, seeds)
         out[p] = sum(runs) / len(runs)
     return out
+
+
+def measured_speed(samples, problem: Problem, plan, min_steps: int = MIN_STEPS) -> dict | None:
+    """The speed the instances' model steps ran at, per phase, as factors on the profile's
+    times (Problem.speed): their measured time over what the problem's latency model gives the
+    same steps, times the speed it already plans at. `samples`: StepSamples
+    (distserve.cluster.step_samples). A phase with fewer than `min_steps` keeps the planned
+    speed; None where neither phase has them."""
+    entries = {"prefill": problem.instance(plan.prefill.tp, plan.prefill.pp).latency.entry,
+               "decode": problem.instance(plan.decode.tp, plan.decode.pp).latency.entry}
+    sums = {phase: [0, 0.0, 0.0] for phase in entries}   # steps, measured ms, modelled ms
+    for s in samples:
+        if s.prefill_lens:
+            phase, modelled = "prefill", entries["prefill"].prefill_ms(s.prefill_lens)
+        elif s.decode_batch:
+            phase, modelled = "decode", entries["decode"].decode_ms_of(
+                s.decode_batch, s.decode_context_sum, s.decode_context_max)
+        else:
+            continue
+        acc = sums[phase]
+        acc[0], acc[1], acc[2] = acc[0] + 1, acc[1] + s.seconds * 1e3, acc[2] + modelled
+    if all(n < min_steps for n, _, _ in sums.values()):
+        return None
+    planned = problem.speed or {}
+    return {phase: planned.get(phase, 1.0) * (ms / modelled if n >= min_steps and modelled > 0 else 1.0)
+            for phase, (n, ms, modelled) in sums.items()}
 
 
 @dataclass

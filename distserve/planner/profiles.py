@@ -97,8 +97,14 @@ class ProfileEntry:
     def decode_ms(self, context_lens) -> float:
         """One decode step of a batch whose requests hold `context_lens` tokens before it."""
         ctx = np.asarray(context_lens, dtype=float)
-        a, b, c = self.decode_small if ctx.size < self.threshold else self.decode_large
-        return a + b * context_term(ctx, self.decode_context) + c * ctx.size
+        return self.decode_ms_of(ctx.size, float(ctx.sum()), float(ctx.max()) if ctx.size else 0.0)
+
+    def decode_ms_of(self, batch: int, context_sum: float, context_max: float) -> float:
+        """decode_ms of a batch known only by its size, context sum and longest context (what
+        a live instance reports: distserve.cluster.messages.StepSample)."""
+        a, b, c = self.decode_small if batch < self.threshold else self.decode_large
+        term = context_sum + batch if self.decode_context == "sum" else batch * (context_max + 1)
+        return a + b * term + c * batch
 
 
 @dataclass(frozen=True)

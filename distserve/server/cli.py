@@ -129,6 +129,10 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
                    "requests each --adapt check judges the workload on")
     g.add_argument("--adapt-min-requests", type=int, default=20, help="finished requests the "
                    "--adapt-window must hold before a check judges anything")
+    g.add_argument("--adapt-speed", choices=("measured", "profile"), default="measured",
+                   help="score the splits with the plan's latency model at the speed the "
+                   "instances' model steps ran in the --adapt-window (measured: on /metrics as "
+                   "distserve:plan_model_step_speed), or at the profile's own")
 
 
 def deployment_from_args(args: argparse.Namespace, config):
@@ -383,7 +387,8 @@ def _start_adaptation(args, controller, monitor):
     from distserve.server.plan_monitor import plan_problem
     adaptation = Adaptation(controller, monitor, plan_problem(monitor.plan), monitor.plan,
                             args.adapt_interval, Hysteresis(margin=args.adapt_margin),
-                            min_observed=args.adapt_min_requests, window_s=args.adapt_window)
+                            min_observed=args.adapt_min_requests, window_s=args.adapt_window,
+                            measure_speed=args.adapt_speed == "measured")
     print(f"adapting: every {args.adapt_interval:g} s the split of the instances between prefill "
           f"and decode is re-planned on the workload of the last {args.adapt_window:g} s",
           flush=True)

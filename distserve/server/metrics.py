@@ -102,6 +102,10 @@ class ServerMetrics:
                                   "test of the last check (input and output lengths: "
                                   "Kolmogorov-Smirnov; attainment: binomial, below the plan).",
                                   labels + ["test"], registry=reg)
+            self._speed = Gauge("distserve:plan_model_step_speed", "The instances' model "
+                                "steps' time over the plan's latency profile, per phase, at "
+                                "the last --adapt check (1: as profiled, 1.25: 25% slower).",
+                                labels + ["phase"], registry=reg)
         per_instance = ["model_name", "instance", "role"]
         self._instance_gauges = {
             key: Gauge(f"distserve:instance_{key}", doc, per_instance, registry=reg)
@@ -175,6 +179,8 @@ class ServerMetrics:
                 self._pvalues.labels(self._model_name, test).set(getattr(check, f"{test}_pvalue"))
         for key, value in values.items():
             self._plan[key].set(value)
+        for phase, k in (mon.model_speed or {}).items():
+            self._speed.labels(self._model_name, phase).set(k)
 
 
 PLAN_GAUGES = {   # under `serve --plan`: the plan's predictions beside what is observed

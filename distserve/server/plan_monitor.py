@@ -75,6 +75,8 @@ class PlanMonitor:
         self.last: DriftCheck | None = None
         self.drifts = 0            # times the detector turned to "drifted"
         self.checks = 0
+        # {phase: model steps' time / the plan's profile} at --adapt's last check, if measured
+        self.model_speed: dict | None = None
 
     def record(self, arrival: float, finish: float, input_len: int, output_len: int,
                met_both: bool) -> None:

@@ -12,12 +12,14 @@ from distserve.cluster.deployment import Deployment, PhaseSettings
 from distserve.cluster.local import LocalLauncher
 from distserve.config import EngineConfig
 from distserve.controller import Controller
+from distserve.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.slow
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "x", "Once upon a time there was",
            "In the beginning the", "A quick brown fox"]
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+DECODE_STEPS = 3 * 3 * len(PROMPTS) * 23   # request-steps: 3 waves x 3 x each prompt, 23 tokens
 
 
 async def _collect(c, prompt, rid):
@@ -71,12 +73,17 @@ def test_role_switch_under_load_loses_no_request(tiny_llama):
                 refusal = ""
             except ValueError as e:
                 refusal = str(e)
+            for _ in range(100):   # an instance's last step is sent once it is timed
+                steps = c.recent_steps(0.0)
+                if sum(s.decode_batch for s in steps) >= DECODE_STEPS:
+                    break
+                await asyncio.sleep(0.05)
             return (first, second, third, roles_after, pulled, freed_between and freed, refusal,
-                    c.counts(), dict(c.roles()))
+                    c.counts(), dict(c.roles()), steps)
         finally:
             await c.shutdown()
 
-    first, second, third, roles_after, pulled, freed, refusal, counts, roles = asyncio.run(run())
+    first, second, third, roles_after, pulled, freed, refusal, counts, roles, steps = asyncio.run(run())
     for wave_out in (first, second, third):
         assert wave_out == [expected[i] for _ in range(3) for i in range(len(PROMPTS))]
     assert roles_after == {"prefill": 1, "decode": 2}
@@ -85,3 +92,14 @@ def test_role_switch_under_load_loses_no_request(tiny_llama):
     assert counts["role_switches"] == 2
     assert freed, "a KV block was left held"
     assert "last decode instance" in refusal
+    # switchable instances time each one-phase step for --adapt's measured speed: every
+    # prompt token was prefilled in a timed step, and every token after the first decoded
+    prompt_tokens = sum(len(load_tokenizer(str(tiny_llama)).encode(p)) for p in PROMPTS)
+    prefills = [s for s in steps if s.prefill_lens]
+    decodes = [s for s in steps if s.decode_batch]
+    assert len(prefills) + len(decodes) == len(steps)
+    assert sum(sum(s.prefill_lens) for s in prefills) == 3 * 3 * prompt_tokens
+    assert sum(s.decode_batch for s in decodes) == DECODE_STEPS
+    assert all(s.seconds > 0 for s in steps)
+    assert all(s.decode_batch <= s.decode_context_sum <= s.decode_batch * s.decode_context_max
+               for s in decodes)

@@ -4,10 +4,12 @@ at most one move."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
-from distserve.planner.adapt import Hysteresis, split_attainments
+from distserve.cluster.messages import StepSample
+from distserve.planner.adapt import Hysteresis, measured_speed, split_attainments
 from distserve.planner.goodput import SLO
 from distserve.planner.hardware import Cluster, get_hardware
 from distserve.planner.models import get_model
@@ -71,3 +73,40 @@ def test_observed_pairs_are_checked():
         Lengths.of_pairs([])
     with pytest.raises(ValueError, match="pair"):
         Lengths.of_pairs([[0, 5]])
+
+
+def test_measured_speed_is_the_steps_time_over_the_profiles(problem):
+    """Steps reported as a live instance reports them (distserve.cluster.step_samples): decode
+    steps 1.5x and prefill steps 0.8x the profile's time give those factors; the factors are
+    the machine's, whatever speed the problem already planned at."""
+    entry = problem.instance(1, 1).latency.entry
+
+    def decode(batch, k):
+        ctx_sum, ctx_max = batch * 150, 300
+        return StepSample(k * entry.decode_ms_of(batch, ctx_sum, ctx_max) / 1e3, [], batch,
+                          ctx_sum, ctx_max)
+
+    decodes = [decode(b, 1.5) for b in (1, 4, 16, 40) * 6]
+    prefills = [StepSample(0.8 * entry.prefill_ms(lens) / 1e3, lens)
+                for lens in ([50], [300], [700, 20]) * 8]
+    speed = measured_speed(decodes + prefills, problem, PLAN)
+    assert speed == pytest.approx({"prefill": 0.8, "decode": 1.5})
+    slow = replace(problem, speed={"prefill": 2.0, "decode": 3.0})
+    assert measured_speed(decodes + prefills, slow, PLAN) == pytest.approx(speed)
+    # a phase with too few steps keeps the speed planned; with none of either: None
+    assert measured_speed(decodes + prefills[:5], slow, PLAN) == pytest.approx(
+        {"prefill": 2.0, "decode": 1.5})
+    assert measured_speed(decodes[:5] + prefills[:5], problem, PLAN) is None
+
+
+def test_a_slower_decode_than_profiled_keeps_a_decode_instance(problem):
+    """Prompts of 400 tokens and 60-token outputs at 4.5 req/s: at the profile's speed a third
+    prefill instance wins; where the steps show decode 2x slower than profiled, the one decode
+    instance that split leaves cannot hold the TPOT SLO, and two of each win."""
+    work = Lengths("fixed:400:60")
+    at_profile = split_attainments(problem, PLAN, 4, work, 4.5)
+    slow_decode = split_attainments(replace(problem, speed={"prefill": 1.0, "decode": 2.0}),
+                                    PLAN, 4, work, 4.5)
+    assert max(at_profile, key=at_profile.get) == 3
+    assert max(slow_decode, key=slow_decode.get) == 2
+    assert slow_decode[3] < 0.5 < 0.9 < at_profile[3]
