@@ -8,7 +8,8 @@ engine/sampler.py).
 The attention kernel (csrc/paged_attention.cpp) reads each request's K/V from the cache
 blocks in place; the torch path copies them into a padded tensor first. They are compiled on
 first use with the machine's C++ compiler (cached by torch under ~/.cache/torch_extensions,
-one build per source digest and ISA) and the engine falls back to the torch path, with one
+one build per source digest, ISA, checkout and torch; a build killed halfway does not make
+the next start wait) and the engine falls back to the torch path, with one
 warning, where that is not possible. The build (1-4 minutes) says on the console what it
 builds, why and when it is done; `distserve doctor --build-kernels` runs it ahead of the
 first start, which `pip install` cannot (its build isolation has no torch).
@@ -18,6 +19,7 @@ only, so every path can be run and tested on a CPU that has more.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -67,12 +69,49 @@ def library_path() -> pathlib.Path:
 
 def _name(isa: str) -> str:
     # torch rebuilds when a source changes, not a header or the CPU (-march=native): the
-    # digest of all of them, of the CPU's feature flags and of the ISA does. It names the
-    # build, so two checkouts or ISAs on one machine each keep theirs instead of rebuilding
-    # over each other.
+    # digest of all of them, of the CPU's feature flags and of the ISA does. Torch's build
+    # file also holds the sources' and torch's absolute paths, so the digest takes those too:
+    # two checkouts or environments on one machine each keep their build instead of
+    # rebuilding over each other in one folder.
     sources = b"".join(p.read_bytes() for p in sorted(_CSRC.iterdir()))
-    digest = hashlib.sha256(sources + _cpu_flags() + isa.encode()).hexdigest()[:12]
+    where = f"{_CSRC.resolve()}\0{pathlib.Path(torch.__file__).resolve().parent}".encode()
+    digest = hashlib.sha256(sources + _cpu_flags() + isa.encode() + where).hexdigest()[:12]
     return f"distserve_cpu_kernels_{isa}_{digest}"
+
+
+BUILD_WAIT_S = 900.0   # the longest a load waits for another process's build of the same kernels
+
+
+@contextlib.contextmanager
+def _build_lock(folder: pathlib.Path, wait_s: float = BUILD_WAIT_S):
+    """Holds the build folder for this process. torch guards a build with a `lock` file that
+    a killed build leaves behind, and then every later load waits on it forever (its FileBaton
+    has no timeout). An flock on a file beside it goes with its process however that ends:
+    whoever holds it knows that a `lock` file there is a dead build's, and removes it."""
+    import fcntl
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "distserve.flock", "w") as f:
+        deadline, told = time.monotonic() + wait_s, False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process has built the CPU kernels in {folder} "
+                                       f"for over {wait_s:g} s") from None
+                if not told:
+                    log.warning("waiting for another process's build of the CPU kernels (%s)", folder)
+                    told = True
+                time.sleep(0.5)
+        stale = folder / "lock"
+        if stale.exists():
+            log.warning("removing %s, left behind by a CPU kernel build that was killed", stale)
+            stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _load() -> bool:
@@ -90,10 +129,11 @@ def _load() -> bool:
                         "layers) for this CPU, ISA %s: once per machine and distserve version, "
                         "1-4 minutes; `distserve doctor --build-kernels` does it ahead", isa)
         start = time.perf_counter()
-        cpp_extension.load(
-            name=path.stem, sources=[str(p) for p in _SOURCES], is_python_module=False,
-            extra_cflags=["-O3", *ISA_FLAGS[isa], "-fopenmp", "-fopenmp-simd"],
-            extra_ldflags=["-fopenmp"], verbose=False)
+        with _build_lock(path.parent):
+            cpp_extension.load(
+                name=path.stem, sources=[str(p) for p in _SOURCES], is_python_module=False,
+                extra_cflags=["-O3", *ISA_FLAGS[isa], "-fopenmp", "-fopenmp-simd"],
+                extra_ldflags=["-fopenmp"], verbose=False)
         if fresh:
             log.warning("CPU kernels built in %.0f s: %s", time.perf_counter() - start, path)
         return all(hasattr(torch.ops.distserve_cpu, op) for op in
