@@ -131,6 +131,14 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
 )}
 
 
+BUILT_IN = "HuggingFaceTB/SmolLM2-135M"   # what `serve` runs with no model named (its GGUF)
+
+
+def built_in_spec() -> ModelSpec:
+    """The planner's spec of the model `distserve serve` runs when none is named."""
+    return MODELS[BUILT_IN]
+
+
 def model_key(name: str) -> str:
     """A model's name without organisation, case or "-hf": how names are compared."""
     return name.lower().rstrip("/").split("/")[-1].removesuffix("-hf")

@@ -25,9 +25,9 @@ def served_model_spec(served: str | None):
     """(the planner's ModelSpec of the served model or None where its shape cannot be read
     without loading it, its name): the built-in SmolLM2 from the table, a folder from its
     config.json; a .gguf file other than the built-in one is None."""
-    from distserve.planner.models import MODELS, from_config_json
+    from distserve.planner.models import built_in_spec, from_config_json
     if served is None or served == "default":
-        return MODELS["HuggingFaceTB/SmolLM2-135M"], "the built-in SmolLM2-135M"
+        return built_in_spec(), "the built-in SmolLM2-135M"
     if os.path.isfile(os.path.join(served, "config.json")):
         try:
             return from_config_json(served), served

@@ -29,7 +29,7 @@ from distserve.planner.calibration import speed_of_traces
 from distserve.planner.error_bars import fit_error, fit_widths, inside, prediction_band, speed_spread
 from distserve.planner.goodput import HORIZONS, SLO, _lifetime
 from distserve.planner.hardware import Cluster, get_hardware
-from distserve.planner.models import MODELS, get_model
+from distserve.planner.models import built_in_spec, get_model
 from distserve.planner.planning import make_plan, planned_deployment
 from distserve.planner.reality_check import replay, runs_of, trace_of
 from distserve.planner.search import Problem
@@ -62,7 +62,7 @@ class TuneConfig:
 
 def served_spec(model: str | None):
     """The planner's spec of the served model (the built-in one is SmolLM2-135M)."""
-    return get_model(model) if model else MODELS["HuggingFaceTB/SmolLM2-135M"]
+    return get_model(model) if model else built_in_spec()
 
 
 def planned_model_name(model: str | None) -> str:
