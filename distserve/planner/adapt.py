@@ -21,7 +21,8 @@ from distserve.planner.reality_check import fresh_attainment
 from distserve.planner.search import Problem
 from distserve.planner.workload import Lengths
 
-MIN_STEPS = 20      # one-phase steps in the window before that phase's speed is measured
+MIN_STEPS = 5       # one-phase steps in the window before that phase's speed is measured
+                    # (a prefill step is one prompt: a window at a low rate holds few)
 MARGIN = 0.05       # attainment a split must win by
 PATIENCE = 2        # checks in a row that must agree
 COOLDOWN_S = 60.0   # between two moves

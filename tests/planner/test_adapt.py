@@ -94,9 +94,9 @@ def test_measured_speed_is_the_steps_time_over_the_profiles(problem):
     slow = replace(problem, speed={"prefill": 2.0, "decode": 3.0})
     assert measured_speed(decodes + prefills, slow, PLAN) == pytest.approx(speed)
     # a phase with too few steps keeps the speed planned; with none of either: None
-    assert measured_speed(decodes + prefills[:5], slow, PLAN) == pytest.approx(
+    assert measured_speed(decodes + prefills[:4], slow, PLAN) == pytest.approx(
         {"prefill": 2.0, "decode": 1.5})
-    assert measured_speed(decodes[:5] + prefills[:5], problem, PLAN) is None
+    assert measured_speed(decodes[:4] + prefills[:4], problem, PLAN) is None
 
 
 def test_a_slower_decode_than_profiled_keeps_a_decode_instance(problem):

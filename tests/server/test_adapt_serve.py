@@ -98,7 +98,7 @@ def test_serve_adapt_measures_the_steps_speed_against_the_plan(tiny_llama, tmp_p
                         "--num-kv-blocks", "64", "--no-pin-cpus"], port, timeout_s=180)
     try:
         assert step_speed(url) == {}   # nothing measured before a check saw steps
-        # one at a time: a prefill step each (the checks want 20 steps of a phase)
+        # one at a time: a prefill step each (the checks want 5 steps of a phase)
         assert send(url, 30, at_once=1) == [200] * 30
         deadline = time.monotonic() + 30
         while len(step_speed(url)) < 2 and time.monotonic() < deadline:
