@@ -13,6 +13,8 @@ import json
 import pathlib
 import statistics
 
+from distserve.cluster.step_samples import BACK_TO_BACK_S   # the live instances' same rule
+
 
 def read_traces(folder: pathlib.Path, start: float, end: float) -> dict[str, list[dict]]:
     """instance id -> its records with a time in [start, end]."""
@@ -27,9 +29,6 @@ def read_traces(folder: pathlib.Path, start: float, end: float) -> dict[str, lis
     return out
 
 
-_BACK_TO_BACK_S = 0.02
-
-
 def iterations(recs: list[dict]):
     """(step record, seconds) per model step of one instance, where the seconds run to the next
     step's start when that follows at once: an engine iteration, as the simulator times it
@@ -37,7 +36,7 @@ def iterations(recs: list[dict]):
     steps = [r for r in recs if r["ev"] == "step"]
     for r, nxt in zip(steps, steps[1:] + [None]):
         gap = nxt["t0"] - r["t1"] if nxt is not None else None
-        yield r, (nxt["t0"] - r["t0"]) if gap is not None and gap < _BACK_TO_BACK_S else (r["t1"] - r["t0"])
+        yield r, (nxt["t0"] - r["t0"]) if gap is not None and gap < BACK_TO_BACK_S else (r["t1"] - r["t0"])
 
 
 def profiled(step: dict, entry) -> tuple[str, float] | None:
