@@ -6,7 +6,11 @@ disaggregated plan with and without `serve --adapt`.
 1. **At scale, in the simulator.** OPT-13B on eight A100s (the paper's latency profile), eight
    one-GPU instances: every split of prefill and decode instances on each phase at each rate,
    the split a plan for the first phase picks, and whether one split holds both phases (then
-   a static plan of it needs no move).
+   a static plan of it needs no move). Then the shifting trace simulated whole at several
+   rates: that split static, and the same split moved by the server's own check
+   (planner.adapt.window_check: the window, the scoring and the hysteresis of `--adapt`) in
+   the simulator's adaptive deployment (planner.simulator.adaptive: drained instances change
+   role mid-run).
 2. **For real on this machine.** SmolLM2 as three one-thread instances (two cores leave a
    2-instance deployment nothing to move: the last instance of a role never switches). The
    rate and the starting split come from this machine's latency profile: the split that serves
@@ -14,7 +18,8 @@ disaggregated plan with and without `serve --adapt`.
    (ShareGPT prompts, then LongBench-like ones, Poisson arrivals at one rate) is sent to
    `serve --plan` and to `serve --plan --adapt` with `distserve bench`; per request it records
    when it was sent and whether it met both SLOs, and /metrics' role switches as they happen.
-Results: benchmarks/results/adaptive.json and adaptive.png (attainment over time).
+Results: benchmarks/results/adaptive.json, adaptive.png (attainment over time, for real) and
+adaptive_at_scale.png (the same, simulated at scale).
 """
 from __future__ import annotations
 
@@ -32,14 +37,17 @@ import numpy as np
 
 from serving import free_port, start_server, stop_server  # benchmarks/serving.py
 
-from distserve.planner.adapt import split_attainments
+from distserve.planner.adapt import Hysteresis, split_attainments, window_check
 from distserve.planner.calibration import parse_speed
 from distserve.planner.goodput import SLO
 from distserve.planner.hardware import Cluster, get_hardware
 from distserve.planner.models import MODELS, get_model
 from distserve.planner.plan import PhasePlan, Plan
+from distserve.planner.planning import planned_deployment
 from distserve.planner.search import Problem
-from distserve.planner.workload import Lengths
+from distserve.planner.simulator import simulate
+from distserve.planner.simulator.adaptive import simulate_adaptive
+from distserve.planner.workload import Lengths, Trace, make_trace
 from distserve.slo import meets
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -102,16 +110,66 @@ def choose_rate(problem: Problem, plan: Plan, rates, requests: int) -> dict:
     return {"table": table, "first_phase_goodput": goodput, "pick": pick}
 
 
-def at_scale(requests: int) -> dict:
+def at_scale(args) -> dict:
     """Part 1: OPT-13B, 8 x A100, the paper's profile."""
     print("at scale (simulated): OPT-13B on 8 A100s", file=sys.stderr)
     slo = SLO(1.0, 0.1)
     problem = Problem(MODELS["facebook/opt-13b"], Cluster(get_hardware("a100-80g"), 1, 8),
-                      Lengths("sharegpt-trace"), slo, "distserve", requests=requests, jobs=1)
+                      Lengths("sharegpt-trace"), slo, "distserve", requests=args.requests, jobs=1)
     plan = split_plan("facebook/opt-13b", "a100-80g", 8, 1, slo, "sharegpt-trace", "distserve")
-    chosen = choose_rate(problem, plan, list(range(2, 26, 2)), requests)
+    chosen = choose_rate(problem, plan, list(range(2, 26, 2)), args.requests)
+    start = chosen["pick"]["start"]
+    start_plan = split_plan("facebook/opt-13b", "a100-80g", 8, start, slo, "sharegpt-trace",
+                            "distserve")
+    over_time = [shift_over_time(problem, start_plan, rate, args)
+                 for rate in [float(r) for r in args.scale_rates.split(",")]]
     return {"model": "facebook/opt-13b", "gpus": 8, "slo": {"ttft": slo.ttft, "tpot": slo.tpot},
-            **chosen}
+            **chosen, "over_time": {"start_split": {"prefill": start, "decode": 8 - start},
+                                    "phase_s": args.scale_phase_s,
+                                    "adapt_interval": args.scale_interval,
+                                    "adapt_window": args.scale_window,
+                                    "adapt_min_requests": args.adapt_min_requests,
+                                    "runs": over_time}}
+
+
+def shifting_trace(rate: float, phase_s: float, seed: int) -> tuple[Trace, list[str]]:
+    """Poisson arrivals at `rate`: the first phase's lengths for `phase_s`, then the second's."""
+    n = max(1, round(rate * phase_s))
+    parts = [make_trace(Lengths(f"{ph}-trace"), n, rate, seed + i) for i, ph in enumerate(PHASES)]
+    trace = Trace(np.concatenate([parts[0].arrival, parts[1].arrival + phase_s]),
+                  np.concatenate([t.input_len for t in parts]),
+                  np.concatenate([t.output_len for t in parts]))
+    return trace, [ph for ph in PHASES for _ in range(n)]
+
+
+def shift_over_time(problem: Problem, plan: Plan, rate: float, args) -> dict:
+    """The shifting trace simulated whole: the plan's split static, and moved by the
+    server's --adapt check (its window, scoring and hysteresis) as the run goes."""
+    trace, phases = shifting_trace(rate, args.scale_phase_s, args.seed)
+    dep = planned_deployment(problem, plan)
+    checks: list = []
+    check = window_check(problem, plan, Hysteresis(), args.scale_window, args.adapt_min_requests,
+                         checks)
+    results = {"static": simulate(trace, dep),
+               "adaptive": simulate_adaptive(trace, dep, check, args.scale_interval)}
+    switches = results["adaptive"].switches
+    results["adaptive"] = results["adaptive"].result
+    out = {"rate": rate}
+    for name, res in results.items():
+        rows = [{"phase": ph, "sent_s": float(t), "ttft": float(ttft), "tpot": float(tpot),
+                 "met": all(meets(ttft, tpot, problem.slo.ttft, problem.slo.tpot))}
+                for ph, t, ttft, tpot in zip(phases, trace.arrival, res.ttft, res.tpot)]
+        out[name] = summarise(rows, problem.slo, args.bin_s)
+    out["adaptive"]["switches"] = [{"decided_s": s.decided, "done_s": s.done, "instance": s.instance,
+                                    "role": s.role} for s in switches]
+    out["adaptive"]["checks"] = [{"at_s": t, "prefill": p, "move": m,
+                                  "scores": {str(k): round(v, 4) for k, v in sc.items()}}
+                                 for t, p, sc, m in checks]
+    print(f"  {rate:g} req/s over time: " + "; ".join(
+        f"{name} " + ", ".join(f"{ph} {100 * out[name]['phases'][ph]['attainment']:.1f}%"
+                               for ph in PHASES) for name in ("static", "adaptive"))
+        + f"; switches at {[round(s.done, 1) for s in switches]} s", file=sys.stderr, flush=True)
+    return out
 
 
 def write_trace(path: pathlib.Path, counts: dict, seed: int) -> list[str]:
@@ -287,6 +345,37 @@ def plot(doc: dict, path: pathlib.Path) -> None:
     fig.savefig(path)
 
 
+def plot_at_scale(doc: dict, path: pathlib.Path) -> None:
+    """Attainment over time of the simulated shifting trace, static against --adapt, a panel
+    per rate."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    scale = doc["at_scale"]["over_time"]
+    runs, bin_s = scale["runs"], doc["args"]["bin_s"]
+    fig, axes = plt.subplots(len(runs), 1, figsize=(8, 2.2 * len(runs)), sharex=True, squeeze=False)
+    for ax, run in zip(axes[:, 0], runs):
+        for name, style in (("static", "o-"), ("adaptive", "s-")):
+            bins = run[name]["over_time"]
+            ax.plot([b["from_s"] + bin_s / 2 for b in bins], [100 * b["attainment"] for b in bins],
+                    style, ms=3, label=f"{name} ({100 * run[name]['phases'][PHASES[1]]['attainment']:.0f}% "
+                    f"after the shift)")
+        for s in run["adaptive"]["switches"]:
+            ax.axvline(s["done_s"], color="C1", ls=":", lw=1)
+        ax.axvline(scale["phase_s"], color="grey", ls="--", lw=1)
+        ax.axhline(100 * TARGET, color="k", lw=0.5)
+        ax.set_ylim(0, 105)
+        ax.set_ylabel(f"{run['rate']:g} req/s\n% met")
+        ax.legend(fontsize=7, loc="lower left")
+    start = scale["start_split"]
+    axes[0, 0].set_title(f"OPT-13B, 8 A100s (simulated): {start['prefill']}P{start['decode']}D "
+                         f"static vs --adapt; LongBench-like from {scale['phase_s']:g} s "
+                         "(dotted: switches)", fontsize=9)
+    axes[-1, 0].set_xlabel("request sent at (s)")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--latency-profile", default=str(RESULTS / "profile_smollm2_avx2.json"),
@@ -307,6 +396,15 @@ def main() -> int:
     ap.add_argument("--adapt-min-requests", type=int, default=8)
     ap.add_argument("--bin-s", type=float, default=30.0)
     ap.add_argument("--requests", type=int, default=300, help="requests per simulation")
+    ap.add_argument("--scale-rates", default="12,13,14,16,18,20",
+                    help="rates (req/s) of the simulated shifting trace at scale")
+    ap.add_argument("--scale-phase-s", type=float, default=600.0,
+                    help="seconds of each phase of the simulated trace")
+    ap.add_argument("--scale-interval", type=float, default=15.0,
+                    help="seconds between the simulated --adapt checks")
+    ap.add_argument("--scale-window", type=float, default=60.0,
+                    help="the simulated --adapt-window (s): 60 s at 12-20 req/s hold 700-1200 "
+                    "finished requests")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-real", action="store_true", help="only choose the real run's rate")
     ap.add_argument("--only-at-scale", action="store_true", help="redo the simulation at scale "
@@ -316,11 +414,14 @@ def main() -> int:
     out = pathlib.Path(args.out)
     if args.only_at_scale:
         doc = json.loads(out.read_text())
-        doc["at_scale"] = at_scale(args.requests)
+        doc["at_scale"] = at_scale(args)
+        doc.setdefault("args", {}).update({k: v for k, v in vars(args).items() if k.startswith("scale_")})
         out.write_text(json.dumps(doc, indent=1))
+        plot_at_scale(doc, out.with_name(out.stem + "_at_scale.png"))
         return 0
-    doc = {"args": vars(args), "at_scale": at_scale(args.requests), "real": real(args)}
+    doc = {"args": vars(args), "at_scale": at_scale(args), "real": real(args)}
     out.write_text(json.dumps(doc, indent=1))
+    plot_at_scale(doc, out.with_name(out.stem + "_at_scale.png"))
     if "runs" in doc["real"]:
         plot(doc, out.with_suffix(".png"))
     print(f"wrote {out}", file=sys.stderr)

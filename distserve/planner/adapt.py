@@ -26,12 +26,18 @@ MIN_STEPS = 5       # one-phase steps in the window before that phase's speed is
 MARGIN = 0.05       # attainment a split must win by
 PATIENCE = 2        # checks in a row that must agree
 COOLDOWN_S = 60.0   # between two moves
+MAX_REQUESTS = 4000  # per simulation of a split (a check's CPU stays bounded at high rates)
 
 
 def split_attainments(problem: Problem, plan, total: int, lengths: Lengths, rate: float,
-                      requests: int = 300, seeds: tuple = (0, 1)) -> dict[int, float]:
+                      requests: int = 300, seeds: tuple = (0, 1),
+                      horizon_s: float = 0.0) -> dict[int, float]:
     """{prefill instances p: simulated attainment of p prefill + total - p decode instances}
-    for every split that keeps one of each, on `lengths` at `rate` (req/s)."""
+    for every split that keeps one of each, on `lengths` at `rate` (req/s): over `requests`,
+    or as many as arrive in `horizon_s` (at most MAX_REQUESTS). An overloaded split's queue
+    grows with time: 300 requests at 14 req/s are 21 s of it, where such a split can still
+    look fine; the horizon makes it as long as the window the workload was judged on."""
+    requests = max(requests, min(MAX_REQUESTS, math.ceil(rate * horizon_s)))
     if plan.mode != "disaggregated" or total < 2:
         raise ValueError("only a disaggregated deployment of two instances or more can move "
                          "instances between prefill and decode")
@@ -43,6 +49,44 @@ def split_attainments(problem: Problem, plan, total: int, lengths: Lengths, rate
         runs = fresh_attainment(dep, lengths, max(rate, 1e-3), requests, slo, seeds)
         out[p] = sum(runs) / len(runs)
     return out
+
+
+def choose_move(problem: Problem, plan, hysteresis: Hysteresis, prefill: int, total: int,
+                pairs, rate: float, now: float, horizon_s: float = 0.0
+                ) -> tuple[int, dict[int, float]]:
+    """One check on the observed workload (`pairs` of input and output lengths at `rate`):
+    the move the hysteresis makes of the splits' scores (+1 one more prefill instance, -1 one
+    fewer, 0 none), and the scores (split_attainments over `horizon_s`)."""
+    scores = split_attainments(problem, plan, total, Lengths.of_pairs(pairs), rate,
+                               horizon_s=horizon_s)
+    return hysteresis.decide(prefill, scores, now), scores
+
+
+def observed_rate(arrivals) -> float:
+    """Requests per second between the first and the last of these arrivals (0 if < 2)."""
+    arrivals = list(arrivals)
+    span = max(arrivals) - min(arrivals) if len(arrivals) >= 2 else 0.0
+    return (len(arrivals) - 1) / span if span > 0 else 0.0
+
+
+def window_check(problem: Problem, plan, hysteresis: Hysteresis, window_s: float,
+                 min_observed: int, log: list | None = None):
+    """The server's check (server.adaptation) for planner.simulator.adaptive: the lengths of
+    the requests that finished in the last `window_s` at the rate of those that arrived in it,
+    judged once `min_observed` have finished, at the plan's speed. Appends (time, prefill
+    instances, scores, move) to `log`."""
+    def check(now: float, prefill: int, total: int, finished, arrivals) -> int:
+        rows = finished[finished[:, 0] >= now - window_s]
+        rate = observed_rate(arrivals[arrivals >= now - window_s])
+        if len(rows) < min_observed or rate <= 0:
+            return 0
+        pairs = [(int(i), int(o)) for i, o in rows[:, 2:4]]
+        move, scores = choose_move(problem, plan, hysteresis, prefill, total, pairs, rate, now,
+                                   horizon_s=window_s)
+        if log is not None:
+            log.append((now, prefill, scores, move))
+        return move
+    return check
 
 
 def measured_speed(samples, problem: Problem, plan, min_steps: int = MIN_STEPS) -> dict | None:

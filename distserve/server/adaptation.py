@@ -3,7 +3,7 @@
 Every `interval_s` the server takes what it observed in the last `window_s` (the plan
 monitor's lengths and arrival rate of the requests that finished then), scores every split of
 its instances between prefill and decode on the plan's latency model
-(planner.adapt.split_attainments, in a thread: simulations never run on the server's loop)
+(planner.adapt.choose_move, in a thread: simulations never run on the server's loop)
 at the speed the instances' model steps ran in the same window (planner.adapt.measured_speed),
 and, when the hysteresis says so, switches one instance in place
 (Controller.switch_role: drained, role changed, model kept loaded). /metrics counts the
@@ -16,8 +16,7 @@ import logging
 import time
 from dataclasses import replace
 
-from distserve.planner.adapt import Hysteresis, measured_speed, split_attainments
-from distserve.planner.workload import Lengths
+from distserve.planner.adapt import Hysteresis, choose_move, measured_speed
 
 log = logging.getLogger(__name__)
 MIN_OBSERVED = 20     # finished requests in the window before the workload is judged at all
@@ -61,10 +60,10 @@ class Adaptation:
                                              self.problem, self.plan)
             self.monitor.model_speed = self.last_speed
         problem = self.problem if self.last_speed is None else replace(self.problem, speed=self.last_speed)
-        self.last_scores = await asyncio.to_thread(
-            split_attainments, problem, self.plan, total, Lengths.of_pairs(pairs), rate)
+        move, self.last_scores = await asyncio.to_thread(
+            choose_move, problem, self.plan, self.hysteresis, prefill, total, pairs, rate, clock,
+            self.window_s)
         self.checks += 1
-        move = self.hysteresis.decide(prefill, self.last_scores, clock)
         if move:
             old, new = ("decode", "prefill") if move > 0 else ("prefill", "decode")
             iid = self.controller.switch_candidate(old)

@@ -121,6 +121,9 @@ class ServerMetrics:
                              ("kv_transfers", "KV pulls done by this instance (decode)."))}
 
     def track(self) -> RequestTracker:
+        """A request arrived: its tracker (and the plan monitor counts its arrival)."""
+        if self.monitor is not None:
+            self.monitor.arrived()
         return RequestTracker(self)
 
     def finished(self, reason: str) -> None:

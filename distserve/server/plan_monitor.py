@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from distserve.planner.adapt import observed_rate
 from distserve.planner.drift import DriftCheck, DriftDetector
 from distserve.planner.workload import Lengths
 
@@ -67,6 +68,7 @@ class PlanMonitor:
         self.window_s = window_s
         self.detector = DriftDetector(Lengths(plan.workload), alpha, min_requests, consecutive)
         self._recent: deque = deque(maxlen=5000)   # (finish, arrival, input, output, met)
+        self._arrivals: deque = deque(maxlen=20000)   # when each request arrived, done or not
         self._batch: list = []
         self._lock = threading.Lock()
         # a check may simulate the plan (tens of ms to seconds): never on the server's loop
@@ -77,6 +79,10 @@ class PlanMonitor:
         self.checks = 0
         # {phase: model steps' time / the plan's profile} at --adapt's last check, if measured
         self.model_speed: dict | None = None
+
+    def arrived(self, at: float | None = None) -> None:
+        """A request arrived (time.monotonic()): the arrival rate counts it before it finishes."""
+        self._arrivals.append(time.monotonic() if at is None else at)
 
     def record(self, arrival: float, finish: float, input_len: int, output_len: int,
                met_both: bool) -> None:
@@ -103,16 +109,22 @@ class PlanMonitor:
     def arrival_rate(self, now: float | None = None) -> float:
         """Requests per second that finished in the last window_s (= arriving, in a steady state)."""
         now = time.monotonic() if now is None else now
-        return _rate([r[1] for r in self._recent if r[0] >= now - self.window_s])
+        return observed_rate([r[1] for r in self._recent if r[0] >= now - self.window_s])
 
     def recent_workload(self, window_s: float, now: float | None = None
                         ) -> tuple[list[tuple[int, int]], float]:
-        """(input, output) lengths of the requests that finished in the last window_s, and their
-        arrival rate: the workload as it is now, not as it was minutes ago (adaptation must see
-        a shift within a window, however long the server has run before it)."""
+        """(input, output) lengths of the requests that finished in the last window_s, and the
+        arrival rate of those that arrived in it: the workload as it is now, not as it was
+        minutes ago (adaptation must see a shift within a window, however long the server has
+        run before it). The rate counts requests still queued: under overload the finished
+        ones arrive slower than requests do (their arrivals spread wider than the window:
+        they finish out of order), so a rate from them would hide the overload."""
         now = time.monotonic() if now is None else now
         rows = [r for r in self._recent if r[0] >= now - window_s]
-        return [(r[2], r[3]) for r in rows], _rate([r[1] for r in rows])
+        arrivals = [a for a in self._arrivals if now - window_s <= a <= now]
+        if len(arrivals) < 2:   # no arrivals noted (e.g. rows recorded by hand)
+            arrivals = [r[1] for r in rows]
+        return [(r[2], r[3]) for r in rows], observed_rate(arrivals)
 
     def evaluate(self) -> DriftCheck | None:
         """Checks the batch of fresh requests if it is full; returns the check (or None)."""
@@ -120,7 +132,7 @@ class PlanMonitor:
             if len(self._batch) < self.detector.min_requests:
                 return None
             batch, self._batch = self._batch, []
-        rate = _rate([r[1] for r in batch])
+        rate = observed_rate([r[1] for r in batch])
         predicted = None
         if self.predictor is not None and rate > 0:
             try:
@@ -147,12 +159,6 @@ class PlanMonitor:
                 "ttft_slo": self.plan.ttft_slo, "tpot_slo": self.plan.tpot_slo,
                 "window_s": self.window_s, "arrival_rate": self.arrival_rate(),
                 "lengths": [[r[2], r[3]] for r in self._recent]}
-
-
-def _rate(arrivals: list[float]) -> float:
-    """Requests per second between the first and the last of these arrivals (0 if < 2)."""
-    span = max(arrivals) - min(arrivals) if len(arrivals) >= 2 else 0.0
-    return (len(arrivals) - 1) / span if span > 0 else 0.0
 
 
 def _fmt(d: dict) -> str:

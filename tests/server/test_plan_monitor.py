@@ -122,3 +122,17 @@ def test_adaptation_sees_the_last_window_not_the_whole_history():
     assert len(pairs) == 130
     assert monitor.recent_workload(60.0, now=1000.0) == ([], 0.0)
     monitor.close()
+
+
+def test_the_judged_rate_counts_requests_still_queued():
+    """Under overload requests finish slower than they arrive, and out of order: the rate
+    --adapt judges is that of the arrivals in the window, not of the finished requests'."""
+    monitor = PlanMonitor(tiny_plan(pathlib.Path("unused"), "fixed:8:4"), None, min_requests=1000)
+    for i in range(120):   # 2 req/s for 60 s; a third of them finished, spread out of order
+        monitor.arrived(at=i / 2)
+    for i in range(0, 120, 3):
+        monitor.record(arrival=i / 2 + (7.5 if i % 2 else 0.0), finish=60.0, input_len=500,
+                       output_len=10, met_both=False)
+    pairs, rate = monitor.recent_workload(60.0, now=60.0)
+    assert len(pairs) == 40 and rate == pytest.approx(2.0, rel=0.02)
+    monitor.close()

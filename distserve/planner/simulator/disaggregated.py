@@ -77,7 +77,7 @@ class _Disaggregated:
 
     def run(self) -> SimResult:
         arr, inp, out, heap = self.arr, self.inp, self.out, self.heap
-        n, ai, npf = len(arr), 0, len(self.pq)
+        n, ai = len(arr), 0
         while True:
             if heap and (ai >= n or heap[0][0] <= arr[ai]):
                 t, _, kind, x, y = heapq.heappop(heap)
@@ -89,15 +89,17 @@ class _Disaggregated:
                     self.transferred(x, y, t)
                 elif kind == PF_DONE:
                     self.prefilled(x, y, t)
-                else:
+                elif kind == PF_FREE:
                     self.pbusy[x] = False
                     self.start_prefill(x, t)
+                else:
+                    self.other_event(t, kind, x, y)
             elif ai < n:
                 r, t = ai, arr[ai]
                 ai += 1
                 if inp[r] > self.pcap or inp[r] + out[r] > self.dcap:
                     continue   # fits no instance: never served
-                j = 0 if npf == 1 else least_loaded(self.pqueued)
+                j = self.pick_prefill()
                 self.src[r] = j
                 self.pq[j].append(r)
                 self.pqueued[j] += inp[r]
@@ -105,6 +107,17 @@ class _Disaggregated:
             else:
                 break
         return result(arr, self.first, self.last, out)
+
+    def pick_prefill(self) -> int:
+        """The prefill instance a new request goes to."""
+        return 0 if len(self.pq) == 1 else least_loaded(self.pqueued)
+
+    def pick_decode(self) -> int:
+        """The decode instance a prefilled request goes to."""
+        return 0 if len(self.dwait) == 1 else least_loaded(self.dload)
+
+    def other_event(self, now: float, kind: int, x, y) -> None:
+        raise ValueError(f"unknown event kind {kind}")
 
     def start_prefill(self, j: int, now: float) -> None:
         q = self.pq[j]
@@ -138,14 +151,13 @@ class _Disaggregated:
         out, first = self.out, self.first
         self.pqueued[j] -= sum(self.inp[r] for r in batch)
         touched = set()
-        nd = len(self.dwait)
         for r in batch:
             first[r] = now
             if out[r] == 1:
                 self.last[r] = now
                 self.pkv[j] -= self.inp[r]
                 continue
-            k = 0 if nd == 1 else least_loaded(self.dload)
+            k = self.pick_decode()
             self.dload[k] += 1
             self.dwait[k].append(r)
             touched.add(k)
