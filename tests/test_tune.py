@@ -71,3 +71,14 @@ def test_the_accuracy_bound_is_three_points_or_realitys_own_spread():
     assert accuracy(row, [])["holds"] is False and accuracy(row, [])["spread_pp"] is None
     wide = accuracy(row, [0.86, 0.79])          # the same trace gave 79-86%: a 7-point spread
     assert wide["spread_pp"] == pytest.approx(7.0) and wide["holds"] is True
+
+
+def test_a_bad_speed_is_named_before_anything_runs(tmp_path):
+    """--speed (the first round's speed, to go on from an earlier tune) is checked up front:
+    a CLI message naming the value, exit 2, no report folder and no profiling started."""
+    out = tmp_path / "report"
+    done = subprocess.run([sys.executable, "-m", "distserve.cli", "tune", "--ttft-slo", "1",
+                           "--tpot-slo", "0.1", "--speed", "0:1", "-o", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--speed" in done.stderr and "'0:1'" in done.stderr
+    assert not out.exists()

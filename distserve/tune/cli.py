@@ -21,6 +21,9 @@ def register(sub) -> None:
                    "run `distserve profile` first)")
     p.add_argument("--cores", type=int, default=None, help="cores to plan for (default: this "
                    "process's)")
+    p.add_argument("--speed", default=None, help="K or PREFILL:DECODE: the speed the first round "
+                   "plans at, as factors on the profile's times (e.g. what an earlier tune's last "
+                   "round measured, to go on from it; default: the profile's own)")
     p.add_argument("--rounds", type=int, default=2, help="plan-serve-measure rounds at most")
     p.add_argument("--num-rates", type=int, default=3, help="rates measured per round (1-5, "
                    "around the predicted goodput)")
@@ -35,9 +38,11 @@ def register(sub) -> None:
 
 
 def run_tune(args: argparse.Namespace) -> int:
+    from distserve.planner.calibration import parse_speed
     from distserve.slo import check_slo_seconds
     from distserve.tune.loop import RATE_FACTORS, TuneConfig, tune
     check_slo_seconds(args.ttft_slo, args.tpot_slo)
+    speed = parse_speed(args.speed) if args.speed else None
     if args.rounds < 1 or not 1 <= args.num_rates <= len(RATE_FACTORS):
         raise ValueError(f"--rounds must be >= 1 and --num-rates in 1..{len(RATE_FACTORS)}")
     if args.num_prompts < 1 or args.plan_requests < 10 or args.repeats < 1 or args.band_seeds < 0:
@@ -47,7 +52,7 @@ def run_tune(args: argparse.Namespace) -> int:
                      pathlib.Path(args.output), args.latency_profile, rounds=args.rounds,
                      num_rates=args.num_rates, num_prompts=args.num_prompts,
                      plan_requests=args.plan_requests, repeats=args.repeats,
-                     band_seeds=args.band_seeds)
+                     band_seeds=args.band_seeds, speed=speed)
     if args.cores:
         cfg.cores = args.cores
     doc = tune(cfg, progress=lambda m: print(m, file=sys.stderr, flush=True))

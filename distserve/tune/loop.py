@@ -57,6 +57,7 @@ class TuneConfig:
     plan_requests: int = 400
     band_seeds: int = 5                    # resampled traces per rate for the seed band
     seed: int = 0
+    speed: dict | None = None              # the first round's speed x the profile (None: 1)
     profile_args: tuple = ("--batch-sizes", "1,2,4,8,16", "--repeats", "2")
 
 
@@ -266,7 +267,7 @@ def tune(cfg: TuneConfig, progress=lambda msg: None) -> dict:
     try:
         profile = cfg.latency_profile or profile_machine(cfg, progress)
         doc["latency_profile"] = profile
-        speed = None
+        speed = cfg.speed
         for k in range(1, cfg.rounds + 1):
             last = doc["rounds"][-1]["speed_by_run"] if doc["rounds"] else None
             r = run_round(cfg, k, profile, speed, progress, last)
