@@ -26,7 +26,8 @@ MIN_STEPS = 5       # one-phase steps in the window before that phase's speed is
 MARGIN = 0.05       # attainment a split must win by
 PATIENCE = 2        # checks in a row that must agree
 COOLDOWN_S = 60.0   # between two moves
-MAX_REQUESTS = 4000  # per simulation of a split (a check's CPU stays bounded at high rates)
+MAX_REQUESTS = 2000  # per simulation of a split: a check's CPU stays bounded at high rates
+                    # (the server's checks share its GIL)
 
 
 def split_attainments(problem: Problem, plan, total: int, lengths: Lengths, rate: float,
@@ -124,6 +125,7 @@ class Hysteresis:
     target: int | None = None      # the split that has been winning
     streak: int = 0                # checks in a row it won
     last_move: float = -math.inf
+    refused_at: float = -math.inf  # the last move before the one just decided
 
     def decide(self, current: int, scores: dict[int, float], now: float) -> int:
         """+1: one more prefill instance (a decode one switches), -1: one fewer, 0: stay.
@@ -137,5 +139,10 @@ class Hysteresis:
         self.target = best
         if self.streak < self.patience or now - self.last_move < self.cooldown_s:
             return 0
-        self.last_move, self.streak = now, 0
+        self.refused_at, self.last_move, self.streak = self.last_move, now, 0
         return 1 if best > current else -1
+
+    def refused(self) -> None:
+        """The move just decided could not be made (no instance to spare, or it did not
+        drain): its cooldown is not spent."""
+        self.last_move = self.refused_at

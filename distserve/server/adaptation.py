@@ -68,6 +68,7 @@ class Adaptation:
             old, new = ("decode", "prefill") if move > 0 else ("prefill", "decode")
             iid = self.controller.switch_candidate(old)
             if iid is None:
+                self.hysteresis.refused()
                 return 0
             log.warning("the observed workload (%.3g req/s) is served best by %d prefill + %d "
                         "decode instances (%s; %s): %s becomes a %s instance", rate, prefill + move,
@@ -77,6 +78,7 @@ class Adaptation:
                 await self.controller.switch_role(iid, new)
             except (ValueError, TimeoutError) as e:
                 log.warning("%s stays %s: %s", iid, old, e)
+                self.hysteresis.refused()
                 return 0
         return move
 

@@ -121,8 +121,9 @@ class PlanMonitor:
         they finish out of order), so a rate from them would hide the overload."""
         now = time.monotonic() if now is None else now
         rows = [r for r in self._recent if r[0] >= now - window_s]
-        arrivals = [a for a in self._arrivals if now - window_s <= a <= now]
-        if len(arrivals) < 2:   # no arrivals noted (e.g. rows recorded by hand)
+        if self._arrivals:
+            arrivals = [a for a in self._arrivals if now - window_s <= a <= now]
+        else:   # no arrival ever noted (rows recorded by hand): the finished ones'
             arrivals = [r[1] for r in rows]
         return [(r[2], r[3]) for r in rows], observed_rate(arrivals)
 

@@ -66,6 +66,12 @@ def test_hysteresis_moves_one_step_after_agreeing_checks_and_not_back_and_forth(
     assert [h.decide(2, s, now=t) for t, s in enumerate([a, b, a, b, a, b])] == [0] * 6
     # ties go to the current split
     assert Hysteresis(patience=1, cooldown_s=0).decide(2, {1: 1.0, 2: 1.0, 3: 1.0}, 0) == 0
+    # a move that could not be made spends no cooldown; a made one does
+    h = Hysteresis(patience=1, cooldown_s=60)
+    assert h.decide(1, better_prefill, now=100) == 1
+    h.refused()
+    assert h.decide(1, better_prefill, now=110) == 1
+    assert h.decide(2, better_prefill, now=120) == 0
 
 
 def test_observed_pairs_are_checked():

@@ -10,6 +10,7 @@ import pytest
 from distserve.planner.adapt import Hysteresis, window_check
 from distserve.planner.planning import planned_deployment
 from distserve.planner.simulator import simulate
+from distserve.planner.simulator import adaptive
 from distserve.planner.simulator.adaptive import simulate_adaptive
 from distserve.planner.workload import Lengths, Trace, make_trace
 
@@ -25,7 +26,7 @@ def shifting_trace():
     then 200 s of 600-token prompts with 8-token outputs at 3 req/s (a three-prefill one's)."""
     a = make_trace(Lengths("fixed:16:400"), 800, 8.0, seed=1)
     b = make_trace(Lengths("fixed:600:8"), 600, 3.0, seed=2)
-    trace = Trace(np.concatenate([a.arrival, 100.0 + b.arrival]),
+    trace = Trace(np.concatenate([a.arrival, max(100.0, a.arrival[-1]) + b.arrival]),
                   np.concatenate([a.input_len, b.input_len]),
                   np.concatenate([a.output_len, b.output_len]))
     return trace, len(a)
@@ -53,12 +54,35 @@ def test_a_deployment_that_never_moves_is_the_plain_simulation(problem):  # noqa
     assert seen[-1][3] > 0 and all(a[3] <= b[3] for a, b in zip(seen, seen[1:]))
 
 
-def test_a_moved_instance_drains_then_serves_in_its_new_role(problem):  # noqa: F811
+class _Watched(adaptive._Adaptive):
+    """The simulator's adaptive deployment, asserting the drain as it runs: no request goes
+    to a draining instance, and one changes role only once it holds nothing."""
+    def pick_prefill(self) -> int:
+        i = super().pick_prefill()
+        assert self.leaving[i] is None and self.role[i] == "prefill"
+        return i
+
+    def pick_decode(self) -> int:
+        i = super().pick_decode()
+        assert self.leaving[i] is None and self.role[i] == "decode"
+        return i
+
+    def other_event(self, now, kind, x, y) -> None:
+        if kind == adaptive.SWITCHED:
+            assert not self.pq[x] and not self.pbusy[x] and self.pkv[x] == 0
+            assert self.dload[x] == 0 and self.dkv[x] == 0 and self.dactive[x] == 0
+            self.switched_at.append(now)
+        super().other_event(now, kind, x, y)
+
+
+def test_a_moved_instance_drains_then_serves_in_its_new_role(problem, monkeypatch):  # noqa: F811
     """+1 once: the decode instance with the least work stops taking requests, finishes its
     own, and becomes the third prefill instance; later checks count 3 prefill instances and
     every request is still served."""
     trace, dep = mixed_trace(), planned_deployment(problem, PLAN)
-    counts = []
+    counts, switched_at = [], []
+    monkeypatch.setattr(adaptive, "_Adaptive", _Watched)
+    monkeypatch.setattr(_Watched, "switched_at", switched_at, raising=False)
 
     def check(now, prefill, total, finished, arrivals):
         counts.append(prefill)
@@ -68,7 +92,18 @@ def test_a_moved_instance_drains_then_serves_in_its_new_role(problem):  # noqa: 
     [switch] = run.switches
     assert switch.role == "prefill" and switch.instance in (2, 3)   # 0, 1 start as prefill
     assert switch.decided == 30.0 and switch.done >= switch.decided + 0.5
+    assert switched_at == [switch.done]
     assert counts[:3] == [2, 2, 2] and set(counts[3:]) == {3}
+    assert np.isfinite(run.result.ttft).all() and np.isfinite(run.result.tpot).all()
+    # and back: the same instance may drain from prefill to decode
+    calls = []
+
+    def there_and_back(now, prefill, total, finished, arrivals):
+        calls.append(now)
+        return {3: 1, 8: -1}.get(len(calls), 0)
+    run = simulate_adaptive(trace, dep, there_and_back, interval_s=10.0, switch_s=0.5)
+    assert [s.role for s in run.switches] == ["prefill", "decode"]
+    assert all(s.done >= s.decided + 0.5 for s in run.switches)
     assert np.isfinite(run.result.ttft).all() and np.isfinite(run.result.tpot).all()
 
 
@@ -80,6 +115,9 @@ def test_the_last_instance_of_a_role_never_moves(problem):  # noqa: F811
     np.testing.assert_array_equal(run.result.ttft, simulate(trace, dep).ttft)
     with pytest.raises(ValueError, match="interval_s"):
         simulate_adaptive(trace, dep, lambda *a: 0, interval_s=0.0)
+    two_workers = replace(dep.decode, latency=replace(dep.decode.latency, tp=2))
+    with pytest.raises(ValueError, match="one-worker"):
+        simulate_adaptive(trace, replace(dep, decode=two_workers), lambda *a: 0, interval_s=5.0)
 
 
 def test_the_servers_check_follows_a_shift_the_static_split_cannot_serve(problem):  # noqa: F811

@@ -10,7 +10,8 @@ a decode instance to prefill, -1 the other way. The moved instance is the one of
 with the least work (Controller.switch_candidate); it takes no new request, finishes what
 it holds (a prefill instance: until its KV is pulled), then serves in its new role after
 `switch_s` (the engine rebuilt over the loaded model). The last instance of a role never
-moves. Never imports torch.
+moves, and only one-worker instances move (as `serve --adapt` makes only those switchable).
+Never imports torch.
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ def simulate_adaptive(trace: Trace, d: Disaggregated, check: Check, interval_s: 
     """`trace` served by d.num_prefill + d.num_decode instances that `check` may move."""
     if interval_s <= 0:
         raise ValueError(f"interval_s must be > 0, got {interval_s}")
+    if any(c.latency.tp * c.latency.pp != 1 for c in (d.prefill, d.decode)):
+        raise ValueError("only one-worker instances (TP 1, PP 1) change role, as in the server")
     sim = _Adaptive(trace, d, check, interval_s, switch_s)
     return AdaptiveResult(sim.run(), sim.switches)
 
@@ -64,7 +67,7 @@ class _Adaptive(_Disaggregated):
         self.switches: list[RoleSwitch] = []
         self.arrivals = np.asarray(trace.arrival, float)
         self.end = float(self.arr[-1]) if self.arr else 0.0
-        if self.arr:
+        if interval_s <= self.end:
             self.push(interval_s, CHECK, None, None)
 
     def serving(self, role: str) -> list[int]:
