@@ -78,12 +78,15 @@ def best(scores: dict[int, float]) -> int:
     return max(scores, key=lambda p: (scores[p], -p))
 
 
-def choose_rate(problem: Problem, plan: Plan, rates, requests: int) -> dict:
+def choose_rate(problem: Problem, plan: Plan, rates, requests: int,
+                any_split_for_both: bool = False) -> dict:
     """The static split is the one a plan for the first phase picks (the highest rate at which
     it holds the target on that phase). The rate: the highest at which that split holds the
     target on the first phase, another split holds it on the second where the static one
     does not (the issue's target), and no one split holds it on both (else a static plan of
-    that split would do); else the one where the second phase's best split gains most."""
+    that split would do; `any_split_for_both` drops this last condition: the plan for the
+    first phase is still the start); else the one where the second phase's best split gains
+    most."""
     table = []
     for rate in rates:
         s = phase_scores(problem, plan, rate, requests)
@@ -102,7 +105,8 @@ def choose_rate(problem: Problem, plan: Plan, rates, requests: int) -> dict:
         # where one split holds both phases, a static plan of it needs no move: not eligible
         row.update(start=start, moved=moved, gain=second[moved] - second[start],
                    static_for_both=both,
-                   eligible=first[start] >= TARGET and moved != start and not both,
+                   eligible=first[start] >= TARGET and moved != start
+                   and (any_split_for_both or not both),
                    holds_through=second[moved] >= TARGET > second[start])
     through = [r for r in table if r["eligible"] and r["holds_through"]]
     pick = (max(through, key=lambda r: r["rate"]) if through else
@@ -288,7 +292,7 @@ def real(args) -> dict:
                       speed=parse_speed(args.speed) if args.speed else None)
     probe = split_plan(SMOLLM2, "cpu", gpus, 1, slo, "sharegpt-trace", args.latency_profile)
     rates = [args.rate] if args.rate else [float(r) for r in args.rates.split(",")]
-    chosen = choose_rate(problem, probe, rates, args.requests)
+    chosen = choose_rate(problem, probe, rates, args.requests, args.any_split_for_both)
     pick = chosen["pick"]
     rate, start = pick["rate"], pick["start"]
     plan = split_plan(SMOLLM2, "cpu", gpus, start, slo, "sharegpt-trace", args.latency_profile)
@@ -391,6 +395,9 @@ def main() -> int:
                     help="rates the real run's rate is chosen from (req/s)")
     ap.add_argument("--rate", type=float, default=None, help="the real run's rate (req/s)")
     ap.add_argument("--phase-s", type=float, default=300.0, help="seconds of each phase")
+    ap.add_argument("--any-split-for-both", action="store_true", help="choose the real run's "
+                    "rate even where one split would hold both phases (the start is still the "
+                    "plan for the first phase, as at scale)")
     ap.add_argument("--adapt-interval", type=float, default=15.0)
     ap.add_argument("--adapt-window", type=float, default=150.0)
     ap.add_argument("--adapt-min-requests", type=int, default=8)
