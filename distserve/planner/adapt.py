@@ -125,7 +125,7 @@ class Hysteresis:
     target: int | None = None      # the split that has been winning
     streak: int = 0                # checks in a row it won
     last_move: float = -math.inf
-    refused_at: float = -math.inf  # the last move before the one just decided
+    move_before: float = -math.inf  # last_move before the move just decided (refused() puts it back)
 
     def decide(self, current: int, scores: dict[int, float], now: float) -> int:
         """+1: one more prefill instance (a decode one switches), -1: one fewer, 0: stay.
@@ -139,10 +139,10 @@ class Hysteresis:
         self.target = best
         if self.streak < self.patience or now - self.last_move < self.cooldown_s:
             return 0
-        self.refused_at, self.last_move, self.streak = self.last_move, now, 0
+        self.move_before, self.last_move, self.streak = self.last_move, now, 0
         return 1 if best > current else -1
 
     def refused(self) -> None:
         """The move just decided could not be made (no instance to spare, or it did not
         drain): its cooldown is not spent."""
-        self.last_move = self.refused_at
+        self.last_move = self.move_before

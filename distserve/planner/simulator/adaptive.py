@@ -65,7 +65,9 @@ class _Adaptive(_Disaggregated):
         self.record: list[int] = [0] * n                 # its entry in self.switches
         self.check, self.interval_s, self.switch_s = check, interval_s, switch_s
         self.switches: list[RoleSwitch] = []
+        # the trace as arrays once: each check selects the finished rows from them
         self.arrivals = np.asarray(trace.arrival, float)
+        self.lengths = np.column_stack([trace.input_len, trace.output_len])
         self.end = float(self.arr[-1]) if self.arr else 0.0
         if interval_s <= self.end:
             self.push(interval_s, CHECK, None, None)
@@ -89,8 +91,7 @@ class _Adaptive(_Disaggregated):
         # CHECK: the requests finished by now, as the server's window would see them
         last, arr = np.array(self.last), self.arrivals
         done = np.flatnonzero(last <= now)
-        rows = np.column_stack([last[done], arr[done],
-                                np.array(self.inp)[done], np.array(self.out)[done]])
+        rows = np.column_stack([last[done], arr[done], self.lengths[done]])
         counted = [self.leaving[i] or self.role[i] for i in range(len(self.role))]
         arrived = arr[:np.searchsorted(arr, now, side="right")]
         move = self.check(now, counted.count("prefill"), len(counted), rows, arrived)
