@@ -13,6 +13,7 @@ from torch import nn
 
 from distserve.models import fused
 from distserve.models.attention import AttentionMetadata, paged_attention
+from distserve.models.decode_layers import DecodeLayers
 from distserve.models.layers import RMSNorm, RotaryEmbedding, apply_rotary
 from distserve.models.sharding import ModelDims, Shard, make_shard, no_reduce, shard_weights
 from distserve.models.weights import load_weights
@@ -120,6 +121,7 @@ class LlamaForCausalLM(nn.Module):
     """The whole model, or one tensor/pipeline-parallel worker's part of it (`shard`)."""
 
     STAGE_TENSORS = 2   # what one pipeline stage hands the next: hidden states and residual
+    fused_decode = True  # decode-only batches in one C++ call where it applies (decode_layers.py)
 
     def __init__(self, hf_config: dict, shard: Shard | None = None) -> None:
         super().__init__()
@@ -161,9 +163,18 @@ class LlamaForCausalLM(nn.Module):
                    meta: AttentionMetadata) -> tuple:
         x, residual = state
         rope = self.rotary.cos_sin(positions, x.dtype)
+        fused = self._decode_layers() if self.fused_decode and not meta.prefills else None
+        if fused is not None and fused.applies(x, residual, kv_cache, meta):
+            return fused(x, residual, rope, kv_cache, meta)
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, rope, kv_cache[:, i], meta)
         return x, residual
+
+    def _decode_layers(self) -> DecodeLayers | None:
+        """Gathered at the first decode step, when the linear layers are packed."""
+        if not hasattr(self, "_fused_layers"):
+            self._fused_layers = DecodeLayers.of(self.layers)
+        return self._fused_layers
 
     def finish(self, state: tuple) -> torch.Tensor:
         x, residual = state

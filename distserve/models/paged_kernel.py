@@ -33,7 +33,8 @@ import torch
 log = logging.getLogger(__name__)
 _CSRC = pathlib.Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / "paged_attention.cpp", _CSRC / "fused_ops.cpp", _CSRC / "amx_linear.cpp",
-            _CSRC / "dpbf16_linear.cpp", _CSRC / "avx2_linear.cpp", _CSRC / "argmax.cpp"]
+            _CSRC / "dpbf16_linear.cpp", _CSRC / "avx2_linear.cpp", _CSRC / "argmax.cpp",
+            _CSRC / "decode_layers.cpp"]
 ISA_ENV = "DISTSERVE_CPU_ISA"
 # what the kernels are compiled for: this CPU (every path it has), AVX2 + FMA only (the
 # AVX-512 paths left out, as on AMD Zen 3), or the compiler's baseline (plain loops only)
@@ -138,7 +139,8 @@ def _load() -> bool:
             log.warning("CPU kernels built in %.0f s: %s", time.perf_counter() - start, path)
         return all(hasattr(torch.ops.distserve_cpu, op) for op in
                    ("paged_decode_attention", "add_rms_norm_", "silu_mul", "rotary_cache_write",
-                    "amx_linear", "dpbf16_linear", "avx2_linear", "argmax_rows", "simd_lanes"))
+                    "amx_linear", "dpbf16_linear", "avx2_linear", "argmax_rows", "simd_lanes",
+                    "llama_decode_layers"))
     except Exception as exc:  # no compiler, no ninja, or a build error: the torch path works
         log.warning("CPU kernels unavailable, using the torch path: %s", exc)
         return False

@@ -35,6 +35,11 @@ def tiny_config(kind: str, **overrides):
             vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
             rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    elif kind == "qwen2":   # q/k/v with a bias, none on o
+        cfg = transformers.Qwen2Config(
+            vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512,
+            rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     elif kind == "opt":
         cfg = transformers.OPTConfig(
             vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "kernels.h"
 #include "packed_blocks.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__)
@@ -165,6 +166,10 @@ void amx_linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& pac
 
 #endif  // DISTSERVE_HAVE_AMX
 
+}  // namespace
+
+namespace distserve {  // entry points, also called by decode_layers.cpp
+
 bool amx_available() {
 #ifdef DISTSERVE_HAVE_AMX
   return amx_permitted();
@@ -183,13 +188,13 @@ void amx_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
 #endif
 }
 
-}  // namespace
+}  // namespace distserve
 
 TORCH_LIBRARY_FRAGMENT(distserve_cpu, m) {
-  m.def("amx_available() -> bool", &amx_available);
+  m.def("amx_available() -> bool", &distserve::amx_available);
   m.def("amx_linear(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(distserve_cpu, CPU, m) {
-  m.impl("amx_linear", &amx_linear);
+  m.impl("amx_linear", &distserve::amx_linear);
 }

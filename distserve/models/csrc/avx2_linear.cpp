@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels.h"
 #include "packed_blocks.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -216,6 +217,10 @@ void avx2_linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& pa
 
 #endif  // DISTSERVE_HAVE_AVX2_LINEAR
 
+}  // namespace
+
+namespace distserve {  // entry points, also called by decode_layers.cpp
+
 bool avx2_available() {
 #ifdef DISTSERVE_HAVE_AVX2_LINEAR
   return true;
@@ -234,13 +239,13 @@ void avx2_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
 #endif
 }
 
-}  // namespace
+}  // namespace distserve
 
 TORCH_LIBRARY_FRAGMENT(distserve_cpu, m) {
-  m.def("avx2_available() -> bool", &avx2_available);
+  m.def("avx2_available() -> bool", &distserve::avx2_available);
   m.def("avx2_linear(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(distserve_cpu, CPU, m) {
-  m.impl("avx2_linear", &avx2_linear);
+  m.impl("avx2_linear", &distserve::avx2_linear);
 }

@@ -23,6 +23,7 @@
 #include <cstring>
 #include <utility>
 
+#include "kernels.h"
 #include "packed_blocks.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
@@ -114,6 +115,10 @@ void dpbf16_linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& 
 
 #endif  // DISTSERVE_HAVE_DPBF16
 
+}  // namespace
+
+namespace distserve {  // entry points, also called by decode_layers.cpp
+
 bool dpbf16_available() {
 #ifdef DISTSERVE_HAVE_DPBF16
   return true;
@@ -132,13 +137,13 @@ void dpbf16_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& packe
 #endif
 }
 
-}  // namespace
+}  // namespace distserve
 
 TORCH_LIBRARY_FRAGMENT(distserve_cpu, m) {
-  m.def("dpbf16_available() -> bool", &dpbf16_available);
+  m.def("dpbf16_available() -> bool", &distserve::dpbf16_available);
   m.def("dpbf16_linear(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(distserve_cpu, CPU, m) {
-  m.impl("dpbf16_linear", &dpbf16_linear);
+  m.impl("dpbf16_linear", &distserve::dpbf16_linear);
 }

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu_math.h"
+#include "kernels.h"
 
 namespace {
 
@@ -137,6 +138,10 @@ void rotary_cache_write_impl(at::Tensor& heads, const at::Tensor& cos, const at:
   });
 }
 
+}  // namespace
+
+namespace distserve {  // entry points, also called by decode_layers.cpp
+
 // x, residual [rows, dim] contiguous, weight [dim]; both x and residual are written.
 void add_rms_norm_(at::Tensor x, at::Tensor residual, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.sizes() == residual.sizes() && weight.dim() == 1 &&
@@ -189,7 +194,7 @@ void rotary_cache_write(at::Tensor heads, const at::Tensor& cos, const at::Tenso
                                                       slot_offsets, num_q_heads));
 }
 
-}  // namespace
+}  // namespace distserve
 
 TORCH_LIBRARY_FRAGMENT(distserve_cpu, m) {
   m.def("add_rms_norm_(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
@@ -199,7 +204,7 @@ TORCH_LIBRARY_FRAGMENT(distserve_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(distserve_cpu, CPU, m) {
-  m.impl("add_rms_norm_", &add_rms_norm_);
-  m.impl("silu_mul", &silu_mul);
-  m.impl("rotary_cache_write", &rotary_cache_write);
+  m.impl("add_rms_norm_", &distserve::add_rms_norm_);
+  m.impl("silu_mul", &distserve::silu_mul);
+  m.impl("rotary_cache_write", &distserve::rotary_cache_write);
 }

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cpu_math.h"
+#include "kernels.h"
 
 namespace {
 
@@ -365,6 +366,10 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& ca
   });
 }
 
+}  // namespace
+
+namespace distserve {  // entry points, also called by decode_layers.cpp
+
 // out [B, Hq, D] (written), q [B, Hq, D] (rows may be apart), cache [num_blocks, 2, block_size, Hkv, D]
 // (any strides but a contiguous last dim), block_tables [B, W] int64, context_lens [B] int64.
 void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& cache,
@@ -395,14 +400,14 @@ int64_t simd_lanes() {
 #endif
 }
 
-}  // namespace
+}  // namespace distserve
 
 TORCH_LIBRARY(distserve_cpu, m) {
   m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor cache, Tensor block_tables, "
         "Tensor context_lens, float scale) -> ()");
-  m.def("simd_lanes() -> int", &simd_lanes);
+  m.def("simd_lanes() -> int", &distserve::simd_lanes);
 }
 
 TORCH_LIBRARY_IMPL(distserve_cpu, CPU, m) {
-  m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("paged_decode_attention", &distserve::paged_decode_attention);
 }

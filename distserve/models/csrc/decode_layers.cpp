@@ -1,0 +1,100 @@
+// A Llama decoder stack's decode step in one call: every layer's norms, projections, rotary,
+// cache write, paged attention and MLP, through the same kernels the Python layers call.
+//
+// Why: at batch 1 a decode step streams the weights once and does little else, so what
+// surrounds the kernels shows. SmolLM2's 30 layers make ~270 op calls and ~270 module calls a
+// step from Python, 5-8 ms of a ~25 ms step on a 2-core Zen 3 (its weights' bandwidth floor is
+// 10-15 ms there). From C++ each call costs a tensor allocation and a function call.
+// The kernels and their order are those of the Python path, so its results are bit for bit
+// the same (tests/models/test_decode_layers.py).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+
+#include "kernels.h"
+
+namespace {
+
+using LinearFn = void (*)(at::Tensor&, const at::Tensor&, const at::Tensor&,
+                          const c10::optional<at::Tensor>&);
+
+// one layer's tensors in `weights`: input norm, q/k/v, o, post-attention norm, gate/up, down
+// (the projections packed by amx_pack)
+constexpr int64_t kPerLayer = 6;
+
+LinearFn linear_kernel(const std::string& name) {
+  if (name == "amx") return &distserve::amx_linear;
+  if (name == "dpbf16") return &distserve::dpbf16_linear;
+  if (name == "avx2") return &distserve::avx2_linear;
+  TORCH_CHECK(false, "llama_decode_layers: no linear kernel named ", name);
+}
+
+at::Tensor linear(LinearFn kernel, const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
+                  const c10::optional<at::Tensor>& bias) {
+  at::Tensor out = at::empty({x.size(0), out_features}, x.options());
+  kernel(out, x, packed, bias);
+  return out;
+}
+
+// x [B, hidden] (the embeddings, or the previous stage's output) and residual (none before
+// the first layer) -> (the last layer's output, the residual stream before it is added), as
+// LlamaDecoderLayer.forward leaves them. x and residual are overwritten.
+std::tuple<at::Tensor, at::Tensor> llama_decode_layers(
+    at::Tensor x, const c10::optional<at::Tensor>& residual_in, at::TensorList weights,
+    const c10::List<c10::optional<at::Tensor>>& qkv_biases, const at::Tensor& kv_cache,
+    const at::Tensor& cos, const at::Tensor& signed_sin, const at::Tensor& slot_blocks,
+    const at::Tensor& slot_offsets, const at::Tensor& block_tables, const at::Tensor& context_lens,
+    int64_t num_q_heads, int64_t num_kv_heads, int64_t ffn, double eps, double scale,
+    c10::string_view kernel_name) {
+  const int64_t layers = static_cast<int64_t>(weights.size()) / kPerLayer;
+  TORCH_CHECK(layers > 0 && static_cast<int64_t>(weights.size()) == layers * kPerLayer &&
+                  static_cast<int64_t>(qkv_biases.size()) == layers,
+              "llama_decode_layers: ", kPerLayer, " weights and one q/k/v bias (or None) a layer");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "llama_decode_layers: x must be contiguous [batch, hidden]");
+  TORCH_CHECK(kv_cache.dim() == 6 && kv_cache.size(1) == layers,
+              "llama_decode_layers: kv_cache must be [blocks, layers, 2, block_size, kv heads, dim]");
+  const LinearFn kernel = linear_kernel(std::string(kernel_name));
+  const int64_t batch = x.size(0), hidden = x.size(1), dim = kv_cache.size(5);
+  const int64_t qkv_size = (num_q_heads + 2 * num_kv_heads) * dim;
+  at::Tensor residual = residual_in.has_value() ? *residual_in : at::Tensor();
+  for (int64_t i = 0; i < layers; ++i) {
+    const at::Tensor* w = weights.data() + i * kPerLayer;
+    if (!residual.defined()) {  // the first layer of the model: nothing to add yet
+      residual = x;
+      x = at::rms_norm(x, {hidden}, w[0], eps);
+    } else {
+      distserve::add_rms_norm_(x, residual, w[0], eps);
+    }
+    const at::Tensor layer_cache = kv_cache.select(1, i);
+    const at::Tensor heads = linear(kernel, x, w[1], qkv_size, qkv_biases.get(i))
+                                 .view({batch, num_q_heads + 2 * num_kv_heads, dim});
+    distserve::rotary_cache_write(heads, cos, signed_sin, layer_cache, slot_blocks, slot_offsets,
+                                  num_q_heads);
+    at::Tensor attention = at::empty({batch, num_q_heads, dim}, x.options());
+    distserve::paged_decode_attention(attention, heads.narrow(1, 0, num_q_heads), layer_cache,
+                                      block_tables, context_lens, scale);
+    x = linear(kernel, attention.view({batch, num_q_heads * dim}), w[2], hidden, c10::nullopt);
+    distserve::add_rms_norm_(x, residual, w[3], eps);
+    const at::Tensor gate_up = linear(kernel, x, w[4], 2 * ffn, c10::nullopt);
+    at::Tensor activated = at::empty({batch, ffn}, x.options());
+    distserve::silu_mul(activated, gate_up);
+    x = linear(kernel, activated, w[5], hidden, c10::nullopt);
+  }
+  return {x, residual};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(distserve_cpu, m) {
+  m.def("llama_decode_layers(Tensor(a!) x, Tensor(b!)? residual, Tensor[] weights, "
+        "Tensor?[] qkv_biases, Tensor(c!) kv_cache, Tensor cos, Tensor signed_sin, "
+        "Tensor slot_blocks, Tensor slot_offsets, Tensor block_tables, Tensor context_lens, "
+        "int num_q_heads, int num_kv_heads, int ffn, float eps, float scale, str kernel) "
+        "-> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(distserve_cpu, CPU, m) {
+  m.impl("llama_decode_layers", &llama_decode_layers);
+}
