@@ -63,6 +63,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--policy", default="prefill-first", choices=["prefill-first", "chunked"],
                    help="colocated batching: prompts before decodes, or chunked prefill")
     g.add_argument("--num-threads", type=int, default=None, help="torch threads per worker")
+    g.add_argument("--enforce-eager", action="store_true", help="CUDA: run every decode step "
+                   "op by op instead of replaying it from a CUDA graph captured at start-up")
     g = arg_group(p, PARALLEL_TOPIC)
     g.add_argument("--tensor-parallel-size", "--tp", "-tp", type=int, default=1,
                    dest="tensor_parallel_size", help="workers that split each layer (attention "
@@ -91,7 +93,7 @@ def engine_config_from_args(args: argparse.Namespace, model: str | None):
         max_model_len=args.max_model_len, policy=args.policy, num_threads=args.num_threads,
         kv_checksum=args.kv_checksum, kv_pull_failure=args.kv_pull_failure,
         tensor_parallel_size=args.tensor_parallel_size,
-        pipeline_parallel_size=args.pipeline_parallel_size)
+        pipeline_parallel_size=args.pipeline_parallel_size, enforce_eager=args.enforce_eager)
 
 
 def sampling_from_args(args: argparse.Namespace):

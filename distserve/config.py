@@ -27,6 +27,7 @@ class EngineConfig:
     #                                     prompt here, or rerun it through a prefill instance
     tensor_parallel_size: int = 1       # workers that split every layer (heads, FFN columns)
     pipeline_parallel_size: int = 1     # stages that split the layers
+    enforce_eager: bool = False         # CUDA: no decode steps replayed from CUDA graphs
 
     @property
     def num_workers(self) -> int:

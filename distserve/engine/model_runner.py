@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from distserve.engine.batch import Batch, prepare, warm_up_batches
+from distserve.engine.cuda_graphs import DecodeGraphs
+from distserve.models import triton_attention
 from distserve.request import Request
 
 
@@ -35,6 +37,7 @@ class ModelRunner:
         self.device = device
         # called as on_step(start, end, prefills, decodes) after each run (a step trace)
         self.on_step: Callable | None = None
+        self.graphs: DecodeGraphs | None = None   # CUDA: decode steps replayed (use_graphs)
 
     @torch.inference_mode()
     def run(self, prefills: list[tuple[Request, int]], decodes: list[Request]) -> StepResult:
@@ -49,9 +52,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_batch(self, batch: Batch) -> torch.Tensor | None:
+        if self.graphs is not None and not batch.prefills:
+            logits = self.graphs.run(batch)
+            if logits is not None:
+                return logits
         x = prepare(batch, self.block_size, self.device)
         hidden = self.model(x.input_ids, x.positions, self.kv_cache, x.meta)
         return self.model.compute_logits(hidden[x.logit_rows]) if batch.num_sampled else None
+
+    def use_graphs(self, max_model_len: int, max_batch: int) -> bool:
+        """Capture decode steps in CUDA graphs, where the attention reads the cache through
+        the block tables (Triton): the torch path gathers whole padded tables, and a graph's
+        table is as wide as the longest request could need."""
+        if not triton_attention.available(self.device):
+            return False
+        self.graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, max_model_len, max_batch)
+        self.graphs.capture_all()
+        return True
 
     @torch.inference_mode()
     def warm_up(self, num_tokens: int) -> None:

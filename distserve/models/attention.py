@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distserve.models import paged_kernel
+from distserve.models import paged_kernel, triton_attention
 
 
 @dataclass
@@ -106,13 +106,17 @@ def _decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, meta: Attentio
                       scale: float) -> torch.Tensor:
     """One query per request against its cached context.
 
-    On CPU the compiled kernel reads the blocks in place. Otherwise the blocks are gathered
-    into a tensor padded to the longest context and SDPA takes the gathered [B, S, Hkv, D] K/V through transposed views (its CPU kernel
-    works in that layout) and groups query heads itself, so nothing else is copied.
+    On CPU the compiled kernel reads the blocks in place, on CUDA the Triton kernel where
+    Triton is installed. Otherwise the blocks are gathered into a tensor padded to the longest
+    context and SDPA takes the gathered [B, S, Hkv, D] K/V through transposed views (its CPU
+    kernel works in that layout) and groups query heads itself, so nothing else is copied.
     """
     if layer_cache.device.type == "cpu" and paged_kernel.kernel_available():
         return paged_kernel.paged_decode_attention(q, layer_cache, meta.decode_block_tables,
                                                    meta.decode_context_lens, scale)
+    if triton_attention.available(layer_cache.device):
+        return triton_attention.paged_decode_attention(q, layer_cache, meta.decode_block_tables,
+                                                       meta.decode_context_lens, scale)
     b, hq, d = q.shape
     k = gather_blocks(layer_cache, meta.decode_block_tables, 0)  # [B, S, Hkv, D]
     v = gather_blocks(layer_cache, meta.decode_block_tables, 1)

@@ -51,6 +51,26 @@ def test_engine_on_cuda_matches_transformers(tiny_llama, expected):
     assert [r.token_ids for r in out] == expected
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_graphs_and_triton_attention_give_the_eager_tokens(tiny_llama, expected, dtype):
+    """Decode steps replayed from CUDA graphs (Triton's paged attention inside) against
+    --enforce-eager; in float32 both equal transformers'."""
+    pytest.importorskip("triton")
+    runs = {}
+    for eager in (False, True):
+        with LLM(str(tiny_llama), dtype=dtype, device="cuda", num_kv_blocks=64, max_num_seqs=8,
+                 enforce_eager=eager) as llm:
+            graphs = llm.engine.executor.worker.runner.graphs
+            assert (graphs is None) == eager
+            runs[eager] = [r.token_ids for r in llm.generate(PROMPTS, GREEDY)]
+            if not eager:
+                assert sorted(graphs.graphs) == [1, 2, 4, 8] and graphs.steps.get(4, 0) >= NEW - 1
+            assert llm.engine.kv.allocator.num_free == llm.engine.kv.allocator.num_blocks
+    assert runs[False] == runs[True]
+    if dtype == "float32":
+        assert runs[False] == expected
+
+
 @needs_two_gpus
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_parallel_instance_on_cuda_matches_transformers(tiny_llama, expected, tp, pp):

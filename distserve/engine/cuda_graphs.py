@@ -1,0 +1,105 @@
+"""Decode steps replayed from CUDA graphs, one graph per batch size in a short list.
+
+Why: a decode step launches a few kernels per layer, each tiny at small batches, and on a GPU
+the launches (Python, dispatch, the driver) outlast the work: vLLM and SGLang capture decode
+steps for this reason. A graph is captured once at start-up for each size; a step with n
+requests replays the smallest graph of at least n rows, its inputs copied into the graph's
+static buffers. The rows past n repeat row 0 whole (its token, position, cache slot and block
+table), so they write the same K/V into the same slot and harm nothing; their logits are
+dropped.
+
+`capture=False` runs the same buffers and padding eagerly: how the tests check this logic on
+machines without a GPU (nothing is faster that way).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from distserve.engine.batch import Batch
+from distserve.models.attention import AttentionMetadata
+
+CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class DecodeGraphs:
+    def __init__(self, model: nn.Module, kv_cache: torch.Tensor, block_size: int,
+                 max_model_len: int, max_batch: int, capture: bool = True) -> None:
+        self.model, self.kv_cache, self.block_size = model, kv_cache, block_size
+        self.sizes = sorted({s for s in CAPTURE_SIZES if s < max_batch} | {min(max_batch, CAPTURE_SIZES[-1])})
+        rows, device = self.sizes[-1], kv_cache.device
+        self.width = -(-max_model_len // block_size)   # the longest block table
+        long = dict(dtype=torch.long, device=device)
+        self.input_ids = torch.zeros(rows, **long)
+        self.positions = torch.zeros(rows, **long)
+        self.slot_blocks = torch.zeros(rows, **long)
+        self.slot_offsets = torch.zeros(rows, **long)
+        self.block_tables = torch.zeros(rows, self.width, **long)
+        self.context_lens = torch.ones(rows, **long)
+        self.capture = capture
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.steps: dict[int, int] = {}    # steps run, by graph size
+
+    def size_for(self, n: int) -> int | None:
+        """The batch size whose graph runs n decodes; None if n is past the largest."""
+        return next((s for s in self.sizes if s >= n), None)
+
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        """One graph per size, the largest first so the smaller ones reuse its memory. Call at
+        start-up, before any request owns a block: a capture's warm-up run writes K/V into
+        block 0, as the engine's own warm-up does."""
+        if not self.capture:
+            return
+        pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.sizes):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):   # compiles kernels and settles the allocator
+                self._forward(size)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._forward(size)
+            self.graphs[size] = (graph, logits)
+        torch.cuda.synchronize()
+
+    @torch.inference_mode()
+    def run(self, batch: Batch) -> torch.Tensor | None:
+        """The logits [n, vocab] of a decode-only batch; None where no graph fits it (it has
+        prefills, more requests than the largest graph, or a longer block table)."""
+        n = len(batch.decodes)
+        size = self.size_for(n)
+        if batch.prefills or not n or size is None or any(len(r.block_table) > self.width
+                                                           for r in batch.decodes):
+            return None
+        self._fill(batch, size)
+        self.steps[size] = self.steps.get(size, 0) + 1
+        if not self.capture:
+            return self._forward(size)[:n]
+        graph, logits = self.graphs[size]
+        graph.replay()
+        return logits[:n]
+
+    def _fill(self, batch: Batch, size: int) -> None:
+        rows = batch.decodes + [batch.decodes[0]] * (size - len(batch.decodes))
+        tables = torch.zeros(size, self.width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            tables[i, :len(r.block_table)] = torch.tensor(r.block_table, dtype=torch.long)
+        lens = torch.tensor([r.context_len for r in rows], dtype=torch.long)
+        positions = lens - 1
+        blocks = tables.gather(1, (positions // self.block_size)[:, None])[:, 0]
+        self.input_ids[:size].copy_(torch.tensor([r.token_id for r in rows], dtype=torch.long))
+        self.positions[:size].copy_(positions)
+        self.slot_blocks[:size].copy_(blocks)
+        self.slot_offsets[:size].copy_(positions % self.block_size)
+        self.block_tables[:size].copy_(tables)
+        self.context_lens[:size].copy_(lens)
+
+    def _forward(self, size: int) -> torch.Tensor:
+        meta = AttentionMetadata(
+            slot_blocks=self.slot_blocks[:size], slot_offsets=self.slot_offsets[:size], prefills=[],
+            num_prefill_tokens=0, decode_block_tables=self.block_tables[:size],
+            decode_context_lens=self.context_lens[:size])
+        hidden = self.model(self.input_ids[:size], self.positions[:size], self.kv_cache, meta)
+        return self.model.compute_logits(hidden)
