@@ -33,6 +33,7 @@ run)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/env.txt"
     python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__, \
 torch.cuda.device_count(), 'GPUs')" 2>&1 | tee -a "$OUT/env.txt"
+    python3 -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -1 | tee -a "$OUT/env.txt"
     t0=$(date +%s)
     (cd tests && timeout 230 python3 -m pytest -q -p no:cacheprovider -rs cuda \
         engine/test_correctness.py models/test_triton_attention.py engine/test_cuda_graphs.py 2>&1 | tail -40) | tee "$OUT/tests.log"

@@ -5,8 +5,9 @@ the launches (Python, dispatch, the driver) outlast the work: vLLM and SGLang ca
 steps for this reason. A graph is captured once at start-up for each size; a step with n
 requests replays the smallest graph of at least n rows, its inputs copied into the graph's
 static buffers. The rows past n repeat row 0 whole (its token, position, cache slot and block
-table), so they write the same K/V into the same slot and harm nothing; their logits are
-dropped.
+table), so they write the same K/V into the same slot and harm nothing. A graph ends at the
+hidden states: the logits of the n real rows are computed after it, eagerly, so no graph keeps
+a [size, vocab] buffer of its own and the caller gets a tensor no later replay overwrites.
 
 `capture=False` runs the same buffers and padding eagerly: how the tests check this logic on
 machines without a GPU (nothing is faster that way).
@@ -37,7 +38,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(rows, self.width, **long)
         self.context_lens = torch.ones(rows, **long)
         self.capture = capture
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}   # size -> (graph, hidden)
         self.steps: dict[int, int] = {}    # steps run, by graph size
 
     def size_for(self, n: int) -> int | None:
@@ -51,18 +52,20 @@ class DecodeGraphs:
         block 0, as the engine's own warm-up does."""
         if not self.capture:
             return
-        pool = torch.cuda.graph_pool_handle()
-        for size in reversed(self.sizes):
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):   # compiles kernels and settles the allocator
-                self._forward(size)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self._forward(size)
-            self.graphs[size] = (graph, logits)
-        torch.cuda.synchronize()
+        device = self.kv_cache.device
+        with torch.cuda.device(device):
+            pool = torch.cuda.graph_pool_handle()
+            stream = torch.cuda.Stream(device)   # one side stream for every warm-up run
+            for size in reversed(self.sizes):
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):   # compiles kernels and settles the allocator
+                    self._hidden(size)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    hidden = self._hidden(size)
+                self.graphs[size] = (graph, hidden)
+            torch.cuda.synchronize(device)
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> torch.Tensor | None:
@@ -76,14 +79,19 @@ class DecodeGraphs:
         self._fill(batch, size)
         self.steps[size] = self.steps.get(size, 0) + 1
         if not self.capture:
-            return self._forward(size)[:n]
-        graph, logits = self.graphs[size]
-        graph.replay()
-        return logits[:n]
+            hidden = self._hidden(size)
+        else:
+            graph, hidden = self.graphs[size]
+            with torch.cuda.device(self.kv_cache.device):
+                graph.replay()
+        return self.model.compute_logits(hidden[:n])
 
     def _fill(self, batch: Batch, size: int) -> None:
+        """Only the block table columns in use are copied: attention reads no entry past a
+        context's last block, so older ones left further right are never read."""
         rows = batch.decodes + [batch.decodes[0]] * (size - len(batch.decodes))
-        tables = torch.zeros(size, self.width, dtype=torch.long)
+        used = max(len(r.block_table) for r in batch.decodes)
+        tables = torch.zeros(size, used, dtype=torch.long)
         for i, r in enumerate(rows):
             tables[i, :len(r.block_table)] = torch.tensor(r.block_table, dtype=torch.long)
         lens = torch.tensor([r.context_len for r in rows], dtype=torch.long)
@@ -93,13 +101,12 @@ class DecodeGraphs:
         self.positions[:size].copy_(positions)
         self.slot_blocks[:size].copy_(blocks)
         self.slot_offsets[:size].copy_(positions % self.block_size)
-        self.block_tables[:size].copy_(tables)
+        self.block_tables[:size, :used].copy_(tables)
         self.context_lens[:size].copy_(lens)
 
-    def _forward(self, size: int) -> torch.Tensor:
+    def _hidden(self, size: int) -> torch.Tensor:
         meta = AttentionMetadata(
             slot_blocks=self.slot_blocks[:size], slot_offsets=self.slot_offsets[:size], prefills=[],
             num_prefill_tokens=0, decode_block_tables=self.block_tables[:size],
             decode_context_lens=self.context_lens[:size])
-        hidden = self.model(self.input_ids[:size], self.positions[:size], self.kv_cache, meta)
-        return self.model.compute_logits(hidden)
+        return self.model(self.input_ids[:size], self.positions[:size], self.kv_cache, meta)

@@ -4,6 +4,7 @@ Knows nothing of queues or HTTP: requests in, logits out.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -15,6 +16,8 @@ from distserve.engine.batch import Batch, prepare, warm_up_batches
 from distserve.engine.cuda_graphs import DecodeGraphs
 from distserve.models import triton_attention
 from distserve.request import Request
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,10 +67,16 @@ class ModelRunner:
         """Capture decode steps in CUDA graphs, where the attention reads the cache through
         the block tables (Triton): the torch path gathers whole padded tables, and a graph's
         table is as wide as the longest request could need."""
-        if not triton_attention.available(self.device):
+        if not triton_attention.available(self.device, self.block_size, self.kv_cache.dtype):
             return False
         self.graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, max_model_len, max_batch)
-        self.graphs.capture_all()
+        try:
+            self.graphs.capture_all()
+        except Exception as exc:   # out of memory, an op that cannot be captured, ...
+            log.warning("capturing decode steps in CUDA graphs failed (%s): they run eagerly", exc)
+            self.graphs = None
+            torch.cuda.synchronize(self.device)
+            return False
         return True
 
     @torch.inference_mode()

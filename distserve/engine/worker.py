@@ -70,6 +70,8 @@ def prepare_device(config: EngineConfig, device: torch.device) -> None:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)   # graphs, streams and Triton launches use the current one
     if device.type == "cpu":
         reuse_freed_memory()
         paged_kernel.kernel_available()  # built (once per machine) before the first request

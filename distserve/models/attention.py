@@ -114,7 +114,7 @@ def _decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, meta: Attentio
     if layer_cache.device.type == "cpu" and paged_kernel.kernel_available():
         return paged_kernel.paged_decode_attention(q, layer_cache, meta.decode_block_tables,
                                                    meta.decode_context_lens, scale)
-    if triton_attention.available(layer_cache.device):
+    if triton_attention.available(layer_cache.device, layer_cache.shape[2], q.dtype):
         return triton_attention.paged_decode_attention(q, layer_cache, meta.decode_block_tables,
                                                        meta.decode_context_lens, scale)
     b, hq, d = q.shape

@@ -60,7 +60,8 @@ class DecodeLayers:
         """A decode-only batch, in the tensors the kernels take."""
         return (not meta.prefills and meta.decode_block_tables is not None
                 and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2
-                and x.is_contiguous() and (residual is None or residual.is_contiguous())
+                and x.is_contiguous()
+                and (residual is None or (residual.is_contiguous() and residual.dtype == torch.bfloat16))
                 and kv_cache.dtype == torch.bfloat16 and kv_cache.stride(-1) == 1
                 and kv_cache.stride(-2) == self.head_dim)
 

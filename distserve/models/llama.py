@@ -171,7 +171,8 @@ class LlamaForCausalLM(nn.Module):
         return x, residual
 
     def _decode_layers(self) -> DecodeLayers | None:
-        """Gathered at the first decode step, when the linear layers are packed."""
+        """Gathered at the first decode step: the loader packs the linear layers once, before
+        it, and nothing swaps them after."""
         if not hasattr(self, "_fused_layers"):
             self._fused_layers = DecodeLayers.of(self.layers)
         return self._fused_layers

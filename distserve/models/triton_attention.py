@@ -2,68 +2,63 @@
 through its block table, with no copy into a padded tensor (the torch path gathers every
 request's blocks, padded to the longest context, at every layer of every step).
 
-One program per (request, KV head): it loads the query heads of that KV head's group once,
-then walks the request's blocks with an online softmax, in float32 whatever the cache dtype.
-Its shapes do not depend on the contexts' lengths (the loop bound is read on the device), so a
-decode step that calls it can be captured in a CUDA graph.
+One program per (request, KV head) (triton_kernels.py): it loads the query heads of that KV
+head's group once, then walks the request's blocks with an online softmax, in float32 whatever
+the cache dtype. Its shapes do not depend on the contexts' lengths (the loop bound is read on
+the device), so a decode step that calls it can be captured in a CUDA graph.
 
-Triton is optional: without it (or off CUDA) attention.py keeps the torch path. Triton's
-interpreter (TRITON_INTERPRET=1) runs the same kernel on CPU tensors, which is how the tests
-check it on machines with no GPU.
+Triton is optional: without it, off CUDA, at a block size that is no power of 2, or where a
+first tiny launch fails (a GPU or dtype this Triton cannot compile for), attention.py keeps the
+torch path. Triton's interpreter (TRITON_INTERPRET=1) runs the same kernel on CPU tensors,
+which is how the tests check it on machines with no GPU.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import logging
+
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # not installed (CPU-only machines need not have it)
-    triton = None
+log = logging.getLogger(__name__)
+_works: dict[tuple, bool] = {}   # (device, dtype) -> did a first launch run and agree
 
 
-def available(device: torch.device) -> bool:
-    return triton is not None and device.type == "cuda"
+def installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
-if triton is not None:
-    @triton.jit
-    def _paged_decode_kernel(out_ptr, q_ptr, cache_ptr, tables_ptr, lens_ptr, scale,
-                             stride_qb, stride_qh, stride_cb, stride_ckv, stride_cs, stride_ch,
-                             stride_tb, stride_ob, stride_oh,
-                             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                             DIM: tl.constexpr, DIM_PAD: tl.constexpr):
-        b = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        context = tl.load(lens_ptr + b)
-        g = tl.arange(0, GROUP_PAD)
-        d = tl.arange(0, DIM_PAD)
-        s = tl.arange(0, BLOCK)
-        g_ok, d_ok = g < GROUP, d < DIM
-        heads = kv_head * GROUP + g
-        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                    mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        top = tl.full([GROUP_PAD], float("-inf"), tl.float32)   # running max of the scores
-        total = tl.zeros([GROUP_PAD], tl.float32)                # running sum of exp(score - top)
-        acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
-        for i in range(0, tl.cdiv(context, BLOCK)):
-            block = tl.load(tables_ptr + b * stride_tb + i).to(tl.int64)
-            s_ok = i * BLOCK + s < context
-            rows = cache_ptr + block * stride_cb + s[:, None] * stride_cs + kv_head * stride_ch + d[None, :]
-            kv_ok = s_ok[:, None] & d_ok[None, :]
-            k = tl.load(rows, mask=kv_ok, other=0.0).to(tl.float32)                # [BLOCK, DIM]
-            v = tl.load(rows + stride_ckv, mask=kv_ok, other=0.0).to(tl.float32)
-            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale        # [GROUP, BLOCK]
-            scores = tl.where(s_ok[None, :], scores, float("-inf"))
-            new_top = tl.maximum(top, tl.max(scores, axis=1))
-            p = tl.exp(scores - new_top[:, None])
-            shrink = tl.exp(top - new_top)
-            total = total * shrink + tl.sum(p, axis=1)
-            acc = acc * shrink[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-            top = new_top
-        out = acc / total[:, None]
-        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+def available(device: torch.device, block_size: int, dtype: torch.dtype) -> bool:
+    """Can the kernel serve this cache: CUDA, Triton installed, a power-of-2 block size, and a
+    first launch on this device and dtype that ran and matched the torch path."""
+    if device.type != "cuda" or block_size < 1 or block_size & (block_size - 1) or not installed():
+        return False
+    key = (device, dtype)
+    if key not in _works:
+        _works[key] = _probe(device, dtype)
+    return _works[key]
+
+
+def _probe(device: torch.device, dtype: torch.dtype) -> bool:
+    from distserve.models.attention import build_decode_mask, gather_blocks
+    try:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        cache = torch.randn(4, 2, 16, 2, 64, generator=g).to(device, dtype)
+        q = torch.randn(2, 4, 64, generator=g).to(device, dtype)
+        tables = torch.tensor([[2, 0], [1, 3]], device=device)
+        lens = torch.tensor([20, 7], device=device)
+        got = paged_decode_attention(q, cache, tables, lens, 0.125).float()
+        k, v = gather_blocks(cache, tables, 0).float(), gather_blocks(cache, tables, 1).float()
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q.float()[:, :, None], k.transpose(1, 2), v.transpose(1, 2), scale=0.125, enable_gqa=True,
+            attn_mask=build_decode_mask(lens, k.shape[1], torch.float32))[:, :, 0]
+        if torch.allclose(got, want, rtol=3e-2, atol=3e-2):
+            return True
+        log.warning("Triton's paged attention disagrees with torch on %s in %s: torch path used",
+                    device, dtype)
+    except Exception as exc:  # no compiler for this GPU, a driver mismatch, ...
+        log.warning("Triton's paged attention failed on %s in %s (%s): torch path used", device, dtype, exc)
+    return False
 
 
 def paged_decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -71,8 +66,9 @@ def paged_decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, block_tab
     """q [B, Hq, D] (rows may be apart, each row's heads contiguous) over the cached contexts
     (layer_cache [blocks, 2, block_size, Hkv, D], block_tables [B, W], context_lens [B], each
     at least 1) -> [B, Hq, D]."""
-    if triton is None:
-        raise RuntimeError("paged_decode_attention: Triton is not installed")
+    import triton
+
+    from distserve.models.triton_kernels import paged_decode_kernel
     batch, num_heads, dim = q.shape
     num_kv_heads, block_size = layer_cache.shape[3], layer_cache.shape[2]
     if q.stride(2) != 1 or q.stride(1) != dim:
@@ -83,10 +79,13 @@ def paged_decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, block_tab
         raise ValueError(f"paged_decode_attention: block size {block_size} is not a power of 2")
     group = num_heads // num_kv_heads
     out = torch.empty(batch, num_heads, dim, dtype=q.dtype, device=q.device)
-    _paged_decode_kernel[(batch, num_kv_heads)](
-        out, q, layer_cache, block_tables, context_lens, scale,
-        q.stride(0), q.stride(1), layer_cache.stride(0), layer_cache.stride(1), layer_cache.stride(2),
-        layer_cache.stride(3), block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), BLOCK=block_size,
-        DIM=dim, DIM_PAD=triton.next_power_of_2(dim))
+    on_cuda = q.device.type == "cuda"   # (the interpreter's CPU tensors have no device to switch to)
+    with torch.cuda.device(q.device) if on_cuda else contextlib.nullcontext():
+        # Triton launches on the current device: make it the tensors' one
+        paged_decode_kernel[(batch, num_kv_heads)](
+            out, q, layer_cache, block_tables, context_lens, scale,
+            q.stride(0), q.stride(1), layer_cache.stride(0), layer_cache.stride(1),
+            layer_cache.stride(2), layer_cache.stride(3), block_tables.stride(0), out.stride(0),
+            out.stride(1), GROUP=group, GROUP_PAD=triton.next_power_of_2(group), BLOCK=block_size,
+            DIM=dim, DIM_PAD=triton.next_power_of_2(dim))
     return out

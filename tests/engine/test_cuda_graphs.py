@@ -14,7 +14,8 @@ PROMPTS = ["The capital of France is", "def fib(n):", "1, 2, 3,", "Once upon a t
 
 @pytest.fixture(scope="module")
 def llm(tiny_llama):
-    return LLM(str(tiny_llama), dtype="float32", num_kv_blocks=64, block_size=8, max_model_len=256)
+    return LLM(str(tiny_llama), dtype="float32", device="cpu", num_kv_blocks=64, block_size=8,
+               max_model_len=256)
 
 
 def _graphs(llm, max_batch):

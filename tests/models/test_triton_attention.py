@@ -15,7 +15,7 @@ from distserve.models.attention import build_decode_mask, gather_blocks
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-pytestmark = pytest.mark.skipif(triton_attention.triton is None, reason="Triton is not installed")
+pytestmark = pytest.mark.skipif(not triton_attention.installed(), reason="Triton is not installed")
 kernel_case = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED,
                                  reason="on CPU, run in Triton's interpreter by the test below")
 
@@ -56,6 +56,11 @@ def test_a_block_size_that_is_no_power_of_two_is_refused():
                                                 torch.ones(1, dtype=torch.long, device=DEVICE), 1.0)
 
 
+def test_it_serves_only_what_it_can():
+    assert not triton_attention.available(torch.device("cpu"), 16, torch.bfloat16)
+    assert not triton_attention.available(torch.device("cuda"), 12, torch.bfloat16)  # no power of 2
+
+
 @pytest.mark.skipif(INTERPRETED or DEVICE == "cuda", reason="the cases above run here directly")
 def test_the_kernel_cases_pass_in_tritons_interpreter():
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
@@ -63,4 +68,4 @@ def test_the_kernel_cases_pass_in_tritons_interpreter():
                          timeout=600)
     assert run.returncode == 0, run.stdout[-4000:]
     summary = run.stdout.strip().splitlines()[-1]
-    assert "17 passed" in summary and "failed" not in summary, summary
+    assert "18 passed" in summary and "failed" not in summary, summary

@@ -40,7 +40,9 @@ at::Tensor linear(LinearFn kernel, const at::Tensor& x, const at::Tensor& packed
 
 // x [B, hidden] (the embeddings, or the previous stage's output) and residual (none before
 // the first layer) -> (the last layer's output, the residual stream before it is added), as
-// LlamaDecoderLayer.forward leaves them. x and residual are overwritten.
+// LlamaDecoderLayer.forward leaves them. x and residual are overwritten, and the residual
+// returned is the one passed in (or, before the first layer, x itself): the schema does not
+// say so, so this op is for eager calls only (not for torch.compile or functionalization).
 std::tuple<at::Tensor, at::Tensor> llama_decode_layers(
     at::Tensor x, const c10::optional<at::Tensor>& residual_in, at::TensorList weights,
     const c10::List<c10::optional<at::Tensor>>& qkv_biases, const at::Tensor& kv_cache,
