@@ -48,3 +48,13 @@ def test_batches_no_graph_fits_take_the_plain_path(llm):
     assert graphs.run(Batch(decodes=[DecodeRow(5, 3, list(range(33)))])) is None  # table too long
     assert graphs.steps == {}
     assert graphs.run(Batch(decodes=[row] * 3)).shape[0] == 3 and graphs.steps == {4: 1}
+
+
+def test_enforce_eager_reaches_every_instance():
+    from distserve.cli import build_parser, engine_config_from_args
+    from distserve.server.cli import deployment_from_args
+    for flags, eager in (([], False), (["--enforce-eager"], True)):
+        args = build_parser().parse_args(["serve", "--prefill-instances", "1",
+                                          "--decode-instances", "2", *flags])
+        dep = deployment_from_args(args, engine_config_from_args(args, None))
+        assert [s.config.enforce_eager for s in dep.specs] == [eager] * 3
