@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distserve.engine.batch import Batch
+from distserve.engine.batch import Batch, prepare
 from distserve.models.attention import AttentionMetadata
 
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -87,22 +87,18 @@ class DecodeGraphs:
         return self.model.compute_logits(hidden[:n])
 
     def _fill(self, batch: Batch, size: int) -> None:
-        """Only the block table columns in use are copied: attention reads no entry past a
-        context's last block, so older ones left further right are never read."""
-        rows = batch.decodes + [batch.decodes[0]] * (size - len(batch.decodes))
-        used = max(len(r.block_table) for r in batch.decodes)
-        tables = torch.zeros(size, used, dtype=torch.long)
-        for i, r in enumerate(rows):
-            tables[i, :len(r.block_table)] = torch.tensor(r.block_table, dtype=torch.long)
-        lens = torch.tensor([r.context_len for r in rows], dtype=torch.long)
-        positions = lens - 1
-        blocks = tables.gather(1, (positions // self.block_size)[:, None])[:, 0]
-        self.input_ids[:size].copy_(torch.tensor([r.token_id for r in rows], dtype=torch.long))
-        self.positions[:size].copy_(positions)
-        self.slot_blocks[:size].copy_(blocks)
-        self.slot_offsets[:size].copy_(positions % self.block_size)
-        self.block_tables[:size, :used].copy_(tables)
-        self.context_lens[:size].copy_(lens)
+        """The padded batch's inputs, as the eager path prepares them, into the static
+        buffers. Only the block table columns in use are copied: attention reads no entry past
+        a context's last block, so older ones left further right are never read."""
+        padded = Batch(decodes=batch.decodes + [batch.decodes[0]] * (size - len(batch.decodes)))
+        x = prepare(padded, self.block_size, torch.device("cpu"))
+        tables = x.meta.decode_block_tables
+        self.input_ids[:size].copy_(x.input_ids)
+        self.positions[:size].copy_(x.positions)
+        self.slot_blocks[:size].copy_(x.meta.slot_blocks)
+        self.slot_offsets[:size].copy_(x.meta.slot_offsets)
+        self.block_tables[:size, :tables.shape[1]].copy_(tables)
+        self.context_lens[:size].copy_(x.meta.decode_context_lens)
 
     def _hidden(self, size: int) -> torch.Tensor:
         meta = AttentionMetadata(

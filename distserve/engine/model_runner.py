@@ -55,7 +55,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_batch(self, batch: Batch) -> torch.Tensor | None:
-        if self.graphs is not None and not batch.prefills:
+        if self.graphs is not None:
             logits = self.graphs.run(batch)
             if logits is not None:
                 return logits

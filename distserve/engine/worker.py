@@ -59,8 +59,8 @@ def load_worker(config: EngineConfig, allocate_cache: CacheAllocator = allocate_
     runner.warm_up(min(config.max_num_batched_tokens, max_len - 1, num_blocks * config.block_size - 1))
     if device.type == "cuda" and not config.enforce_eager and config.num_workers == 1:
         captured = runner.use_graphs(max_len, config.max_num_seqs)
-        log.info("decode steps %s", "replayed from CUDA graphs" if captured
-                 else "run eagerly: CUDA graphs need Triton's paged attention")
+        log.info("decode steps %s", "replayed from CUDA graphs" if captured else
+                 "run eagerly: no Triton paged attention here, or the capture failed (above)")
     return Worker(config, source.name, model, tokenizer, runner,
                   num_blocks, max_len, _eos_ids(source.hf_config, tokenizer), dtype, device)
 

@@ -107,9 +107,8 @@ def _decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, meta: Attentio
     """One query per request against its cached context.
 
     On CPU the compiled kernel reads the blocks in place, on CUDA the Triton kernel where
-    Triton is installed. Otherwise the blocks are gathered into a tensor padded to the longest
-    context and SDPA takes the gathered [B, S, Hkv, D] K/V through transposed views (its CPU
-    kernel works in that layout) and groups query heads itself, so nothing else is copied.
+    Triton is installed; otherwise gathered_decode_attention, with the key mask built once a
+    step (kept on `meta`).
     """
     if layer_cache.device.type == "cpu" and paged_kernel.kernel_available():
         return paged_kernel.paged_decode_attention(q, layer_cache, meta.decode_block_tables,
@@ -117,13 +116,23 @@ def _decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, meta: Attentio
     if triton_attention.available(layer_cache.device, layer_cache.shape[2], q.dtype):
         return triton_attention.paged_decode_attention(q, layer_cache, meta.decode_block_tables,
                                                        meta.decode_context_lens, scale)
-    b, hq, d = q.shape
-    k = gather_blocks(layer_cache, meta.decode_block_tables, 0)  # [B, S, Hkv, D]
-    v = gather_blocks(layer_cache, meta.decode_block_tables, 1)
+    slots = meta.decode_block_tables.shape[1] * layer_cache.shape[2]
     mask = meta.decode_key_mask
-    if mask is None or mask.shape[-1] != k.shape[1] or mask.dtype != q.dtype:
-        mask = build_decode_mask(meta.decode_context_lens, k.shape[1], q.dtype)
+    if mask is None or mask.shape[-1] != slots or mask.dtype != q.dtype:
+        mask = build_decode_mask(meta.decode_context_lens, slots, q.dtype)
         meta.decode_key_mask = mask
+    return gathered_decode_attention(q, layer_cache, meta.decode_block_tables, mask, scale)
+
+
+def gathered_decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, block_tables: torch.Tensor,
+                              key_mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """The torch path of decode attention, and the kernels' reference: the blocks gathered
+    into a tensor padded to the widest table, [B, S, Hkv, D], which SDPA takes through
+    transposed views (its CPU kernel works in that layout), grouping query heads itself, so
+    nothing else is copied. key_mask: build_decode_mask over the S slots."""
+    b, hq, d = q.shape
+    k = gather_blocks(layer_cache, block_tables, 0)
+    v = gather_blocks(layer_cache, block_tables, 1)
     o = F.scaled_dot_product_attention(q[:, :, None], k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=mask, scale=scale, enable_gqa=hq != k.shape[2])
+                                       attn_mask=key_mask, scale=scale, enable_gqa=hq != k.shape[2])
     return o.reshape(b, hq, d)

@@ -163,7 +163,7 @@ class LlamaForCausalLM(nn.Module):
                    meta: AttentionMetadata) -> tuple:
         x, residual = state
         rope = self.rotary.cos_sin(positions, x.dtype)
-        fused = self._decode_layers() if self.fused_decode and not meta.prefills else None
+        fused = self._decode_layers() if self.fused_decode else None
         if fused is not None and fused.applies(x, residual, kv_cache, meta):
             return fused(x, residual, rope, kv_cache, meta)
         for i, layer in enumerate(self.layers):

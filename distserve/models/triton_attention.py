@@ -40,7 +40,7 @@ def available(device: torch.device, block_size: int, dtype: torch.dtype) -> bool
 
 
 def _probe(device: torch.device, dtype: torch.dtype) -> bool:
-    from distserve.models.attention import build_decode_mask, gather_blocks
+    from distserve.models.attention import build_decode_mask, gathered_decode_attention
     try:
         g = torch.Generator(device="cpu").manual_seed(0)
         cache = torch.randn(4, 2, 16, 2, 64, generator=g).to(device, dtype)
@@ -48,10 +48,8 @@ def _probe(device: torch.device, dtype: torch.dtype) -> bool:
         tables = torch.tensor([[2, 0], [1, 3]], device=device)
         lens = torch.tensor([20, 7], device=device)
         got = paged_decode_attention(q, cache, tables, lens, 0.125).float()
-        k, v = gather_blocks(cache, tables, 0).float(), gather_blocks(cache, tables, 1).float()
-        want = torch.nn.functional.scaled_dot_product_attention(
-            q.float()[:, :, None], k.transpose(1, 2), v.transpose(1, 2), scale=0.125, enable_gqa=True,
-            attn_mask=build_decode_mask(lens, k.shape[1], torch.float32))[:, :, 0]
+        want = gathered_decode_attention(q.float(), cache.float(), tables,
+                                         build_decode_mask(lens, 2 * 16, torch.float32), 0.125)
         if torch.allclose(got, want, rtol=3e-2, atol=3e-2):
             return True
         log.warning("Triton's paged attention disagrees with torch on %s in %s: torch path used",

@@ -7,10 +7,9 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from distserve.models import triton_attention
-from distserve.models.attention import build_decode_mask, gather_blocks
+from distserve.models.attention import build_decode_mask, gathered_decode_attention
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -21,10 +20,9 @@ kernel_case = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED,
 
 
 def reference(q, cache, tables, lens, scale):
-    k, v = gather_blocks(cache, tables, 0).float(), gather_blocks(cache, tables, 1).float()
-    mask = build_decode_mask(lens, k.shape[1], torch.float32)
-    return F.scaled_dot_product_attention(q.float()[:, :, None], k.transpose(1, 2), v.transpose(1, 2),
-                                          attn_mask=mask, scale=scale, enable_gqa=True)[:, :, 0]
+    """The torch path, in float32."""
+    mask = build_decode_mask(lens, tables.shape[1] * cache.shape[2], torch.float32)
+    return gathered_decode_attention(q.float(), cache.float(), tables, mask, scale)
 
 
 @kernel_case
