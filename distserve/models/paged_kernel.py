@@ -121,7 +121,7 @@ def _load() -> bool:
     try:
         from torch.utils import cpp_extension
         isa = kernel_isa()
-        if isa == "avx2" and not {"avx2", "fma"} <= set(_cpu_flags().split()[2:]):
+        if isa == "avx2" and not {"avx2", "fma"} <= set(_cpu_flags().decode().split()[2:]):
             raise RuntimeError(f"{ISA_ENV}=avx2 on a CPU without AVX2 and FMA")
         path = library_path()
         fresh = not path.exists()
