@@ -92,6 +92,20 @@ def test_block_kernels_take_strided_rows(kernel):
                                rtol=0, atol=0)
 
 
+@each_kernel
+@pytest.mark.parametrize("rows", [2, 12, 33])
+@pytest.mark.parametrize("inputs", [512, 2048])  # rows of x 1 and 4 KB apart: copied apart first
+def test_block_kernels_at_row_strides_of_whole_kilobytes(kernel, rows, inputs):
+    torch.manual_seed(rows + inputs)
+    weight = torch.randn(80, inputs, dtype=torch.bfloat16) * 0.05
+    x = torch.randn(rows, inputs, dtype=torch.bfloat16)
+    got = run_kernel(kernel, x, weight)
+    torch.testing.assert_close(got.float(), x.float() @ weight.float().T, rtol=1e-2, atol=2e-2)
+    apart = torch.zeros(rows, inputs + 32, dtype=torch.bfloat16)[:, :inputs]  # a stride left as it is
+    apart.copy_(x)
+    torch.testing.assert_close(run_kernel(kernel, apart, weight), got, rtol=0, atol=0)
+
+
 @amx
 def test_amx_linear_takes_strided_rows_and_leading_dims_and_survives_onednn_between_calls():
     torch.manual_seed(0)

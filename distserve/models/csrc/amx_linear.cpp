@@ -132,8 +132,9 @@ inline void block_product_32(const c10::BFloat16* a, int64_t lda, const char* w,
   _tile_stored(3, c + 16 * kBlock + 16, 128);
 }
 
-void amx_linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
+void amx_linear_impl(at::Tensor& out, const at::Tensor& x_in, const at::Tensor& packed,
                      const c10::BFloat16* bias) {
+  const at::Tensor x = rows_apart(x_in);  // tile loads read 16 rows at once
   const int64_t m = x.size(0), n = out.size(1);
   const int64_t nblocks = packed.size(0), kblocks = packed.size(1);
   const auto* xp = x.data_ptr<c10::BFloat16>();

@@ -82,8 +82,9 @@ constexpr auto make_table(std::integer_sequence<int, R...>) {
 // kernels for 1..kMaxRows rows, fully unrolled over the rows
 constexpr auto kColumnBlock = make_table(std::make_integer_sequence<int, kMaxRows>{});
 
-void dpbf16_linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
+void dpbf16_linear_impl(at::Tensor& out, const at::Tensor& x_in, const at::Tensor& packed,
                         const c10::BFloat16* bias) {
+  const at::Tensor x = rows_apart(x_in);
   const int64_t m = x.size(0), n = out.size(1);
   const int64_t nblocks = packed.size(0), kblocks = packed.size(1);
   const auto* xp = x.data_ptr<c10::BFloat16>();

@@ -35,6 +35,20 @@ inline const c10::BFloat16* check_packed_linear(const char* op, const at::Tensor
   return bias->data_ptr<c10::BFloat16>();
 }
 
+// x itself, or a copy of it whose rows lie apart in the L1 cache. A pass of the AVX512-BF16
+// or AMX kernel reads the same input pair of up to 12 (or 32) rows of x at once; at a row
+// stride that is a multiple of 1 KB (K = 512, 2048, 4096...: most models' hidden sizes)
+// those reads fall in 4 or fewer of L1's 64 sets, 8 lines each, and evict each other while
+// the weight streams through. One cache line of padding a row spreads them over 12-32 sets:
+// at 12 and 32 rows of a 2048 x 11264 layer, 337-369 GFLOP/s became 421-427 (AMD Zen 4, 2
+// threads, side by side in one process). The copy is m x K values; the weight is N x K.
+inline at::Tensor rows_apart(const at::Tensor& x) {
+  const int64_t m = x.size(0), k = x.size(1);
+  if (m <= 1 || (x.stride(0) * x.element_size()) % 1024 != 0) return x;
+  const int64_t pad = 64 / x.element_size();
+  return at::empty({m, k + pad}, x.options()).narrow(1, 0, k).copy_(x);
+}
+
 #ifdef __AVX512F__
 // out[r, 0:cols] = round(c[r, 0:cols] + bias) for r < rows: the epilogue of the bf16 linear
 // kernels (float32 sums, row stride ldc, into bf16 rows of stride ldo; bias may be null).
