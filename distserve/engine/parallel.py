@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from distserve.config import EngineConfig
 from distserve.engine.batch import Batch, decode, prepare
-from distserve.kv.cache import KVCacheShape, KVShard
+from distserve.kv.cache import KVCacheShape, KVShard, allocate_kv_cache
 from distserve.models.loader import ModelSource, build_model, resolve_dtype
 from distserve.models.sharding import Shard, make_shard, split_ranges
 from distserve.models.registry import model_class
@@ -214,7 +214,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     if args.kv_segment:
         cache = attach_shm_cache(args.kv_segment, shape, args.num_blocks, dtype)
     else:
-        cache = torch.zeros(shape.tensor_shape(args.num_blocks), dtype=dtype, device=device)
+        cache = allocate_kv_cache(shape, args.num_blocks, dtype, device)
     worker = StageWorker(source, shard, cache, config, dtype, device, groups)
     exported = None
     if link is not None and link.export:

@@ -35,6 +35,7 @@ from distserve.engine.parallel import (INIT_TIMEOUT_S, PULL, STEP, STOP, Paralle
                                        shard_cache_shape)
 from distserve.engine.sampler import sample
 from distserve.engine.worker import _eos_ids, prepare_device
+from distserve.kv.cache import allocate_kv_cache
 from distserve.models.loader import default_device, find_model, load_tokenizer_for, resolve_dtype
 from distserve.models.sharding import check_parallelism, make_shard
 from distserve.request import Request
@@ -100,8 +101,7 @@ class ParallelExecutor:
                 if r == 0:
                     cache = segment_cache
             elif r == 0:   # the others are on their own GPUs, in their own processes
-                cache = torch.zeros(shape.tensor_shape(self.num_kv_blocks), dtype=dtype,
-                                    device=device)
+                cache = allocate_kv_cache(shape, self.num_kv_blocks, dtype, device)
         shares = core_shares(_own_cores() if pin_cores else [], world)
         threads = config.num_threads or None
         store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distserve.models import paged_kernel
+from distserve.models import huge_pages, paged_kernel
 
 # oneDNN picks its weight layout for an expected number of rows; 32 measured best or
 # within noise of the best from M = 1 (decoding one request) to M = 2048 (prefill)
@@ -30,15 +30,21 @@ _ROWS_HINT = 32
 _AMX_BLOCK = 32
 
 
-def amx_pack(weight: torch.Tensor) -> torch.Tensor:
+def amx_pack(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """[N, K] -> [N/32, K/32, 16, 32, 2]: 32 x 32 blocks, column block after column block, each
-    as rows of input pairs (AMX's B tile layout); N is padded with zero rows."""
+    as rows of input pairs (AMX's B tile layout); N is padded with zero rows. Written into
+    `out` (contiguous, of amx_packed_shape) where given."""
     n, k = weight.shape
     if k % _AMX_BLOCK:
         raise ValueError(f"amx_pack: {k} inputs is not a multiple of {_AMX_BLOCK}")
     blocks = -(-n // _AMX_BLOCK)
     padded = F.pad(weight, (0, 0, 0, blocks * _AMX_BLOCK - n))
-    return padded.view(blocks, _AMX_BLOCK, k // _AMX_BLOCK, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+    blocked = padded.view(blocks, _AMX_BLOCK, k // _AMX_BLOCK, 16, 2).permute(0, 2, 3, 1, 4)
+    return blocked.contiguous() if out is None else out.copy_(blocked)
+
+
+def amx_packed_shape(out_features: int, in_features: int) -> tuple[int, ...]:
+    return (-(-out_features // _AMX_BLOCK), in_features // _AMX_BLOCK, 16, _AMX_BLOCK, 2)
 
 
 def amx_usable(in_features: int) -> bool:
@@ -67,14 +73,15 @@ def block_linear_op(kernel: str):
 
 
 class PackedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, packed_out: torch.Tensor | None = None) -> None:
+        """`packed_out`: where our kernels' packed weight goes (else a tensor of its own)."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.kernel = block_kernel(self.in_features)
         if not self.kernel and not _onednn_bf16():
             self.kernel = "torch"
         weight = linear.weight.detach()
-        self.packed_weight = (weight if self.kernel == "torch" else amx_pack(weight) if self.kernel
+        self.packed_weight = (weight if self.kernel == "torch" else amx_pack(weight, packed_out) if self.kernel
                               else torch.ops.mkldnn._reorder_linear_weight(weight, _ROWS_HINT))
         self.bias = linear.bias
 
@@ -113,9 +120,14 @@ def pack_linears(model: nn.Module) -> None:
     """Swap every nn.Linear for a PackedLinear, after the weights are loaded.
 
     A weight shared with another module (a tied embedding) stays there: the packed copy is
-    the only extra memory. Any other plain weight is freed with its nn.Linear.
+    the only extra memory. Any other plain weight is freed with its nn.Linear. The weights
+    our kernels take are packed into one buffer on huge pages, in the order of the modules
+    (a decode step's order): see huge_pages.
     """
-    for parent in list(model.modules()):
-        for name, child in parent.named_children():
-            if type(child) is nn.Linear:
-                setattr(parent, name, PackedLinear(child))
+    found = [(parent, name, child) for parent in list(model.modules())
+             for name, child in parent.named_children() if type(child) is nn.Linear]
+    ours = [child for _, _, child in found if block_kernel(child.in_features)]
+    slots = dict(zip(map(id, ours), huge_pages.one_arena(
+        [amx_packed_shape(c.out_features, c.in_features) for c in ours], torch.bfloat16)))
+    for parent, name, child in found:
+        setattr(parent, name, PackedLinear(child, slots.get(id(child))))
