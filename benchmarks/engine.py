@@ -15,12 +15,18 @@ of a decode step is weight bytes / read bandwidth, the fastest streaming read of
 far larger than the caches, measured in the same run; at batch 32 also its FLOPs / the
 fastest large bf16 matmul measured in the same run (oneDNN's or ours): a batch-32 step is
 as much compute as memory on two cores.
+
+An AVX2-only CPU, on a CPU with AVX-512 (every library held to AVX2; recorded in the JSON):
+
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        DISTSERVE_CPU_ISA=avx2 python benchmarks/engine.py --out /tmp/engine_avx2.json
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import os
 import pathlib
 import statistics
 import sys
@@ -38,6 +44,7 @@ from distserve.models.packed_linear import _onednn_bf16 as native_bf16
 from distserve.models.packed_linear import amx_pack, block_kernel, block_linear_op
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+ISA_OVERRIDES = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "DISTSERVE_CPU_ISA")
 
 
 def read_bandwidth(gib: float = 2.0, passes: int = 5) -> float:
@@ -283,6 +290,7 @@ def main(argv=None) -> int:
               "matmul_peak_GFLOPs": peak / 1e9, "matmul_peak_GFLOPs_per_measurement": [round(p / 1e9) for p in peaks],
               "linear_kernel": block_kernel(2048) or "onednn", "kernel_isa": paged_kernel.kernel_isa(),
               "cpu_features": sorted(f for f, on in doctor.report()["cpu_features"].items() if on),
+              "isa_overrides": {k: os.environ[k] for k in ISA_OVERRIDES if k in os.environ},
               "quick": args.quick, "new_tokens": new_tokens, "repeats": repeats, "models": results}
     print()
     for m in results:

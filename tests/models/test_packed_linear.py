@@ -106,6 +106,25 @@ def test_block_kernels_at_row_strides_of_whole_kilobytes(kernel, rows, inputs):
     torch.testing.assert_close(run_kernel(kernel, apart, weight), got, rtol=0, atol=0)
 
 
+@each_kernel
+@pytest.mark.parametrize("threads", [1, 3])
+def test_block_kernels_compute_every_column_block_once_whichever_thread_takes_it(kernel, threads):
+    """Threads take blocks from the back of each other's shares (more threads than cores here:
+    one is often behind); every output column must still be written, with the right sums."""
+    torch.manual_seed(threads)
+    weight = torch.randn(32 * 61, 64, dtype=torch.bfloat16)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in (1, 5, 30):
+            x = torch.randn(rows, 64, dtype=torch.bfloat16)
+            for _ in range(5):
+                got = run_kernel(kernel, x, weight)   # out starts as NaN
+                torch.testing.assert_close(got.float(), x.float() @ weight.float().T, rtol=1e-2, atol=2e-2)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @amx
 def test_amx_linear_takes_strided_rows_and_leading_dims_and_survives_onednn_between_calls():
     torch.manual_seed(0)

@@ -172,10 +172,10 @@ void avx2_linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& pa
     const int64_t lda = xf.stride(0);
     // row chunks of near-equal size (32 rows: 5, 5, 5, 5, 6, 6, not five of 6 and a thin 2)
     const int64_t passes = (m + kPanelRows - 1) / kPanelRows, small = m / passes, big = m % passes;
-    at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
+    parallel_blocks(nblocks, [&](const auto& claim) {
       std::vector<float> panel(k * kHalf);
       alignas(32) float c[kPanelRows * kHalf];
-      for (int64_t nb = begin; nb < end; ++nb)
+      for (int64_t nb; claim(nb);)
         for (int h = 0; h < 2; ++h) {
           const int64_t n0 = nb * kBlock + h * kHalf;
           if (n0 >= n) break;
@@ -193,7 +193,7 @@ void avx2_linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& pa
   const int64_t chunks = (m + kMaxRows - 1) / kMaxRows;
   const int64_t chunk = (m + chunks - 1) / chunks;
   const c10::BFloat16* xb = x.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_blocks(nblocks, [&](const auto& claim) {
     alignas(32) float c[kMaxRows * kBlock];
     // x widened by each thread for itself: a few thousand values, where a float32 tensor
     // cost ~7 us of allocation and dispatch per call (121 calls a SmolLM2 decode step)
@@ -203,7 +203,7 @@ void avx2_linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& pa
         _mm256_storeu_ps(xf.data() + r * k + i, load8(xb + r * x.stride(0) + i));
     const float* xp = xf.data();
     const int64_t lda = k;
-    for (int64_t nb = begin; nb < end; ++nb) {
+    for (int64_t nb; claim(nb);) {
       const char* w = wp + nb * kblocks * kBlockBytes;
       const int64_t n0 = nb * kBlock;
       for (int64_t m0 = 0; m0 < m; m0 += chunk) {

@@ -95,13 +95,13 @@ void dpbf16_linear_impl(at::Tensor& out, const at::Tensor& x_in, const at::Tenso
   const int64_t chunks = (m + kMaxRows - 1) / kMaxRows;
   const int64_t chunk = (m + chunks - 1) / chunks;
   const ColumnBlockFn kernel = kColumnBlock[chunk - 1], last = kColumnBlock[m - (chunks - 1) * chunk - 1];
-  at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_blocks(nblocks, [&](const auto& claim) {
     alignas(64) float c[kMaxRows * kBlock];
     // every row chunk passes a column block before the next one: the first pass reads it from
     // memory, the others from L2, and the reads from memory spread evenly over the call (a
     // 512 KB panel of column blocks per pass instead: 1.06x the time at 32 rows, SmolLM2's
     // and the 1.1 GB model's matrices)
-    for (int64_t nb = begin; nb < end; ++nb) {
+    for (int64_t nb; claim(nb);) {
       const char* w = wp + nb * kblocks * kBlockBytes;
       const int64_t n0 = nb * kBlock;
       for (int64_t m0 = 0; m0 < m; m0 += chunk) {

@@ -6,7 +6,12 @@
 
 #include <ATen/ATen.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <vector>
 
 #include "cpu_math.h"
 
@@ -47,6 +52,46 @@ inline at::Tensor rows_apart(const at::Tensor& x) {
   if (m <= 1 || (x.stride(0) * x.element_size()) % 1024 != 0) return x;
   const int64_t pad = 64 / x.element_size();
   return at::empty({m, k + pad}, x.options()).narrow(1, 0, k).copy_(x);
+}
+
+// Runs work(claim) once on each of torch's threads over the column blocks [0, n): claim(nb)
+// hands the thread its next block, false when none is left. Each thread streams its own
+// contiguous share front to back, as at::parallel_for splits a range, and a thread done with
+// its share takes blocks from the back of another's, one at a time.
+// Why: a decode step is ~120 calls of tens of microseconds, and on a shared VM one thread
+// is often slower for a while; with fixed shares every call waits for it. Measured side by
+// side in one process (AMD Zen 4, 2 threads, AVX512-BF16): SmolLM2's 121 matrices at one row
+// 0.92-0.98x the time (faster in 23-27 of 30 paired runs), the 1.1 GB model's at 32 rows
+// 0.95x and at 4 rows 0.94x (13 and 15 of 16).
+template <class Work>
+void parallel_blocks(int64_t n, const Work& work) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  struct alignas(64) Share {       // one cache line each: no false sharing until a steal
+    std::atomic<uint64_t> range;   // next block in the low 32 bits, one past the last in the high
+  };
+  std::vector<Share> shares(threads);
+  for (int64_t t = 0; t < threads; ++t)
+    shares[t].range.store(static_cast<uint64_t>(n * t / threads) |
+                          (static_cast<uint64_t>(n * (t + 1) / threads) << 32));
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {   // one each, unless called inside a parallel region
+      int64_t other = 0;                  // 0: our own share, from the front; then the others'
+      work([&](int64_t& nb) {
+        for (; other < threads; ++other) {
+          Share& s = shares[(t + other) % threads];
+          uint64_t r = s.range.load(std::memory_order_relaxed);
+          while (static_cast<uint32_t>(r) < (r >> 32)) {
+            const uint64_t next = other == 0 ? r + 1 : r - (uint64_t{1} << 32);
+            if (s.range.compare_exchange_weak(r, next, std::memory_order_relaxed)) {
+              nb = other == 0 ? static_cast<int64_t>(static_cast<uint32_t>(r)) : static_cast<int64_t>(r >> 32) - 1;
+              return true;
+            }
+          }
+        }
+        return false;
+      });
+    }
+  });
 }
 
 #ifdef __AVX512F__
