@@ -12,7 +12,9 @@ waits for a quiet moment (Linux CPU pressure), runs of the two engines alternate
 engine keeps its best run: noise from other processes only ever slows a run down. Decode
 tokens/s = batch / median step; prefill tokens/s = prompt tokens / prefill time. The floor
 of a decode step is weight bytes / read bandwidth, the fastest streaming read of a buffer
-far larger than the caches, measured in the same run; at batch 32 also its FLOPs / the
+far larger than the caches, measured in the same run (its best reading; and, for each
+batch-1 run of ours, the reading just before or after it, whichever is faster: this host's
+memory speed moves by up to 2x from minute to minute); at batch 32 also its FLOPs / the
 fastest large bf16 matmul measured in the same run (oneDNN's or ours): a batch-32 step is
 as much compute as memory on two cores.
 
@@ -44,6 +46,7 @@ from distserve.models.packed_linear import _onednn_bf16 as native_bf16
 from distserve.models.packed_linear import amx_pack, block_kernel, block_linear_op
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+ADJACENT_GIB = 0.5   # the read around each batch-1 run: 16x the L3 cache, ~50 ms
 ISA_OVERRIDES = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "DISTSERVE_CPU_ISA")
 
 
@@ -169,15 +172,21 @@ def clock_hf(model, prompts: list[list[int]], new_tokens: int) -> list[float]:
     return [start] + clock.marks[1:]  # the first put is the prompt itself
 
 
-def measure(clocks: dict, prompts: list[list[int]], new_tokens: int, repeats: int) -> list[dict]:
-    """Alternate the engines' runs; keep each engine's fastest prefill and decode."""
+def measure(clocks: dict, prompts: list[list[int]], new_tokens: int, repeats: int,
+            floor_around: str | None = None) -> list[dict]:
+    """Alternate the engines' runs; keep each engine's fastest prefill and decode. Around
+    each run of the engine `floor_around` names, the read bandwidth of that moment too."""
     runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in clocks}
+    adjacent: list[float] = []
     for name, clock in clocks.items():  # warm-up at these shapes: kernels are picked and built
         clock(prompts, new_tokens)
     for _ in range(repeats):
         for name, clock in clocks.items():
             pressure = wait_for_quiet()
+            before = read_bandwidth(ADJACENT_GIB, 2) if name == floor_around else None
             marks = clock(prompts, new_tokens)
+            if before is not None:
+                adjacent.append(max(before, read_bandwidth(ADJACENT_GIB, 2)))
             if len(marks) != new_tokens + 1:
                 raise RuntimeError(f"{name}: {len(marks) - 1} steps for {new_tokens} tokens")
             steps = [b - a for a, b in itertools.pairwise(marks[1:])]
@@ -191,6 +200,8 @@ def measure(clocks: dict, prompts: list[list[int]], new_tokens: int, repeats: in
                      "decode_tokens_per_s": b / step,
                      "decode_step_ms_per_run": [round(r[1] * 1e3, 2) for r in rs],
                      "cpu_pressure_at_start_per_run": [r[2] for r in rs]})
+        if name == floor_around:
+            rows[-1]["adjacent_read_GBps_per_run"] = [round(b / 1e9, 2) for b in adjacent]
     return rows
 
 
@@ -211,16 +222,23 @@ def bench_model(label: str, ours: LLM, hf, batches: list[int], prompt_len: int,
     rows = []
     for b in batches:
         prompts = [base[i:i + prompt_len] for i in range(b)]
-        for r in measure(clocks, prompts, new_tokens, repeats):
+        for r in measure(clocks, prompts, new_tokens, repeats, "distserve" if b == 1 else None):
             rows.append(r)
             print(f"  {label:<22} {r['engine']:<13} batch {b:>3}: decode {r['decode_tokens_per_s']:8.1f}"
                   f" tok/s (step {r['decode_step_ms']:7.1f} ms), prefill"
                   f" {r['prefill_tokens_per_s']:8.1f} tok/s", flush=True)
-    step1 = next(r["decode_step_ms"] for r in rows if r["engine"] == "distserve" and r["batch"] == 1)
+    ours1 = next(r for r in rows if r["engine"] == "distserve" and r["batch"] == 1)
+    step1 = ours1["decode_step_ms"]
+    # each run's step over the floor at the bandwidth read just before and after it: the host's
+    # memory speed moves by up to 2x from minute to minute, the run's best may not be this one's
+    adjacent = [ms / (weight_bytes / (gbps * 1e9) * 1e3)
+                for ms, gbps in zip(ours1["decode_step_ms_per_run"], ours1["adjacent_read_GBps_per_run"])]
     return {"model": label, "weight_bytes": weight_bytes, "rows": rows,
             "kv_bytes_per_token": kv_bytes_per_token,
             "attention_width": c.num_hidden_layers * c.num_attention_heads * (c.hidden_size // c.num_attention_heads), "prompt_len": prompt_len,
             "new_tokens": new_tokens, "decode_step_b1_ms": step1,
+            "step_over_adjacent_floor_per_run": [round(a, 3) for a in adjacent],
+            "step_over_adjacent_floor_median": statistics.median(adjacent),
             "dtype": str(ours.engine.executor.worker.dtype).removeprefix("torch."),
             "transformers_dtype": str(hf.dtype).removeprefix("torch."),
             "decode_speedup_vs_transformers": {b: _ratio(rows, b) for b in batches}}
@@ -298,7 +316,9 @@ def main(argv=None) -> int:
         print(f"{m['model']}: decode speed-up vs transformers " +
               ", ".join(f"batch {b}: {v:.2f}x" for b, v in s.items()) +
               f"; batch-1 step {m['decode_step_b1_ms']:.1f} ms = {m['step_over_floor']:.2f}x the "
-              f"bandwidth floor ({m['bandwidth_floor_ms']:.1f} ms at {best_bw / 1e9:.1f} GB/s)")
+              f"bandwidth floor ({m['bandwidth_floor_ms']:.1f} ms at {best_bw / 1e9:.1f} GB/s); each run's "
+              f"over the floor read around it: {m['step_over_adjacent_floor_per_run']} "
+              f"(median {m['step_over_adjacent_floor_median']:.2f}x)")
         b32 = m["batch32"]
         print(f"  batch 32: step {b32['step_ms']:.1f} ms, floor {b32['floor_ms']:.1f} ms (weights + "
               f"mean context K/V at {best_bw / 1e9:.1f} GB/s); compute floor {b32['compute_floor_ms']:.1f} ms "
