@@ -56,19 +56,19 @@ def read_bandwidth(gib: float = 2.0, passes: int = 5) -> float:
     Kernels that read every byte once, on every thread torch uses: a sum, a matrix-vector
     product over the same bytes (MKL's gemv streams faster than torch's reduction on some
     CPUs) and, where it is built, our linear kernel (AMX, AVX512-BF16 or AVX2) at one row over
-    the buffer taken as a packed weight (it prefetches, and outran both on an AMX machine).
+    the buffer taken as a packed weight (on an AMX machine it outran both).
     Each over a buffer from torch's allocator and one on huge pages (where our packed weights
     live: see models/huge_pages.py). The floor is meant to be unbeatable, so the best pass of
     any counts.
     """
     nbytes = int(gib * 2**30) // 4 * 4
+    kernel = block_kernel(2048)
     readers = []
     for buf in (torch.ones(nbytes // 4), huge_pages.zeroed_bytes(nbytes).view(torch.float32).fill_(1.0)):
         mat, vec = buf.view(-1, 1024), torch.ones(1024)
         readers += [buf.sum, lambda mat=mat, vec=vec: torch.mv(mat, vec)]
-        kernel = block_kernel(2048)
         if kernel:
-            blocks = buf.numel() * 4 // (32 * 2048 * 2)
+            blocks = nbytes // (32 * 2048 * 2)
             packed = buf[: blocks * 32 * 1024].view(torch.bfloat16).view(blocks, 64, 16, 32, 2)
             x, out = torch.zeros(1, 2048, dtype=torch.bfloat16), torch.empty(1, blocks * 32, dtype=torch.bfloat16)
             readers.append(lambda op=block_linear_op(kernel), out=out, x=x, packed=packed: op(out, x, packed, None))

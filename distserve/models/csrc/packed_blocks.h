@@ -5,7 +5,6 @@
 #pragma once
 
 #include <ATen/ATen.h>
-
 #include <ATen/Parallel.h>
 
 #include <algorithm>
