@@ -12,9 +12,10 @@ waits for a quiet moment (Linux CPU pressure), runs of the two engines alternate
 engine keeps its best run: noise from other processes only ever slows a run down. Decode
 tokens/s = batch / median step; prefill tokens/s = prompt tokens / prefill time. The floor
 of a decode step is weight bytes / read bandwidth, the fastest streaming read of a buffer
-far larger than the caches, measured in the same run (its best reading; and, for each
-batch-1 run of ours, the reading just before or after it, whichever is faster: this host's
-memory speed moves by up to 2x from minute to minute); at batch 32 also its FLOPs / the
+far larger than the caches, measured in the same run (the best of all its readings, those
+around our batch-1 runs included; and, for each batch-1 run of ours, the reading just before
+or after it, whichever is faster: this host's memory speed moves by up to 2x from minute to
+minute); at batch 32 also its FLOPs / the
 fastest large bf16 matmul measured in the same run (oneDNN's or ours): a batch-32 step is
 as much compute as memory on two cores.
 
@@ -296,7 +297,10 @@ def main(argv=None) -> int:
         measure_bandwidth()
         results.append(bench_model("random Llama 1.1 GB", big, hf_big, batches, 64,
                                    new_tokens, repeats, big32))
-    best_bw, peak = max(bandwidths), max(peaks)
+    # the floor is the fastest read of the whole run, the reads around each batch-1 run included:
+    # the two long reads alone may both fall in one of this host's slow minutes
+    adjacent = [gbps * 1e9 for m in results for r in m["rows"] for gbps in r.get("adjacent_read_GBps_per_run", [])]
+    best_bw, peak = max(bandwidths + adjacent), max(peaks)
     for m in results:
         m["bandwidth_floor_ms"] = m["weight_bytes"] / best_bw * 1e3
         m["step_over_floor"] = m["decode_step_b1_ms"] / m["bandwidth_floor_ms"]
@@ -305,6 +309,7 @@ def main(argv=None) -> int:
               "torch": torch.__version__, "transformers": transformers.__version__,
               "read_bandwidth_GBps": best_bw / 1e9,
               "read_bandwidth_GBps_per_measurement": [round(b / 1e9, 2) for b in bandwidths],
+              "read_bandwidth_GBps_around_batch1_runs": [round(b / 1e9, 2) for b in adjacent],
               "matmul_peak_GFLOPs": peak / 1e9, "matmul_peak_GFLOPs_per_measurement": [round(p / 1e9) for p in peaks],
               "linear_kernel": block_kernel(2048) or "onednn", "kernel_isa": paged_kernel.kernel_isa(),
               "cpu_features": sorted(f for f, on in doctor.report()["cpu_features"].items() if on),

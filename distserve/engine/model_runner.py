@@ -60,6 +60,9 @@ class ModelRunner:
             if logits is not None:
                 return logits
         x = prepare(batch, self.block_size, self.device)
+        if batch.num_sampled and hasattr(self.model, "sampled_logits"):   # one call: see llama.py
+            return self.model.sampled_logits(x.input_ids, x.positions, self.kv_cache, x.meta,
+                                             x.logit_rows)
         hidden = self.model(x.input_ids, x.positions, self.kv_cache, x.meta)
         return self.model.compute_logits(hidden[x.logit_rows]) if batch.num_sampled else None
 

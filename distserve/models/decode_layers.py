@@ -68,8 +68,27 @@ class DecodeLayers:
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None,
                  rope: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
                  meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.ops.distserve_cpu.llama_decode_layers(*self._args(x, residual, rope, kv_cache, meta))
+
+    def takes_head(self, norm, head) -> bool:
+        """Can `logits` end the stack with this final norm and head (the model's own)."""
+        return (isinstance(head, PackedLinear) and head.kernel == self.kernel and head.bias is None
+                and norm.eps == self.eps and norm.weight.dtype == torch.bfloat16
+                and norm.weight.is_contiguous())
+
+    def logits(self, x: torch.Tensor, residual: torch.Tensor | None,
+               rope: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
+               meta: AttentionMetadata, norm, head: PackedLinear) -> torch.Tensor:
+        """The layers, the final norm and the head in the same call: the logits of every row.
+        After the layers have streamed the weights through the caches, each Python op finds
+        its state gone (the final norm alone took ~170 us from Python); see
+        csrc/decode_layers.cpp."""
+        return torch.ops.distserve_cpu.llama_decode_logits(
+            *self._args(x, residual, rope, kv_cache, meta), norm.weight, head.packed_weight,
+            head.out_features)
+
+    def _args(self, x, residual, rope, kv_cache, meta) -> tuple:
         cos, sin = (t.reshape(t.shape[0], t.shape[-1]) for t in rope)
-        return torch.ops.distserve_cpu.llama_decode_layers(
-            x, residual, self.weights, self.qkv_biases, kv_cache, cos, sin, meta.slot_blocks,
-            meta.slot_offsets, meta.decode_block_tables, meta.decode_context_lens,
-            self.num_heads, self.num_kv_heads, self.ffn, self.eps, self.scale, self.kernel)
+        return (x, residual, self.weights, self.qkv_biases, kv_cache, cos, sin, meta.slot_blocks,
+                meta.slot_offsets, meta.decode_block_tables, meta.decode_context_lens,
+                self.num_heads, self.num_kv_heads, self.ffn, self.eps, self.scale, self.kernel)

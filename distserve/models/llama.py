@@ -170,6 +170,21 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, rope, kv_cache[:, i], meta)
         return x, residual
 
+    def sampled_logits(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                       kv_cache: torch.Tensor, meta: AttentionMetadata,
+                       logit_rows: torch.Tensor) -> torch.Tensor:
+        """The logits of the rows `logit_rows` names. A decode-only batch (every row sampled)
+        on our CPU kernels runs its layers, final norm and head in one C++ call."""
+        state = self.embed(input_ids, positions)
+        fused = self._decode_layers() if self.fused_decode else None
+        if (fused is not None and self.lm_head is not None
+                and fused.applies(state[0], state[1], kv_cache, meta)
+                and fused.takes_head(self.norm, self.lm_head)):
+            rope = self.rotary.cos_sin(positions, state[0].dtype)
+            return fused.logits(*state, rope, kv_cache, meta, self.norm, self.lm_head)
+        hidden = self.finish(self.run_layers(state, positions, kv_cache, meta))
+        return self.compute_logits(hidden[logit_rows])
+
     def _decode_layers(self) -> DecodeLayers | None:
         """Gathered at the first decode step: the loader packs the linear layers once, before
         it, and nothing swaps them after."""

@@ -75,6 +75,37 @@ def test_a_decode_step_is_bit_for_bit_the_python_layers(request, model_fixture, 
     assert torch.equal(fx, px) and torch.equal(fres, pres)
 
 
+@pytest.mark.parametrize("model_fixture", ["tiny_llama", "tiny_qwen2"])
+def test_the_logits_of_a_decode_step_are_bit_for_bit_the_python_path(request, model_fixture,
+                                                                      monkeypatch):
+    """Layers, final norm and head in one C++ call (llama_decode_logits), against the layers'
+    Python forward, the norm module and the head module."""
+    llm = _engine(request.getfixturevalue(model_fixture))
+    runner, model = llm.engine.executor.worker.runner, llm.engine.executor.worker.model
+    prompts = [[(5 * i + 2 * n) % 1000 + 7 for i in range(n)] for n in (9, 30)]
+    tables = _prefilled(llm, prompts)
+    batch = Batch(decodes=[DecodeRow(13 + i, len(p) + 1, t) for i, (p, t) in enumerate(zip(prompts, tables))])
+    inputs = prepare(batch, runner.block_size, runner.device)
+    assert model._decode_layers().takes_head(model.norm, model.lm_head)
+    results = []
+    for fused in (True, False):
+        model.fused_decode = fused
+        cache = runner.kv_cache.clone()
+        with torch.inference_mode():
+            results.append((model.sampled_logits(inputs.input_ids, inputs.positions, cache,
+                                                 inputs.meta, inputs.logit_rows), cache))
+    model.fused_decode = True
+    (fused_logits, fused_cache), (plain_logits, plain_cache) = results
+    assert fused_logits.shape == (2, model.args.vocab_size)
+    assert torch.equal(fused_logits, plain_logits) and torch.equal(fused_cache, plain_cache)
+    # the fused call is the one the runner makes for a decode-only batch
+    seen, logits = [], DecodeLayers.logits
+    monkeypatch.setattr(DecodeLayers, "logits", lambda *a: seen.append(1) or logits(*a))
+    with torch.inference_mode():
+        runner.run_batch(batch)
+    assert seen == [1]
+
+
 def test_greedy_tokens_are_the_same_fused_or_not(tiny_llama):
     llm = _engine(tiny_llama)
     model = llm.engine.executor.worker.model
