@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distserve.models import huge_pages, paged_kernel
+from distserve.models import avx2_tuning, huge_pages, paged_kernel
 
 # oneDNN picks its weight layout for an expected number of rows; 32 measured best or
 # within noise of the best from M = 1 (decoding one request) to M = 2048 (prefill)
@@ -131,3 +131,5 @@ def pack_linears(model: nn.Module) -> None:
         [amx_packed_shape(c.out_features, c.in_features) for c in ours], torch.bfloat16)))
     for parent, name, child in found:
         setattr(parent, name, PackedLinear(child, slots.get(id(child))))
+    if any(block_kernel(c.in_features) == "avx2" for c in ours):
+        avx2_tuning.apply()   # how far ahead it prefetches, chosen for this machine

@@ -139,7 +139,8 @@ def _load() -> bool:
             log.warning("CPU kernels built in %.0f s: %s", time.perf_counter() - start, path)
         return all(hasattr(torch.ops.distserve_cpu, op) for op in
                    ("paged_decode_attention", "add_rms_norm_", "silu_mul", "rotary_cache_write",
-                    "amx_linear", "dpbf16_linear", "avx2_linear", "argmax_rows", "simd_lanes",
+                    "amx_linear", "dpbf16_linear", "avx2_linear", "avx2_set_prefetch_blocks",
+                    "argmax_rows", "simd_lanes",
                     "llama_decode_layers", "llama_decode_logits"))
     except Exception as exc:  # no compiler, no ninja, or a build error: the torch path works
         log.warning("CPU kernels unavailable, using the torch path: %s", exc)

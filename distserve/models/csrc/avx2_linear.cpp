@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -32,6 +33,15 @@
 
 namespace {
 
+// weight blocks asked for ahead, 0 for none; set per machine (avx2_set_prefetch_blocks, by
+// models/avx2_tuning.py: measured once, cached). Over SmolLM2's 121 matrices in a
+// row (269 MB, from memory) at one row of x: on AMD Zen 3, 4 blocks ahead streamed 15-18 GB/s,
+// 16 or 32 ahead 20-21 GB/s (torch's sum over a 1 GiB buffer: 21 GB/s), none at all 18-21; on
+// AMD Zen 4 with every library held to AVX2, none was 1.15-1.6x faster than 16 ahead (25-39
+// GB/s against 22-26; its hardware prefetchers alone stream faster, as for the AVX512-BF16
+// kernel)
+std::atomic<int64_t> prefetch_blocks{16};
+
 #ifdef DISTSERVE_HAVE_AVX2_LINEAR
 
 constexpr int kMaxRows = 4;            // rows of x per pass over a half column block
@@ -40,10 +50,6 @@ constexpr int kMaxRows = 4;            // rows of x per pass over a half column 
 // 4 rows 95-126 / 43-75, 16 rows 135-154 / 105-140, 24 rows 133-153 / 130-166, 128 rows
 // 147-156 / 170-185, 512 rows 151-154 / 184-190 (torch's float32 matmul: 153-182)
 constexpr int64_t kPanelMinRows = 24;
-// weight blocks asked for ahead (32 KB): over SmolLM2's 121 matrices in a row (269 MB, from
-// memory) at one row of x, 4 blocks ahead streamed 15-18 GB/s, 16 or 32 ahead 20-21 GB/s
-// (torch's sum over a 1 GiB buffer: 21 GB/s), none at all 18-21
-constexpr int64_t kPrefetchBlocks = 16;
 
 inline void prefetch_block(const char* block) {
   for (int64_t line = 0; line < kBlockBytes; line += 64) _mm_prefetch(block + line, _MM_HINT_T0);
@@ -59,9 +65,10 @@ void column_groups(const float* a, int64_t lda, const char* w, int64_t kblocks, 
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g) acc[r][g] = _mm256_setzero_ps();
   const __m256i high = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  const int64_t ahead = g0 == 0 ? prefetch_blocks.load(std::memory_order_relaxed) : 0;
   for (int64_t kb = 0; kb < kblocks; ++kb) {
     const char* b = w + kb * kBlockBytes;
-    if (g0 == 0) prefetch_block(b + kPrefetchBlocks * kBlockBytes);
+    if (ahead) prefetch_block(b + ahead * kBlockBytes);
     const float* ak = a + kb * kBlock;
 #pragma GCC unroll 2
     for (int p = 0; p < 16; ++p) {
@@ -239,10 +246,17 @@ void avx2_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
 #endif
 }
 
+// Sets how many weight blocks ahead the kernel prefetches (0: none); returns the previous value.
+int64_t avx2_set_prefetch_blocks(int64_t blocks) {
+  TORCH_CHECK(blocks >= 0, "avx2_set_prefetch_blocks: blocks must be >= 0, got ", blocks);
+  return prefetch_blocks.exchange(blocks);
+}
+
 }  // namespace distserve
 
 TORCH_LIBRARY_FRAGMENT(distserve_cpu, m) {
   m.def("avx2_available() -> bool", &distserve::avx2_available);
+  m.def("avx2_set_prefetch_blocks(int blocks) -> int", &distserve::avx2_set_prefetch_blocks);
   m.def("avx2_linear(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias) -> ()");
 }
 
