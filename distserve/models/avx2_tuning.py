@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from distserve import cache_dir
+from distserve import cache_dir, doctor
 from distserve.models import huge_pages, paged_kernel
 
 log = logging.getLogger(__name__)
@@ -40,14 +40,7 @@ def cache_file() -> pathlib.Path:
 
 def machine_key() -> str:
     """Changes with the CPU (its model name and feature flags)."""
-    name = b""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_bytes().splitlines():
-            if line.startswith(b"model name"):
-                name = line
-                break
-    except OSError:
-        pass
+    name = doctor._cpu_name().encode()
     return hashlib.sha256(name + b"\0" + paged_kernel._cpu_flags()).hexdigest()[:16]
 
 
@@ -100,14 +93,15 @@ def prefetch_blocks() -> int:
         table = json.loads(path.read_text())
     except (OSError, ValueError):
         table = {}
-    entry = table.get(key) if isinstance(table, dict) else None
+    if not isinstance(table, dict):
+        table = {}
+    entry = table.get(key)
     if isinstance(entry, dict) and isinstance(entry.get("avx2_prefetch_blocks"), int):
         return entry["avx2_prefetch_blocks"]
     seconds = measure()
     blocks = choose(seconds)
     log.info("AVX2 linear kernel: prefetching %d blocks ahead (64 MB at one row: %s)", blocks,
              ", ".join(f"{c} ahead {_WEIGHT_BYTES / s / 1e9:.1f} GB/s" for c, s in seconds.items()))
-    table = table if isinstance(table, dict) else {}
     table[key] = {"avx2_prefetch_blocks": blocks,
                   "GBps": {str(c): round(_WEIGHT_BYTES / s / 1e9, 2) for c, s in seconds.items()}}
     try:

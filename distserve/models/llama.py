@@ -176,14 +176,21 @@ class LlamaForCausalLM(nn.Module):
         """The logits of the rows `logit_rows` names. A decode-only batch (every row sampled)
         on our CPU kernels runs its layers, final norm and head in one C++ call."""
         state = self.embed(input_ids, positions)
-        fused = self._decode_layers() if self.fused_decode else None
-        if (fused is not None and self.lm_head is not None
-                and fused.applies(state[0], state[1], kv_cache, meta)
-                and fused.takes_head(self.norm, self.lm_head)):
+        fused = self._decode_tail() if self.fused_decode else None
+        if fused is not None and fused.applies(state[0], state[1], kv_cache, meta):
             rope = self.rotary.cos_sin(positions, state[0].dtype)
             return fused.logits(*state, rope, kv_cache, meta, self.norm, self.lm_head)
         hidden = self.finish(self.run_layers(state, positions, kv_cache, meta))
         return self.compute_logits(hidden[logit_rows])
+
+    def _decode_tail(self) -> DecodeLayers | None:
+        """The fused stack where it can also end in this model's final norm and head: the
+        same once packed, so asked once, not at every step."""
+        if not hasattr(self, "_fused_tail"):
+            layers = self._decode_layers()
+            self._fused_tail = (layers if layers is not None and self.lm_head is not None
+                                and layers.takes_head(self.norm, self.lm_head) else None)
+        return self._fused_tail
 
     def _decode_layers(self) -> DecodeLayers | None:
         """Gathered at the first decode step: the loader packs the linear layers once, before

@@ -129,7 +129,8 @@ def pack_linears(model: nn.Module) -> None:
     ours = [child for _, _, child in found if block_kernel(child.in_features)]
     slots = dict(zip(map(id, ours), huge_pages.one_arena(
         [amx_packed_shape(c.out_features, c.in_features) for c in ours], torch.bfloat16)))
-    for parent, name, child in found:
-        setattr(parent, name, PackedLinear(child, slots.get(id(child))))
-    if any(block_kernel(c.in_features) == "avx2" for c in ours):
+    packed = [PackedLinear(child, slots.get(id(child))) for _, _, child in found]
+    for (parent, name, _), module in zip(found, packed):
+        setattr(parent, name, module)
+    if any(m.kernel == "avx2" for m in packed):
         avx2_tuning.apply()   # how far ahead it prefetches, chosen for this machine

@@ -86,7 +86,7 @@ def test_the_logits_of_a_decode_step_are_bit_for_bit_the_python_path(request, mo
     tables = _prefilled(llm, prompts)
     batch = Batch(decodes=[DecodeRow(13 + i, len(p) + 1, t) for i, (p, t) in enumerate(zip(prompts, tables))])
     inputs = prepare(batch, runner.block_size, runner.device)
-    assert model._decode_layers().takes_head(model.norm, model.lm_head)
+    assert model._decode_tail() is model._decode_layers() is not None
     results = []
     for fused in (True, False):
         model.fused_decode = fused
