@@ -27,6 +27,7 @@ An AVX2-only CPU, on a CPU with AVX-512 (every library held to AVX2; recorded in
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import os
@@ -137,16 +138,23 @@ def build_random_llama(out: pathlib.Path, tokenizer) -> pathlib.Path:
     return out
 
 
-def clock_ours(llm: LLM, prompts: list[list[int]], new_tokens: int) -> list[float]:
-    """Start time, then the time at the end of every step that produced tokens."""
+def clock_ours(llm: LLM, prompts: list[list[int]], new_tokens: int, steps: int = 1) -> list[float]:
+    """Start time, then the time each token was done: the end of every step that produced
+    tokens, where a step that gave each request k tokens (`steps` a call: the engine's
+    num_scheduler_steps) counts as k steps of equal length."""
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     engine = llm.engine
+    engine.config.num_scheduler_steps = steps
     marks = [time.perf_counter()]
     for p in prompts:
         engine.add(p, params)
     while engine.has_unfinished:
-        if engine.step().outputs:
-            marks.append(time.perf_counter())
+        outputs = engine.step().outputs
+        if outputs:
+            now, last = time.perf_counter(), marks[-1]
+            k = max(collections.Counter(o.request_id for o in outputs).values())
+            marks.extend(last + (now - last) * (i + 1) / k for i in range(k))
+    engine.config.num_scheduler_steps = 1
     return marks
 
 
@@ -174,20 +182,20 @@ def clock_hf(model, prompts: list[list[int]], new_tokens: int) -> list[float]:
 
 
 def measure(clocks: dict, prompts: list[list[int]], new_tokens: int, repeats: int,
-            floor_around: str | None = None) -> list[dict]:
+            floor_around: tuple = ()) -> list[dict]:
     """Alternate the engines' runs; keep each engine's fastest prefill and decode. Around
-    each run of the engine `floor_around` names, the read bandwidth of that moment too."""
+    each run of the engines `floor_around` names, the read bandwidth of that moment too."""
     runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in clocks}
-    adjacent: list[float] = []
+    adjacent: dict[str, list[float]] = {name: [] for name in floor_around}
     for name, clock in clocks.items():  # warm-up at these shapes: kernels are picked and built
         clock(prompts, new_tokens)
     for _ in range(repeats):
         for name, clock in clocks.items():
             pressure = wait_for_quiet()
-            before = read_bandwidth(ADJACENT_GIB, 2) if name == floor_around else None
+            before = read_bandwidth(ADJACENT_GIB, 2) if name in adjacent else None
             marks = clock(prompts, new_tokens)
             if before is not None:
-                adjacent.append(max(before, read_bandwidth(ADJACENT_GIB, 2)))
+                adjacent[name].append(max(before, read_bandwidth(ADJACENT_GIB, 2)))
             if len(marks) != new_tokens + 1:
                 raise RuntimeError(f"{name}: {len(marks) - 1} steps for {new_tokens} tokens")
             steps = [b - a for a, b in itertools.pairwise(marks[1:])]
@@ -201,13 +209,14 @@ def measure(clocks: dict, prompts: list[list[int]], new_tokens: int, repeats: in
                      "decode_tokens_per_s": b / step,
                      "decode_step_ms_per_run": [round(r[1] * 1e3, 2) for r in rs],
                      "cpu_pressure_at_start_per_run": [r[2] for r in rs]})
-        if name == floor_around:
-            rows[-1]["adjacent_read_GBps_per_run"] = [round(b / 1e9, 2) for b in adjacent]
+        if name in adjacent:
+            rows[-1]["adjacent_read_GBps_per_run"] = [round(b / 1e9, 2) for b in adjacent[name]]
     return rows
 
 
 def bench_model(label: str, ours: LLM, hf, batches: list[int], prompt_len: int,
-                new_tokens: int, repeats: int, ours_float32: LLM | None = None) -> dict:
+                new_tokens: int, repeats: int, ours_float32: LLM | None = None,
+                steps: int = 1) -> dict:
     # transformers lists a tied embedding once: these are the bytes a decode step reads, at
     # our engine's dtype (transformers may run float32 where the CPU has no native bf16)
     itemsize = torch.empty((), dtype=ours.engine.executor.worker.dtype).element_size()
@@ -220,26 +229,37 @@ def bench_model(label: str, ours: LLM, hf, batches: list[int], prompt_len: int,
               "transformers": lambda p, n: clock_hf(hf, p, n)}
     if ours_float32 is not None:
         clocks["distserve-float32"] = lambda p, n: clock_ours(ours_float32, p, n)
+    multi = f"distserve-{steps}-steps"   # the same engine, `steps` tokens a call
+    if steps > 1:
+        clocks[multi] = lambda p, n: clock_ours(ours, p, n, steps)
     rows = []
     for b in batches:
         prompts = [base[i:i + prompt_len] for i in range(b)]
-        for r in measure(clocks, prompts, new_tokens, repeats, "distserve" if b == 1 else None):
+        around = ("distserve", multi) if b == 1 else ()
+        for r in measure(clocks, prompts, new_tokens, repeats, around):
             rows.append(r)
             print(f"  {label:<22} {r['engine']:<13} batch {b:>3}: decode {r['decode_tokens_per_s']:8.1f}"
                   f" tok/s (step {r['decode_step_ms']:7.1f} ms), prefill"
                   f" {r['prefill_tokens_per_s']:8.1f} tok/s", flush=True)
-    ours1 = next(r for r in rows if r["engine"] == "distserve" and r["batch"] == 1)
-    step1 = ours1["decode_step_ms"]
     # each run's step over the floor at the bandwidth read just before and after it: the host's
     # memory speed moves by up to 2x from minute to minute, the run's best may not be this one's
-    adjacent = [ms / (weight_bytes / (gbps * 1e9) * 1e3)
-                for ms, gbps in zip(ours1["decode_step_ms_per_run"], ours1["adjacent_read_GBps_per_run"])]
+    for r in rows:
+        if "adjacent_read_GBps_per_run" in r:
+            over = [ms / (weight_bytes / (gbps * 1e9) * 1e3)
+                    for ms, gbps in zip(r["decode_step_ms_per_run"], r["adjacent_read_GBps_per_run"])]
+            r["step_over_adjacent_floor_per_run"] = [round(a, 3) for a in over]
+            r["step_over_adjacent_floor_median"] = statistics.median(over)
+    ours1 = next(r for r in rows if r["engine"] == "distserve" and r["batch"] == 1)
+    step1 = ours1["decode_step_ms"]
+    multi1 = next((r for r in rows if r["engine"] == multi and r["batch"] == 1), None)
     return {"model": label, "weight_bytes": weight_bytes, "rows": rows,
             "kv_bytes_per_token": kv_bytes_per_token,
             "attention_width": c.num_hidden_layers * c.num_attention_heads * (c.hidden_size // c.num_attention_heads), "prompt_len": prompt_len,
             "new_tokens": new_tokens, "decode_step_b1_ms": step1,
-            "step_over_adjacent_floor_per_run": [round(a, 3) for a in adjacent],
-            "step_over_adjacent_floor_median": statistics.median(adjacent),
+            "step_over_adjacent_floor_per_run": ours1["step_over_adjacent_floor_per_run"],
+            "step_over_adjacent_floor_median": ours1["step_over_adjacent_floor_median"],
+            "scheduler_steps": steps,
+            "decode_step_b1_ms_multi_step": multi1["decode_step_ms"] if multi1 else None,
             "dtype": str(ours.engine.executor.worker.dtype).removeprefix("torch."),
             "transformers_dtype": str(hf.dtype).removeprefix("torch."),
             "decode_speedup_vs_transformers": {b: _ratio(rows, b) for b in batches}}
@@ -256,6 +276,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/engine.json"))
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dtype", default="auto", help="our engine's dtype (auto: what it picks here)")
+    ap.add_argument("--num-scheduler-steps", type=int, default=8, help="also our engine at "
+                    "this many greedy tokens a call, per token (1: not)")
     ap.add_argument("--with-float32", action="store_true",
                     help="also our engine in float32 (what CPUs without native bf16 ran before "
                          "the AVX2 kernels)")
@@ -288,7 +310,7 @@ def main(argv=None) -> int:
             str(gguf.parent), gguf_file=gguf.name, dtype=hf_dtype,
             quantization_config=transformers.GgufConfig(gguf_file=gguf.name, dequantize=True)).eval()
         results.append(bench_model(f"SmolLM2-135M ({_short(dtype)})", small, hf_small, batches, 64,
-                                   new_tokens, repeats, small32))
+                                   new_tokens, repeats, small32, args.num_scheduler_steps))
         del small, small32, hf_small
         folder = build_random_llama(pathlib.Path(tmp) / "llama-1g", transformers_tokenizer())
         big = LLM(str(folder), dtype=dtype, num_kv_blocks=512)
@@ -296,7 +318,7 @@ def main(argv=None) -> int:
         hf_big = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=hf_dtype).eval()
         measure_bandwidth()
         results.append(bench_model("random Llama 1.1 GB", big, hf_big, batches, 64,
-                                   new_tokens, repeats, big32))
+                                   new_tokens, repeats, big32, args.num_scheduler_steps))
     # the floor is the fastest read of the whole run, the reads around each batch-1 run included:
     # the two long reads alone may both fall in one of this host's slow minutes
     adjacent = [gbps * 1e9 for m in results for r in m["rows"] for gbps in r.get("adjacent_read_GBps_per_run", [])]
@@ -304,6 +326,8 @@ def main(argv=None) -> int:
     for m in results:
         m["bandwidth_floor_ms"] = m["weight_bytes"] / best_bw * 1e3
         m["step_over_floor"] = m["decode_step_b1_ms"] / m["bandwidth_floor_ms"]
+        if m["decode_step_b1_ms_multi_step"]:
+            m["step_over_floor_multi_step"] = m["decode_step_b1_ms_multi_step"] / m["bandwidth_floor_ms"]
         m["batch32"] = batch32_floor(m, best_bw, peak)
     report = {"machine": doctor._cpu_name(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "transformers": transformers.__version__,
@@ -324,6 +348,12 @@ def main(argv=None) -> int:
               f"bandwidth floor ({m['bandwidth_floor_ms']:.1f} ms at {best_bw / 1e9:.1f} GB/s); each run's "
               f"over the floor read around it: {m['step_over_adjacent_floor_per_run']} "
               f"(median {m['step_over_adjacent_floor_median']:.2f}x)")
+        if m["decode_step_b1_ms_multi_step"]:
+            r = next(r for r in m["rows"] if r["engine"].endswith("-steps") and r["batch"] == 1)
+            print(f"  {m['scheduler_steps']} tokens a call: batch-1 {m['decode_step_b1_ms_multi_step']:.1f} ms "
+                  f"a token = {m['step_over_floor_multi_step']:.2f}x the floor; each run's over the "
+                  f"read around it: {r['step_over_adjacent_floor_per_run']} (median "
+                  f"{r['step_over_adjacent_floor_median']:.2f}x)")
         b32 = m["batch32"]
         print(f"  batch 32: step {b32['step_ms']:.1f} ms, floor {b32['floor_ms']:.1f} ms (weights + "
               f"mean context K/V at {best_bw / 1e9:.1f} GB/s); compute floor {b32['compute_floor_ms']:.1f} ms "

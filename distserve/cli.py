@@ -65,6 +65,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-threads", type=int, default=None, help="torch threads per worker")
     g.add_argument("--enforce-eager", action="store_true", help="CUDA: run every decode step "
                    "op by op instead of replaying it from a CUDA graph captured at start-up")
+    g.add_argument("--num-scheduler-steps", type=int, default=1, help="greedy decoding on our "
+                   "CPU kernels: tokens each request gets from one call of the model while only "
+                   "decodes run and nothing waits (as vLLM's multi-step scheduling): the Python "
+                   "between steps runs once per call, tokens stream in bursts, a prompt that "
+                   "arrives meanwhile waits for the call; 1 = a call per token")
     g = arg_group(p, PARALLEL_TOPIC)
     g.add_argument("--tensor-parallel-size", "--tp", "-tp", type=int, default=1,
                    dest="tensor_parallel_size", help="workers that split each layer (attention "
@@ -93,7 +98,8 @@ def engine_config_from_args(args: argparse.Namespace, model: str | None):
         max_model_len=args.max_model_len, policy=args.policy, num_threads=args.num_threads,
         kv_checksum=args.kv_checksum, kv_pull_failure=args.kv_pull_failure,
         tensor_parallel_size=args.tensor_parallel_size,
-        pipeline_parallel_size=args.pipeline_parallel_size, enforce_eager=args.enforce_eager)
+        pipeline_parallel_size=args.pipeline_parallel_size, enforce_eager=args.enforce_eager,
+        num_scheduler_steps=args.num_scheduler_steps)
 
 
 def sampling_from_args(args: argparse.Namespace):

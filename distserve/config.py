@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 POLICIES = ("prefill-first", "chunked")
 KV_PULL_FAILURE = ("recompute", "rerun")
+MAX_SCHEDULER_STEPS = 64   # tokens per call at most: a call holds off aborts and new requests
 
 
 @dataclass
@@ -28,6 +29,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1       # workers that split every layer (heads, FFN columns)
     pipeline_parallel_size: int = 1     # stages that split the layers
     enforce_eager: bool = False         # CUDA: no decode steps replayed from CUDA graphs
+    num_scheduler_steps: int = 1        # greedy decode-only batches: tokens per executor call
 
     @property
     def num_workers(self) -> int:
@@ -51,6 +53,9 @@ class EngineConfig:
                              f"{', '.join(KV_PULL_FAILURE)}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if not 1 <= self.num_scheduler_steps <= MAX_SCHEDULER_STEPS:
+            raise ValueError(f"num_scheduler_steps must be between 1 and {MAX_SCHEDULER_STEPS}, "
+                             f"got {self.num_scheduler_steps}")
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

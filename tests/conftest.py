@@ -27,3 +27,9 @@ def tiny_llama(tmp_path_factory, tokenizer_dir) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def tiny_opt(tmp_path_factory, tokenizer_dir) -> pathlib.Path:
     return build_tiny_model("opt", tmp_path_factory.mktemp("tiny-opt"), tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory, tokenizer_dir) -> pathlib.Path:
+    """q/k/v with a bias, head_dim 32, one KV head."""
+    return build_tiny_model("qwen2", tmp_path_factory.mktemp("tiny-qwen2"), tokenizer_dir, seed=3)

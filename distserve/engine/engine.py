@@ -25,6 +25,7 @@ from distserve.config import EngineConfig
 from distserve.engine.detokenizer import IncrementalDetokenizer
 from distserve.engine.executor import Executor, load_executor
 from distserve.engine.postprocess import StopChecker, apply_samples
+from distserve.engine.sampler import SampleResult
 from distserve.engine.scheduler import ROLES, Scheduler
 from distserve.kv.cache_manager import KVCacheManager
 from distserve.request import FinishReason, Request, RequestStatus, SamplingParams
@@ -178,6 +179,10 @@ class Engine:
             batch.decodes = [r for r in batch.decodes if r.status == RequestStatus.RUNNING]
         if batch.is_empty:
             return out
+        steps = self._steps_ahead(batch)
+        if steps > 1:
+            self._decode_ahead(batch.decodes, steps, out)
+            return out
         started = time.perf_counter()
         result = self.executor.execute(batch.prefills, batch.decodes)
         prompt_tokens = sum(n for _, n in batch.prefills)
@@ -192,14 +197,57 @@ class Engine:
         if not result.sampled:
             return out
         out.outputs = apply_samples(result.sampled, result.samples, self.detoks, self.stop)
-        for req, output in zip(result.sampled, out.outputs):
+        self._settle(result.sampled, out.outputs, out)
+        return out
+
+    def _settle(self, sampled: list[Request], outputs: list[RequestOutput], out: StepOutput) -> None:
+        """After a token each: the finished requests leave, a prefill instance holds the rest."""
+        for req, output in zip(sampled, outputs):
             if req.is_finished:
                 self.scheduler.finish(req)
                 self.requests.pop(req.request_id, None)
                 self.detoks.pop(req.request_id, None)
             elif self.role == "prefill":
                 out.kv_ready.append(self._hold(req, output.new_text))
-        return out
+
+    # ---------------------------------------------------------------- several steps a call
+    def _steps_ahead(self, batch) -> int:
+        """How many tokens this batch computes in one executor call (num_scheduler_steps, as
+        vLLM's multi-step scheduling): more than one only for a decode-only batch while nothing
+        waits to be admitted, every request greedy without logprobs, on an executor that can,
+        with blocks free for the slots; never past a request's max_tokens or the context, so
+        only a stop token or string leaves computed tokens unused."""
+        steps = self.config.num_scheduler_steps
+        if (steps == 1 or batch.prefills or not batch.decodes or self.scheduler.num_waiting
+                or not self.executor.can_decode_ahead):
+            return 1
+        for req in batch.decodes:
+            p = req.sampling_params
+            if not p.greedy or p.logprobs is not None:
+                return 1
+            if p.max_tokens is not None:
+                steps = min(steps, p.max_tokens - len(req.output_token_ids))
+            steps = min(steps, self.max_model_len - req.num_tokens)
+        need = sum(self.kv.num_new_blocks(r, r.num_tokens + steps - 1) for r in batch.decodes)
+        return steps if steps > 1 and need <= self.kv.allocator.num_free else 1
+
+    def _decode_ahead(self, decodes: list[Request], steps: int, out: StepOutput) -> None:
+        """`steps` greedy tokens of each request from one executor call, applied one step at a
+        time as if each had run alone: a request that stops drops its later tokens."""
+        for req in decodes:
+            self.kv.allocate(req, req.num_tokens + steps - 1)
+        tokens = self.executor.decode_ahead(decodes, steps)
+        for s in range(steps):
+            live = [(req, row[s]) for req, row in zip(decodes, tokens) if not req.is_finished]
+            if not live:
+                break
+            sampled = [req for req, _ in live]
+            for req in sampled:
+                req.num_computed_tokens += 1
+            outputs = apply_samples(sampled, SampleResult([t for _, t in live], None, None),
+                                    self.detoks, self.stop)
+            out.outputs.extend(outputs)
+            self._settle(sampled, outputs, out)
 
     def stats(self) -> EngineStats:
         prefill = self.role == "prefill"

@@ -42,6 +42,14 @@ class Executor(Protocol):
     def execute(self, prefills: list[tuple[Request, int]],
                 decodes: list[Request]) -> ExecuteResult: ...
 
+    @property
+    def can_decode_ahead(self) -> bool:
+        """Can `decode_ahead` run (a whole model on our CPU kernels in one worker)."""
+
+    def decode_ahead(self, decodes: list[Request], steps: int) -> list[list[int]]:
+        """The next `steps` greedy tokens of each request of a decode-only batch in one call;
+        each request's block table already holds the slots."""
+
     def pull_kv(self, puller: KVPuller, source: InstanceEndpoint, src_blocks: list[int],
                 dst_blocks: list[int]) -> TransferStats:
         """Fills `dst_blocks` of this instance's KV with `src_blocks` of another's, whatever
@@ -95,6 +103,13 @@ class LocalExecutor:
         if not result.sampled:
             return ExecuteResult([], None)
         return ExecuteResult(result.sampled, sample(result.logits, result.sampled))
+
+    @property
+    def can_decode_ahead(self) -> bool:
+        return self.worker.runner.can_decode_ahead
+
+    def decode_ahead(self, decodes: list[Request], steps: int) -> list[list[int]]:
+        return self.worker.runner.decode_ahead(decodes, steps)
 
     def pull_kv(self, puller: KVPuller, source: InstanceEndpoint, src_blocks: list[int],
                 dst_blocks: list[int]) -> TransferStats:

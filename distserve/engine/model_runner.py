@@ -66,6 +66,27 @@ class ModelRunner:
         hidden = self.model(x.input_ids, x.positions, self.kv_cache, x.meta)
         return self.model.compute_logits(hidden[x.logit_rows]) if batch.num_sampled else None
 
+    @property
+    def can_decode_ahead(self) -> bool:
+        """Can `decode_ahead` run here: a model with that one call (llama.py greedy_ahead, on
+        our CPU kernels), whole in this worker, and no CUDA graphs."""
+        check = getattr(self.model, "can_decode_ahead", None)
+        return self.graphs is None and check is not None and check(self.kv_cache)
+
+    @torch.inference_mode()
+    def decode_ahead(self, decodes: list[Request], steps: int) -> list[list[int]]:
+        """The next `steps` greedy tokens of each request of a decode-only batch, in one call
+        (can_decode_ahead must hold, and each block table must hold its slots). A step trace
+        sees `steps` steps of the batch's first shape, each an equal share of the time."""
+        start = time.monotonic()
+        x = prepare(Batch.of([], decodes), self.block_size, self.device)
+        tokens = self.model.greedy_ahead(x.input_ids, self.kv_cache, x.meta, steps).tolist()
+        if self.on_step is not None:
+            share = (time.monotonic() - start) / steps
+            for i in range(steps):
+                self.on_step(start + i * share, start + (i + 1) * share, [], decodes)
+        return tokens
+
     def use_graphs(self, max_model_len: int, max_batch: int) -> bool:
         """Capture decode steps in CUDA graphs, where the attention reads the cache through
         the block tables (Triton): the torch path gathers whole padded tables, and a graph's

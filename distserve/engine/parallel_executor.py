@@ -197,6 +197,11 @@ class ParallelExecutor:
             return ExecuteResult([], None)
         return ExecuteResult(sampled, sample(torch.cat(logits), sampled))
 
+    can_decode_ahead = False   # the workers run one step per broadcast
+
+    def decode_ahead(self, decodes: list[Request], steps: int) -> list[list[int]]:
+        raise NotImplementedError("a tensor- or pipeline-parallel instance decodes one step a call")
+
     def pull_kv(self, puller: KVPuller, source: InstanceEndpoint, src_blocks: list[int],
                 dst_blocks: list[int]) -> TransferStats:
         """Every worker pulls its layers and KV heads of `src_blocks` from `source`'s shares

@@ -73,16 +73,20 @@ class RotaryEmbedding(nn.Module):
         Like Hugging Face, the angles are computed in float32 and cast to the activations'
         dtype; the rotation then runs in that dtype.
         """
-        key = (positions.device, dtype)
+        rows = self.table(positions.device, dtype)[:, positions]
+        return rows[0].unsqueeze(1), rows[1].unsqueeze(1)
+
+    def table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """[2, max_positions, D]: cos, and sin with its first half negated, of every position."""
+        key = (device, dtype)
         if key not in self._tables:
             t = torch.arange(self.max_positions, dtype=torch.float32, device="cpu")
             freqs = torch.outer(t, self.inv_freq)
             emb = torch.cat([freqs, freqs], dim=-1)
             cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
             sin[:, : self.head_dim // 2].neg_()  # exact: only the sign changes
-            self._tables[key] = torch.stack([cos, sin]).to(positions.device)
-        rows = self._tables[key][:, positions]
-        return rows[0].unsqueeze(1), rows[1].unsqueeze(1)
+            self._tables[key] = torch.stack([cos, sin]).to(device)
+        return self._tables[key]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

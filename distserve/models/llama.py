@@ -183,6 +183,25 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.finish(self.run_layers(state, positions, kv_cache, meta))
         return self.compute_logits(hidden[logit_rows])
 
+    def can_decode_ahead(self, kv_cache: torch.Tensor) -> bool:
+        """Can `greedy_ahead` run: the whole model here (one worker) on our CPU kernels, with
+        its embedding and KV in bf16."""
+        w = self.embed_tokens.weight
+        return (self.fused_decode and self._decode_tail() is not None
+                and len(self.layers) == self.args.num_layers and type(self.embed_tokens) is nn.Embedding
+                and w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous()
+                and kv_cache.dtype == torch.bfloat16 and kv_cache.stride(-1) == 1
+                and kv_cache.stride(-2) == self.args.head_dim)
+
+    def greedy_ahead(self, input_ids: torch.Tensor, kv_cache: torch.Tensor,
+                     meta: AttentionMetadata, steps: int) -> torch.Tensor:
+        """The next `steps` greedy tokens [B, steps] of a decode-only batch (can_decode_ahead
+        must hold; every row's block table must hold its slots): see DecodeLayers.greedy_ahead."""
+        w = self.embed_tokens.weight
+        return self._decode_tail().greedy_ahead(
+            input_ids, w.detach(), self.rotary.table(w.device, w.dtype), kv_cache, meta,
+            self.norm, self.lm_head, steps)
+
     def _decode_tail(self) -> DecodeLayers | None:
         """The fused stack where it can also end in this model's final norm and head: the
         same once packed, so asked once, not at every step."""

@@ -8,18 +8,11 @@ from distserve import LLM, SamplingParams
 from distserve.engine.batch import Batch, DecodeRow, PrefillRow, prepare
 from distserve.models.decode_layers import DecodeLayers
 from distserve.models.packed_linear import block_kernel
-from helpers.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.skipif(block_kernel(32) is None,
                                 reason="no packed bf16 linear kernel of ours on this CPU or build")
 
 BLOCK = 16
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen2(tmp_path_factory, tokenizer_dir):
-    """q/k/v with a bias, head_dim 32, one KV head."""
-    return build_tiny_model("qwen2", tmp_path_factory.mktemp("tiny-qwen2"), tokenizer_dir, seed=3)
 
 
 def _engine(path) -> LLM:

@@ -14,7 +14,8 @@ from distserve.models import paged_kernel
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 KERNEL_TESTS = ["tests/models/test_paged_kernel.py", "tests/models/test_fused_ops.py",
                 "tests/models/test_packed_linear.py", "tests/engine/test_sampler.py",
-                "tests/models/test_decode_layers.py", "tests/models/test_avx2_tuning.py"]
+                "tests/models/test_decode_layers.py", "tests/models/test_avx2_tuning.py",
+                "tests/engine/test_decode_ahead.py"]
 FLAGS = set(paged_kernel._cpu_flags().decode().split())
 LANES = {"avx2": 8, "portable": 1}
 

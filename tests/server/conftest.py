@@ -45,9 +45,12 @@ class Served:
         assert not self.client.engine.requests
 
 
-def _serve(model_dir, num_kv_blocks: int, api_key: str | None = None, **app_kwargs):
-    client = AsyncEngine(Engine(EngineConfig(
-        model=str(model_dir), dtype="float32", num_kv_blocks=num_kv_blocks, num_threads=1)))
+def _serve(model_dir, num_kv_blocks: int, api_key: str | None = None,
+           engine: dict | None = None, **app_kwargs):
+    """`engine`: EngineConfig settings other than this file's float32 on one thread."""
+    client = AsyncEngine(Engine(EngineConfig(**{
+        "model": str(model_dir), "dtype": "float32", "num_kv_blocks": num_kv_blocks,
+        "num_threads": 1, **(engine or {})})))
     app = build_app(client, MODEL, api_key, **app_kwargs)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))

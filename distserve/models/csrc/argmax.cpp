@@ -88,6 +88,10 @@ int64_t row_argmax(const T* row, int64_t n) {
   return best_i;
 }
 
+}  // namespace
+
+namespace distserve {
+
 // indices [rows] int64 = argmax of each row of logits [rows, vocab] (contiguous).
 void argmax_rows(at::Tensor indices, const at::Tensor& logits) {
   TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.size(1) > 0,
@@ -106,12 +110,12 @@ void argmax_rows(at::Tensor indices, const at::Tensor& logits) {
   });
 }
 
-}  // namespace
+}  // namespace distserve
 
 TORCH_LIBRARY_FRAGMENT(distserve_cpu, m) {
   m.def("argmax_rows(Tensor(a!) indices, Tensor logits) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(distserve_cpu, CPU, m) {
-  m.impl("argmax_rows", &argmax_rows);
+  m.impl("argmax_rows", &distserve::argmax_rows);
 }

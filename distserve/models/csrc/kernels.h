@@ -15,6 +15,7 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tenso
                             const at::Tensor& block_tables, const at::Tensor& context_lens,
                             double scale);
 int64_t simd_lanes();
+void argmax_rows(at::Tensor indices, const at::Tensor& logits);
 
 bool amx_available();
 bool dpbf16_available();
