@@ -96,12 +96,18 @@ class PlanMonitor:
             self._checker.submit(self._evaluate_in_background)
 
     def _evaluate_in_background(self) -> None:
+        """Checks every full batch there is; requests recorded meanwhile make the next ones."""
         try:
-            self.evaluate()
+            while self.evaluate() is not None:
+                pass
         except Exception:
             log.exception("a drift check failed")
         finally:
-            self._checking = False
+            with self._lock:   # a batch filled since the last look is checked too
+                self._checking = len(self._batch) >= self.detector.min_requests
+                again = self._checking
+            if again:
+                self._checker.submit(self._evaluate_in_background)
 
     def close(self) -> None:
         self._checker.shutdown(wait=False, cancel_futures=True)
@@ -128,11 +134,13 @@ class PlanMonitor:
         return [(r[2], r[3]) for r in rows], observed_rate(arrivals)
 
     def evaluate(self) -> DriftCheck | None:
-        """Checks the batch of fresh requests if it is full; returns the check (or None)."""
+        """Checks the oldest `min_requests` fresh requests if there are that many (a batch
+        never takes the requests of the next); returns the check (or None)."""
+        n = self.detector.min_requests
         with self._lock:
-            if len(self._batch) < self.detector.min_requests:
+            if len(self._batch) < n:
                 return None
-            batch, self._batch = self._batch, []
+            batch, self._batch = self._batch[:n], self._batch[n:]
         rate = observed_rate([r[1] for r in batch])
         predicted = None
         if self.predictor is not None and rate > 0:

@@ -28,7 +28,9 @@ def test_streamed_timings(serve_fake):
     assert r.success and r.error == ""
     assert r.output_len == 6 and len(r.itl) == 5
     assert FIRST_DELAY * 0.9 <= r.ttft < FIRST_DELAY + 1.0
-    assert all(gap >= GAP * 0.5 for gap in r.itl)
+    # a client delayed once (another process, a garbage collection) reads two chunks at once
+    # and sees one gap of ~0: the gaps are checked as a whole
+    assert sorted(r.itl)[len(r.itl) // 2] >= GAP * 0.5 and sum(r.itl) >= len(r.itl) * GAP * 0.5
     assert r.ttft <= r.last_token_time <= r.e2el
     body = server.bodies[0]
     assert body["stream"] and body["max_tokens"] == 6 and body["ignore_eos"] is True

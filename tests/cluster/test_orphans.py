@@ -1,6 +1,7 @@
 """An instance whose launcher is gone while it is still loading leaves at once, instead of
 loading for minutes and then idling for good with its memory (a real process; its model's
-config.json is a FIFO nobody writes, so loading blocks for as long as the test wants)."""
+config.json is a FIFO held open and never written, so loading blocks for as long as the
+test wants)."""
 import os
 import signal
 import subprocess
@@ -38,9 +39,18 @@ def test_an_instance_loading_when_its_launcher_dies_exits(tmp_path):
     launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, f'{{"model": "{model}"}}'],
                                 stdout=subprocess.PIPE, text=True, env=env)
     instance = int(launcher.stdout.readline())
+    writer = None
     try:
-        time.sleep(8)   # imports done, blocked opening config.json
-        assert _alive(instance), "the instance ended before its launcher did"
+        # wait until the instance reads config.json (its imports done, its launcher noted):
+        # till then a FIFO refuses a writer that will not wait. The writer is kept open, so
+        # the instance stays blocked reading it, loading for as long as the test wants
+        deadline = time.monotonic() + 120
+        while writer is None and _alive(instance) and time.monotonic() < deadline:
+            try:
+                writer = os.open(model / "config.json", os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:   # ENXIO: no reader yet
+                time.sleep(0.05)
+        assert writer is not None and _alive(instance), "the instance never read its config"
         launcher.send_signal(signal.SIGKILL)
         launcher.wait(10)
         deadline = time.monotonic() + 10
@@ -50,3 +60,5 @@ def test_an_instance_loading_when_its_launcher_dies_exits(tmp_path):
     finally:
         if _alive(instance):
             os.kill(instance, signal.SIGKILL)
+        if writer is not None:
+            os.close(writer)

@@ -136,3 +136,28 @@ def test_the_judged_rate_counts_requests_still_queued():
     pairs, rate = monitor.recent_workload(60.0, now=60.0)
     assert len(pairs) == 40 and rate == pytest.approx(2.0, rel=0.02)
     monitor.close()
+
+
+def test_each_check_takes_one_batch_however_late_it_runs():
+    """Requests recorded while a check runs (here the first is held up for 0.3 s): each later
+    check still takes exactly one batch of 10, and all are checked without a new request."""
+    monitor = PlanMonitor(tiny_plan(pathlib.Path("unused"), "fixed:8:4"), None, min_requests=10,
+                          consecutive=2)
+    sizes = []
+    real = monitor.detector.check
+
+    def slow_first(inputs, *args, **kwargs):   # the real check, the first one late
+        if not sizes:
+            time.sleep(0.3)
+        sizes.append(len(inputs))
+        return real(inputs, *args, **kwargs)
+
+    monitor.detector.check = slow_first
+    for i in range(35):
+        monitor.record(arrival=float(i), finish=i + 1.0, input_len=40, output_len=6, met_both=True)
+    deadline = time.monotonic() + 20
+    while monitor.checks < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)   # no fourth check may follow: 5 requests are not a batch
+    assert sizes == [10, 10, 10] and monitor.checks == 3
+    monitor.close()
