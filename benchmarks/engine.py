@@ -276,6 +276,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/engine.json"))
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dtype", default="auto", help="our engine's dtype (auto: what it picks here)")
+    ap.add_argument("--models", default="smollm2,llama-1g", help="which of smollm2 and "
+                    "llama-1g (the random 1.1 GB Llama) to run")
+    ap.add_argument("--batches", default="1,8,32", help="batch sizes (the batch-32 floor needs 32)")
+    ap.add_argument("--repeats", type=int, default=None, help="runs of each engine (default 4; 2 with --quick)")
     ap.add_argument("--num-scheduler-steps", type=int, default=8, help="also our engine at "
                     "this many greedy tokens a call, per token (1: not)")
     ap.add_argument("--with-float32", action="store_true",
@@ -288,7 +292,12 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     new_tokens, repeats = (8, 2) if args.quick else (32, 4)
-    batches = [1, 8, 32]
+    repeats = args.repeats or repeats
+    batches = [int(b) for b in args.batches.split(",")]
+    models = set(args.models.split(","))
+    if not models <= {"smollm2", "llama-1g"} or 1 not in batches:
+        ap.error(f"--models takes smollm2 and/or llama-1g, --batches must include 1; got "
+                 f"{args.models!r} and {args.batches!r}")
     results = []
     bandwidths, peaks = [], []
 
@@ -301,24 +310,27 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         measure_bandwidth()
-        small = LLM(None, dtype=dtype, num_kv_blocks=1024)
-        small32 = LLM(None, dtype="float32", num_kv_blocks=1024) if args.with_float32 else None
-        from distserve.models.locate import find_default_gguf
-        gguf = find_default_gguf()
-        # dequantised (else transformers may keep the GGUF blocks)
-        hf_small = transformers.AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=hf_dtype,
-            quantization_config=transformers.GgufConfig(gguf_file=gguf.name, dequantize=True)).eval()
-        results.append(bench_model(f"SmolLM2-135M ({_short(dtype)})", small, hf_small, batches, 64,
-                                   new_tokens, repeats, small32, args.num_scheduler_steps))
-        del small, small32, hf_small
-        folder = build_random_llama(pathlib.Path(tmp) / "llama-1g", transformers_tokenizer())
-        big = LLM(str(folder), dtype=dtype, num_kv_blocks=512)
-        big32 = LLM(str(folder), dtype="float32", num_kv_blocks=512) if args.with_float32 else None
-        hf_big = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=hf_dtype).eval()
-        measure_bandwidth()
-        results.append(bench_model("random Llama 1.1 GB", big, hf_big, batches, 64,
-                                   new_tokens, repeats, big32, args.num_scheduler_steps))
+        if "smollm2" in models:
+            small = LLM(None, dtype=dtype, num_kv_blocks=1024)
+            small32 = LLM(None, dtype="float32", num_kv_blocks=1024) if args.with_float32 else None
+            from distserve.models.locate import find_default_gguf
+            gguf = find_default_gguf()
+            # dequantised (else transformers may keep the GGUF blocks)
+            hf_small = transformers.AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=hf_dtype,
+                quantization_config=transformers.GgufConfig(gguf_file=gguf.name, dequantize=True)).eval()
+            results.append(bench_model(f"SmolLM2-135M ({_short(dtype)})", small, hf_small, batches,
+                                       64, new_tokens, repeats, small32, args.num_scheduler_steps))
+            del small, small32, hf_small
+        if "llama-1g" in models:
+            folder = build_random_llama(pathlib.Path(tmp) / "llama-1g", transformers_tokenizer())
+            big = LLM(str(folder), dtype=dtype, num_kv_blocks=512)
+            big32 = LLM(str(folder), dtype="float32", num_kv_blocks=512) if args.with_float32 else None
+            hf_big = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=hf_dtype).eval()
+            if "smollm2" in models:
+                measure_bandwidth()
+            results.append(bench_model("random Llama 1.1 GB", big, hf_big, batches, 64,
+                                       new_tokens, repeats, big32, args.num_scheduler_steps))
     # the floor is the fastest read of the whole run, the reads around each batch-1 run included:
     # the two long reads alone may both fall in one of this host's slow minutes
     adjacent = [gbps * 1e9 for m in results for r in m["rows"] for gbps in r.get("adjacent_read_GBps_per_run", [])]
@@ -328,7 +340,7 @@ def main(argv=None) -> int:
         m["step_over_floor"] = m["decode_step_b1_ms"] / m["bandwidth_floor_ms"]
         if m["decode_step_b1_ms_multi_step"]:
             m["step_over_floor_multi_step"] = m["decode_step_b1_ms_multi_step"] / m["bandwidth_floor_ms"]
-        m["batch32"] = batch32_floor(m, best_bw, peak)
+        m["batch32"] = batch32_floor(m, best_bw, peak) if 32 in batches else None
     report = {"machine": doctor._cpu_name(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "transformers": transformers.__version__,
               "read_bandwidth_GBps": best_bw / 1e9,
@@ -355,6 +367,8 @@ def main(argv=None) -> int:
                   f"read around it: {r['step_over_adjacent_floor_per_run']} (median "
                   f"{r['step_over_adjacent_floor_median']:.2f}x)")
         b32 = m["batch32"]
+        if b32 is None:
+            continue
         print(f"  batch 32: step {b32['step_ms']:.1f} ms, floor {b32['floor_ms']:.1f} ms (weights + "
               f"mean context K/V at {best_bw / 1e9:.1f} GB/s); compute floor {b32['compute_floor_ms']:.1f} ms "
               f"({b32['gflop']:.1f} GFLOP at {peak / 1e9:.0f} GFLOP/s); 3x transformers needs "
