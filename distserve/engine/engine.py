@@ -180,7 +180,7 @@ class Engine:
         if batch.is_empty:
             return out
         steps = self._steps_ahead(batch)
-        if steps > 1:
+        if steps is not None:
             self._decode_ahead(batch.decodes, steps, out)
             return out
         started = time.perf_counter()
@@ -211,37 +211,50 @@ class Engine:
                 out.kv_ready.append(self._hold(req, output.new_text))
 
     # ---------------------------------------------------------------- several steps a call
-    def _steps_ahead(self, batch) -> int:
-        """How many tokens this batch computes in one executor call (num_scheduler_steps, as
-        vLLM's multi-step scheduling): more than one only for a decode-only batch while nothing
-        waits to be admitted, every request greedy without logprobs, on an executor that can,
-        with blocks free for the slots; never past a request's max_tokens or the context, so
-        only a stop token or string leaves computed tokens unused."""
-        steps = self.config.num_scheduler_steps
-        if (steps == 1 or batch.prefills or not batch.decodes or self.scheduler.num_waiting
-                or not self.executor.can_decode_ahead):
-            return 1
+    def _steps_ahead(self, batch) -> list[int] | None:
+        """The tokens each request of this batch gets from one executor call (as vLLM's
+        multi-step scheduling; up to num_scheduler_steps), or None for one step as usual. Only
+        a decode-only batch while nothing waits to be admitted, every request greedy without
+        logprobs, on an executor that can, gets more than one: each never past its max_tokens
+        or the context (a request with fewer left stops inside the call, the others go on),
+        and fewer a call where the free blocks cannot hold the slots."""
+        limit = self.config.num_scheduler_steps
+        if (limit == 1 or batch.prefills or not batch.decodes or self.scheduler.num_waiting
+                or not getattr(self.executor, "can_decode_ahead", False)):
+            return None
+        left = []
         for req in batch.decodes:
             p = req.sampling_params
             if not p.greedy or p.logprobs is not None:
-                return 1
-            if p.max_tokens is not None:
-                steps = min(steps, p.max_tokens - len(req.output_token_ids))
-            steps = min(steps, self.max_model_len - req.num_tokens)
-        need = sum(self.kv.num_new_blocks(r, r.num_tokens + steps - 1) for r in batch.decodes)
-        return steps if steps > 1 and need <= self.kv.allocator.num_free else 1
+                return None
+            n = self.max_model_len - req.num_tokens
+            left.append(n if p.max_tokens is None else min(n, p.max_tokens - len(req.output_token_ids)))
+        free = self.kv.allocator.num_free
+        while limit > 1:
+            steps = [max(1, min(limit, n)) for n in left]
+            need = sum(self.kv.num_new_blocks(r, r.num_tokens + n - 1)
+                       for r, n in zip(batch.decodes, steps))
+            if max(steps) > 1 and need <= free:
+                return steps
+            limit = min(limit, max(steps)) - 1
+        return None
 
-    def _decode_ahead(self, decodes: list[Request], steps: int, out: StepOutput) -> None:
-        """`steps` greedy tokens of each request from one executor call, applied one step at a
-        time as if each had run alone: a request that stops drops its later tokens."""
-        for req in decodes:
-            self.kv.allocate(req, req.num_tokens + steps - 1)
+    def _decode_ahead(self, decodes: list[Request], steps: list[int], out: StepOutput) -> None:
+        """Each request's tokens from one executor call, applied one step at a time as if each
+        had run alone: a request that stops drops its later tokens. The step trace sees each
+        step of the call, an equal share of its time, at that step's contexts."""
+        for req, n in zip(decodes, steps):
+            self.kv.allocate(req, req.num_tokens + n - 1)
+        start = time.monotonic()
         tokens = self.executor.decode_ahead(decodes, steps)
-        for s in range(steps):
+        share = (time.monotonic() - start) / max(steps)
+        for s in range(max(steps)):
             live = [(req, row[s]) for req, row in zip(decodes, tokens) if not req.is_finished]
             if not live:
                 break
             sampled = [req for req, _ in live]
+            if self.executor.on_step is not None:   # as the runner reports a step
+                self.executor.on_step(start + s * share, start + (s + 1) * share, [], sampled)
             for req in sampled:
                 req.num_computed_tokens += 1
             outputs = apply_samples(sampled, SampleResult([t for _, t in live], None, None),

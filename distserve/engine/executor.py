@@ -46,9 +46,9 @@ class Executor(Protocol):
     def can_decode_ahead(self) -> bool:
         """Can `decode_ahead` run (a whole model on our CPU kernels in one worker)."""
 
-    def decode_ahead(self, decodes: list[Request], steps: int) -> list[list[int]]:
-        """The next `steps` greedy tokens of each request of a decode-only batch in one call;
-        each request's block table already holds the slots."""
+    def decode_ahead(self, decodes: list[Request], steps: list[int]) -> list[list[int]]:
+        """The next max(steps) greedy tokens of each request of a decode-only batch in one
+        call, of which request i's first steps[i] count; each block table holds their slots."""
 
     def pull_kv(self, puller: KVPuller, source: InstanceEndpoint, src_blocks: list[int],
                 dst_blocks: list[int]) -> TransferStats:
@@ -108,7 +108,7 @@ class LocalExecutor:
     def can_decode_ahead(self) -> bool:
         return self.worker.runner.can_decode_ahead
 
-    def decode_ahead(self, decodes: list[Request], steps: int) -> list[list[int]]:
+    def decode_ahead(self, decodes: list[Request], steps: list[int]) -> list[list[int]]:
         return self.worker.runner.decode_ahead(decodes, steps)
 
     def pull_kv(self, puller: KVPuller, source: InstanceEndpoint, src_blocks: list[int],

@@ -74,18 +74,14 @@ class ModelRunner:
         return self.graphs is None and check is not None and check(self.kv_cache)
 
     @torch.inference_mode()
-    def decode_ahead(self, decodes: list[Request], steps: int) -> list[list[int]]:
-        """The next `steps` greedy tokens of each request of a decode-only batch, in one call
-        (can_decode_ahead must hold, and each block table must hold its slots). A step trace
-        sees `steps` steps of the batch's first shape, each an equal share of the time."""
-        start = time.monotonic()
+    def decode_ahead(self, decodes: list[Request], steps: list[int]) -> list[list[int]]:
+        """The next max(steps) greedy tokens of each request of a decode-only batch in one call,
+        of which request i's first steps[i] count (can_decode_ahead must hold, and each block
+        table must hold those slots). Its step trace is the engine's: see Engine._decode_ahead."""
         x = prepare(Batch.of([], decodes), self.block_size, self.device)
-        tokens = self.model.greedy_ahead(x.input_ids, self.kv_cache, x.meta, steps).tolist()
-        if self.on_step is not None:
-            share = (time.monotonic() - start) / steps
-            for i in range(steps):
-                self.on_step(start + i * share, start + (i + 1) * share, [], decodes)
-        return tokens
+        last_lens = torch.tensor([r.num_tokens + n - 1 for r, n in zip(decodes, steps)],
+                                 dtype=torch.long, device=self.device)
+        return self.model.greedy_ahead(x.input_ids, self.kv_cache, x.meta, max(steps), last_lens).tolist()
 
     def use_graphs(self, max_model_len: int, max_batch: int) -> bool:
         """Capture decode steps in CUDA graphs, where the attention reads the cache through

@@ -199,7 +199,7 @@ class ParallelExecutor:
 
     can_decode_ahead = False   # the workers run one step per broadcast
 
-    def decode_ahead(self, decodes: list[Request], steps: int) -> list[list[int]]:
+    def decode_ahead(self, decodes: list[Request], steps: list[int]) -> list[list[int]]:
         raise NotImplementedError("a tensor- or pipeline-parallel instance decodes one step a call")
 
     def pull_kv(self, puller: KVPuller, source: InstanceEndpoint, src_blocks: list[int],

@@ -89,15 +89,16 @@ class DecodeLayers:
 
     def greedy_ahead(self, input_ids: torch.Tensor, embedding: torch.Tensor,
                      rope_table: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                     norm, head: PackedLinear, steps: int) -> torch.Tensor:
-        """The next `steps` greedy tokens [B, steps] of a decode-only batch whose block tables
-        hold their slots, in one call (csrc/decode_layers.cpp llama_decode_ahead): the same
-        tokens as `steps` calls of `logits` and an argmax, without the Python between them."""
+                     norm, head: PackedLinear, steps: int, last_lens: torch.Tensor) -> torch.Tensor:
+        """The next `steps` greedy tokens [B, steps] of a decode-only batch in one call
+        (csrc/decode_layers.cpp llama_decode_ahead): the same tokens as `steps` calls of
+        `logits` and an argmax, without the Python between them. Row i counts up to context
+        last_lens[i] (its block table holds the slots); its later tokens are to be dropped."""
         return torch.ops.distserve_cpu.llama_decode_ahead(
             input_ids, embedding, rope_table, self.weights, self.qkv_biases, kv_cache,
-            meta.decode_block_tables, meta.decode_context_lens, self.num_heads, self.num_kv_heads,
-            self.ffn, self.eps, self.scale, self.kernel, norm.weight, head.packed_weight,
-            head.out_features, steps)
+            meta.decode_block_tables, meta.decode_context_lens, last_lens, self.num_heads,
+            self.num_kv_heads, self.ffn, self.eps, self.scale, self.kernel, norm.weight,
+            head.packed_weight, head.out_features, steps)
 
     def _args(self, x, residual, rope, kv_cache, meta) -> tuple:
         cos, sin = (t.reshape(t.shape[0], t.shape[-1]) for t in rope)

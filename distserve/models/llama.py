@@ -194,13 +194,14 @@ class LlamaForCausalLM(nn.Module):
                 and kv_cache.stride(-2) == self.args.head_dim)
 
     def greedy_ahead(self, input_ids: torch.Tensor, kv_cache: torch.Tensor,
-                     meta: AttentionMetadata, steps: int) -> torch.Tensor:
-        """The next `steps` greedy tokens [B, steps] of a decode-only batch (can_decode_ahead
-        must hold; every row's block table must hold its slots): see DecodeLayers.greedy_ahead."""
+                     meta: AttentionMetadata, steps: int, last_lens: torch.Tensor) -> torch.Tensor:
+        """The next `steps` greedy tokens [B, steps] of a decode-only batch, row i's counting
+        up to context last_lens[i] (can_decode_ahead must hold; each block table must hold
+        its slots): see DecodeLayers.greedy_ahead."""
         w = self.embed_tokens.weight
         return self._decode_tail().greedy_ahead(
             input_ids, w.detach(), self.rotary.table(w.device, w.dtype), kv_cache, meta,
-            self.norm, self.lm_head, steps)
+            self.norm, self.lm_head, steps, last_lens)
 
     def _decode_tail(self) -> DecodeLayers | None:
         """The fused stack where it can also end in this model's final norm and head: the

@@ -107,45 +107,48 @@ at::Tensor llama_decode_logits(
 }
 
 
-// Greedy decoding of `steps` tokens in one call, for a decode-only batch: each step embeds
-// the batch's last tokens, runs llama_decode_logits at the next position of every row and
-// takes each row's argmax as its next token. ids [B] are the tokens of the first step,
-// context_lens [B] the tokens in the cache after it, and every row's block table must already
-// hold slots for steps - 1 tokens more. Returns the tokens [B, steps]; the KV of all but the
-// last is written. Why: after a step has streamed the weights through every cache, the
-// Python between two steps (building the next step's inputs, the embedding, the argmax)
-// finds its state gone: ~0.6 ms of SmolLM2's 7 ms batch-1 step (AMD Zen 4). The ops are
-// those of one step from Python, so the tokens are those of `steps` calls, bit for bit.
+// Greedy decoding of up to `steps` tokens a row in one call, for a decode-only batch: each
+// step embeds the batch's last tokens, runs llama_decode_logits at the next position of every
+// row and takes each row's argmax as its next token. ids [B] are the tokens of the first
+// step, context_lens [B] the tokens in the cache after it, and last_lens [B] each row's
+// context after its last step that counts (its table holds slots up to there): a row past
+// it computes its last position again, with a token the engine drops (its request has
+// stopped by then). Returns the tokens [B, steps]. Why: after a step has streamed the weights
+// through every cache, the Python between two steps (building the next step's inputs, the
+// embedding, the argmax) finds its state gone: ~0.6 ms of SmolLM2's 7 ms batch-1 step (AMD
+// Zen 4). The ops are those of one step from Python, so the tokens are those of `steps`
+// calls, bit for bit.
 at::Tensor llama_decode_ahead(
     const at::Tensor& ids, const at::Tensor& embedding, const at::Tensor& rope, at::TensorList weights,
     const c10::List<c10::optional<at::Tensor>>& qkv_biases, const at::Tensor& kv_cache,
-    const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t num_q_heads,
-    int64_t num_kv_heads, int64_t ffn, double eps, double scale, c10::string_view kernel_name,
-    const at::Tensor& norm, const at::Tensor& head, int64_t vocab, int64_t steps) {
+    const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& last_lens,
+    int64_t num_q_heads, int64_t num_kv_heads, int64_t ffn, double eps, double scale,
+    c10::string_view kernel_name, const at::Tensor& norm, const at::Tensor& head, int64_t vocab,
+    int64_t steps) {
   const int64_t batch = ids.numel(), block_size = kv_cache.size(3);
   TORCH_CHECK(steps >= 1, "llama_decode_ahead: steps must be >= 1, got ", steps);
-  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && context_lens.dim() == 1 &&
-                  context_lens.scalar_type() == at::kLong && context_lens.numel() == batch &&
-                  block_tables.dim() == 2 && block_tables.size(0) == batch &&
+  for (const at::Tensor* t : {&ids, &context_lens, &last_lens})
+    TORCH_CHECK(t->dim() == 1 && t->scalar_type() == at::kLong && t->numel() == batch,
+                "llama_decode_ahead: ids, context_lens and last_lens must be int64 [batch]");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == batch &&
                   block_tables.scalar_type() == at::kLong,
-              "llama_decode_ahead: ids and context_lens must be int64 [batch], block_tables "
-              "int64 [batch, blocks]");
+              "llama_decode_ahead: block_tables must be int64 [batch, blocks]");
   TORCH_CHECK(rope.dim() == 3 && rope.size(0) == 2 && embedding.dim() == 2,
               "llama_decode_ahead: rope must be [2, positions, head_dim], embedding [vocab, hidden]");
-  const int64_t last = context_lens.max().item<int64_t>() + steps - 1;   // tokens after the last step
-  TORCH_CHECK(context_lens.min().item<int64_t>() >= 1 && last <= rope.size(1) &&
-                  last <= block_tables.size(1) * block_size,
-              "llama_decode_ahead: ", steps, " steps run past the positions (", rope.size(1),
+  TORCH_CHECK(context_lens.min().item<int64_t>() >= 1 && (last_lens >= context_lens).all().item<bool>() &&
+                  last_lens.max().item<int64_t>() <= std::min(rope.size(1), block_tables.size(1) * block_size),
+              "llama_decode_ahead: the rows' last lengths run past the positions (", rope.size(1),
               ") or the block tables (", block_tables.size(1) * block_size, " slots)");
   // every step's positions are known now: their rotary rows, slots and lengths are looked
   // up once, and a step's own work is its embedding rows, the layers and the argmax
-  const at::Tensor step = at::arange(steps, context_lens.options()).unsqueeze(1);   // [steps, 1]
-  const at::Tensor lens = (context_lens.unsqueeze(0) + step).contiguous();          // [steps, B]
+  const at::Tensor step = at::arange(steps, context_lens.options()).unsqueeze(0);     // [1, steps]
+  const at::Tensor by_row = at::minimum(context_lens.unsqueeze(1) + step, last_lens.unsqueeze(1));
+  const at::Tensor lens = by_row.t().contiguous();                                    // [steps, B]
   const at::Tensor positions = (lens - 1).flatten();
   const at::Tensor cos = rope[0].index_select(0, positions).view({steps, batch, -1});
   const at::Tensor sin = rope[1].index_select(0, positions).view({steps, batch, -1});
-  const at::Tensor slot_blocks = block_tables.repeat({steps, 1})
-      .gather(1, at::floor_divide(positions, block_size).unsqueeze(1)).view({steps, batch});
+  const at::Tensor slot_blocks =
+      block_tables.gather(1, at::floor_divide(by_row - 1, block_size)).t().contiguous();
   const at::Tensor slot_offsets = at::remainder(positions, block_size).view({steps, batch});
   at::Tensor tokens = at::empty({steps, batch}, ids.options());
   at::Tensor next = ids.contiguous();
@@ -175,7 +178,7 @@ TORCH_LIBRARY_FRAGMENT(distserve_cpu, m) {
         "Tensor norm, Tensor head, int vocab) -> Tensor");
   m.def("llama_decode_ahead(Tensor ids, Tensor embedding, Tensor rope, Tensor[] weights, "
         "Tensor?[] qkv_biases, Tensor(a!) kv_cache, Tensor block_tables, Tensor context_lens, "
-        "int num_q_heads, int num_kv_heads, int ffn, float eps, float scale, str kernel, "
+        "Tensor last_lens, int num_q_heads, int num_kv_heads, int ffn, float eps, float scale, str kernel, "
         "Tensor norm, Tensor head, int vocab, int steps) -> Tensor");
 }
 
