@@ -144,7 +144,7 @@ def clock_ours(llm: LLM, prompts: list[list[int]], new_tokens: int, steps: int =
     num_scheduler_steps) counts as k steps of equal length."""
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     engine = llm.engine
-    engine.config.num_scheduler_steps = steps
+    before, engine.config.num_scheduler_steps = engine.config.num_scheduler_steps, steps
     marks = [time.perf_counter()]
     for p in prompts:
         engine.add(p, params)
@@ -154,7 +154,7 @@ def clock_ours(llm: LLM, prompts: list[list[int]], new_tokens: int, steps: int =
             now, last = time.perf_counter(), marks[-1]
             k = max(collections.Counter(o.request_id for o in outputs).values())
             marks.extend(last + (now - last) * (i + 1) / k for i in range(k))
-    engine.config.num_scheduler_steps = 1
+    engine.config.num_scheduler_steps = before
     return marks
 
 

@@ -222,13 +222,10 @@ class Engine:
         if (limit == 1 or batch.prefills or not batch.decodes or self.scheduler.num_waiting
                 or not getattr(self.executor, "can_decode_ahead", False)):
             return None
-        left = []
-        for req in batch.decodes:
-            p = req.sampling_params
-            if not p.greedy or p.logprobs is not None:
-                return None
-            n = self.max_model_len - req.num_tokens
-            left.append(n if p.max_tokens is None else min(n, p.max_tokens - len(req.output_token_ids)))
+        if any(not r.sampling_params.greedy or r.sampling_params.logprobs is not None
+               for r in batch.decodes):
+            return None
+        left = [self.stop.tokens_left(r) for r in batch.decodes]
         free = self.kv.allocator.num_free
         while limit > 1:
             steps = [max(1, min(limit, n)) for n in left]

@@ -4,6 +4,7 @@ Knows nothing of queues or HTTP: requests in, logits out.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -66,10 +67,11 @@ class ModelRunner:
         hidden = self.model(x.input_ids, x.positions, self.kv_cache, x.meta)
         return self.model.compute_logits(hidden[x.logit_rows]) if batch.num_sampled else None
 
-    @property
+    @functools.cached_property
     def can_decode_ahead(self) -> bool:
         """Can `decode_ahead` run here: a model with that one call (llama.py greedy_ahead, on
-        our CPU kernels), whole in this worker, and no CUDA graphs."""
+        our CPU kernels), whole in this worker, and no CUDA graphs. Fixed once the model is
+        loaded and packed and the graphs captured (before any step): asked once."""
         check = getattr(self.model, "can_decode_ahead", None)
         return self.graphs is None and check is not None and check(self.kv_cache)
 

@@ -36,6 +36,12 @@ class StopChecker:
             req.finish(FinishReason.LENGTH)
         return self.release(req, detok)
 
+    def tokens_left(self, req: Request) -> int:
+        """Tokens `req` may still get before max_tokens or the context ends it (check's rules)."""
+        left = self.max_model_len - req.num_tokens
+        p = req.sampling_params
+        return left if p.max_tokens is None else min(left, p.max_tokens - len(req.output_token_ids))
+
     @staticmethod
     def release(req: Request, detok: IncrementalDetokenizer) -> str:
         """The text not yet sent on, but for what a stop string could still begin with."""

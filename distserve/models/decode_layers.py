@@ -62,7 +62,11 @@ class DecodeLayers:
                 and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2
                 and x.is_contiguous()
                 and (residual is None or (residual.is_contiguous() and residual.dtype == torch.bfloat16))
-                and kv_cache.dtype == torch.bfloat16 and kv_cache.stride(-1) == 1
+                and self.takes_cache(kv_cache))
+
+    def takes_cache(self, kv_cache: torch.Tensor) -> bool:
+        """A bf16 cache laid out as the kernels read it (each head's dim contiguous)."""
+        return (kv_cache.dtype == torch.bfloat16 and kv_cache.stride(-1) == 1
                 and kv_cache.stride(-2) == self.head_dim)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None,

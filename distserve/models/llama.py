@@ -186,12 +186,10 @@ class LlamaForCausalLM(nn.Module):
     def can_decode_ahead(self, kv_cache: torch.Tensor) -> bool:
         """Can `greedy_ahead` run: the whole model here (one worker) on our CPU kernels, with
         its embedding and KV in bf16."""
-        w = self.embed_tokens.weight
-        return (self.fused_decode and self._decode_tail() is not None
+        w, tail = self.embed_tokens.weight, self._decode_tail()
+        return (self.fused_decode and tail is not None and tail.takes_cache(kv_cache)
                 and len(self.layers) == self.args.num_layers and type(self.embed_tokens) is nn.Embedding
-                and w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous()
-                and kv_cache.dtype == torch.bfloat16 and kv_cache.stride(-1) == 1
-                and kv_cache.stride(-2) == self.args.head_dim)
+                and w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous())
 
     def greedy_ahead(self, input_ids: torch.Tensor, kv_cache: torch.Tensor,
                      meta: AttentionMetadata, steps: int, last_lens: torch.Tensor) -> torch.Tensor:
