@@ -27,6 +27,17 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     return F.rms_norm(residual, weight.shape, weight, eps), residual
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rms_norm(x) * weight, x left as it is. Fused, as add_rms_norm with a zero residual (x +
+    0 is x): the first layer's norm in the fused decode stack (csrc/decode_layers.cpp), so
+    both paths give the same bits."""
+    if _fused(x) and x.dim() == 2 and x.is_contiguous() and weight.dtype == x.dtype:
+        out = x.clone()
+        torch.ops.distserve_cpu.add_rms_norm_(out, torch.zeros_like(x), weight, eps)
+        return out
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up = [gate | up] along the last dim."""
     if _fused(gate_up) and gate_up.dim() == 2 and gate_up.is_contiguous():

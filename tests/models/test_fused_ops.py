@@ -45,6 +45,25 @@ def test_add_rms_norm_matches_add_then_norm(dtype, rows, dim):
     torch.testing.assert_close(x2.float(), want, atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rms_norm_is_the_fused_norm_with_nothing_to_add_and_leaves_x_alone(dtype):
+    """The first layer's norm: the fused decode stack computes it as add_rms_norm_ over a zero
+    residual, and the Python layers the same way, so both give the same bits."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 576, generator=g).to(dtype)
+    weight = (torch.rand(576, generator=g) + 0.5).to(dtype)
+    kept = x.clone()
+    got = fused.rms_norm(x, weight, 1e-5)
+    assert torch.equal(x, kept)
+    want, residual = x.clone(), torch.zeros_like(x)
+    ops.add_rms_norm_(want, residual, weight, 1e-5)
+    assert torch.equal(got, want) and torch.equal(residual, x)
+    torch.testing.assert_close(got.float(), F.rms_norm(x.float(), (576,), weight.float(), 1e-5),
+                               atol=TOL[dtype], rtol=TOL[dtype])
+    with torch_ops_only():
+        assert torch.equal(fused.rms_norm(x, weight, 1e-5), F.rms_norm(x, (576,), weight, 1e-5))
+
+
 @pytest.mark.parametrize("dtype", list(TOL))
 def test_silu_mul_matches_silu_times_up(dtype):
     g = torch.Generator().manual_seed(1)
@@ -113,6 +132,7 @@ def test_float32_keeps_the_torch_ops():
     got, res = fused.add_rms_norm(x.clone(), residual.clone(), w, 1e-6)
     assert torch.equal(res, x + residual)
     assert torch.equal(got, F.rms_norm(x + residual, (16,), w, 1e-6))
+    assert torch.equal(fused.rms_norm(x, w, 1e-6), F.rms_norm(x, (16,), w, 1e-6))
     heads = torch.randn(2, 3, 8)
     assert not fused.rotary_cache_write(heads, torch.ones(2, 1, 8), torch.zeros(2, 1, 8),
                                         torch.zeros(2, 2, 4, 1, 8), torch.zeros(2, dtype=torch.long),
